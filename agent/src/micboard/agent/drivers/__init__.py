@@ -1,0 +1,1 @@
+"""Receiver drivers, one package per protocol family, each next to its simulator."""
