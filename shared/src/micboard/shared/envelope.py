@@ -5,14 +5,14 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, TypeAdapter, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
-from micboard.shared import SCHEMA_VERSION
 from micboard.shared.model import ChannelMeter, Device, ReceiverChannel, Transmitter
 
 Token = Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,64}$")]
 BootId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-EpochMs = Annotated[int, Field(ge=0, lt=2**53)]
+EpochMs = Annotated[int, Strict(), Field(ge=0, lt=2**53)]
 DeviceKey = Annotated[str, Field(min_length=1, max_length=128)]
 
 
@@ -31,21 +31,31 @@ class HelloBody(_Body):
 class HeartbeatBody(_Body):
     """Sent every heartbeat interval: the agent is alive and this is how it is doing."""
 
-    interval_s: Annotated[float, Field(gt=0)] = 10.0
-    uptime_s: Annotated[float, Field(ge=0)]
+    interval_s: Annotated[float, Strict(), Field(gt=0)] = 10.0
+    uptime_s: Annotated[float, Strict(), Field(ge=0)]
     version: str | None = None
-    devices_by_state: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
-    outbox_depth: Annotated[int, Field(ge=0)] = 0
-    outbox_bytes: Annotated[int, Field(ge=0)] = 0
-    dropped: Annotated[int, Field(ge=0)] = 0
+    devices_by_state: dict[str, Annotated[int, Strict(), Field(ge=0)]] = Field(default_factory=dict)
+    outbox_depth: Annotated[int, Strict(), Field(ge=0)] = 0
+    outbox_bytes: Annotated[int, Strict(), Field(ge=0)] = 0
+    dropped: Annotated[int, Strict(), Field(ge=0)] = 0
     last_publish_error: str | None = None
 
 
 _DEVICE_FIELDS = frozenset(Device.model_fields) - {"device_key", "channels"}
 _CHANNEL_FIELDS = frozenset(ReceiverChannel.model_fields) - {"index"}
+
+
+def _field_adapter(info: FieldInfo) -> TypeAdapter[Any]:
+    # Constraints of a top-level Annotated type are moved into ``metadata``; put them back.
+    annotation: Any = info.annotation
+    if info.metadata:
+        annotation = Annotated[(annotation, *info.metadata)]
+    return TypeAdapter(annotation)
+
+
 _FIELD_ADAPTERS: dict[tuple[str, str], TypeAdapter[Any]] = {
-    **{("device", n): TypeAdapter(f.annotation) for n, f in Device.model_fields.items()},
-    **{("channel", n): TypeAdapter(f.annotation) for n, f in ReceiverChannel.model_fields.items()},
+    **{("device", n): _field_adapter(f) for n, f in Device.model_fields.items()},
+    **{("channel", n): _field_adapter(f) for n, f in ReceiverChannel.model_fields.items()},
 }
 _TRANSMITTER_ADAPTER: TypeAdapter[Transmitter | None] = TypeAdapter(Transmitter | None)
 
@@ -68,7 +78,7 @@ class DeviceBody(_Body):
             if key == "channels":
                 _check_channel_changes(value)
             elif key in _DEVICE_FIELDS:
-                _FIELD_ADAPTERS["device", key].validate_python(value, strict=False)
+                _FIELD_ADAPTERS["device", key].validate_python(value)
             else:
                 raise ValueError(f"unknown device field {key!r} in changes")
         return changes
@@ -129,13 +139,13 @@ class DiscoveredBody(_Body):
 
     source: Literal["mdns", "slp", "static"]
     address: str
-    port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    port: Annotated[int, Strict(), Field(ge=0, le=65535)] | None = None
     vendor: str | None = None
     family: str | None = None
     model: str | None = None
     device_id: str | None = None
     name: str | None = None
-    supported: bool = False
+    supported: Annotated[bool, Strict()] = False
 
 
 class MeterBody(_Body):
@@ -161,7 +171,7 @@ class CommandBody(_Body):
     request_id: Annotated[str, Field(min_length=1, max_length=64)]
     action: CommandAction
     device_key: DeviceKey | None = None
-    channel: Annotated[int, Field(ge=1, le=64)] | None = None
+    channel: Annotated[int, Strict(), Field(ge=1, le=64)] | None = None
     value: Annotated[str, Field(max_length=128)] | None = None
 
 
@@ -186,11 +196,11 @@ class CommandResult(_Body):
 class _EnvelopeBase(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    v: Literal[1] = SCHEMA_VERSION
+    v: Literal[1] = 1
     site: Token
     agent: Token
     boot: BootId
-    seq: Annotated[int, Field(ge=0, lt=2**63)]
+    seq: Annotated[int, Strict(), Field(ge=0, lt=2**63)]
     ts: EpochMs
 
 
@@ -244,23 +254,11 @@ class CommandEvent(_EnvelopeBase):
 
 
 Envelope = Annotated[
-    HelloEvent
-    | HeartbeatEvent
-    | DeviceEvent
-    | OfflineEvent
-    | DiscoveredEvent
-    | MeterEvent
-    | CommandEvent,
+    HelloEvent | HeartbeatEvent | DeviceEvent | OfflineEvent | DiscoveredEvent | MeterEvent | CommandEvent,
     Field(discriminator="kind"),
 ]
 """Any event of the wire contract, discriminated by its ``kind``."""
 
 AnyEvent = (
-    HelloEvent
-    | HeartbeatEvent
-    | DeviceEvent
-    | OfflineEvent
-    | DiscoveredEvent
-    | MeterEvent
-    | CommandEvent
+    HelloEvent | HeartbeatEvent | DeviceEvent | OfflineEvent | DiscoveredEvent | MeterEvent | CommandEvent
 )

@@ -10,11 +10,15 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict
 
-Percent = Annotated[int, Field(ge=0, le=100)]
-Bars = Annotated[int, Field(ge=0, le=5)]
-Minutes = Annotated[int, Field(ge=0)]
+# Strict scalars: the wire carries typed msgpack values, so "4" is not a battery bar count.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+Percent = Annotated[int, Strict(), Field(ge=0, le=100)]
+Bars = Annotated[int, Strict(), Field(ge=0, le=5)]
+Minutes = Annotated[int, Strict(), Field(ge=0)]
 ShortText = Annotated[str, Field(max_length=128)]
 
 
@@ -57,11 +61,11 @@ class Transmitter(_Frozen):
     battery_percent: Percent | None = None
     runtime_min: Minutes | None = None
     battery_type: ShortText | None = None
-    battery_cycles: Annotated[int, Field(ge=0)] | None = None
+    battery_cycles: Annotated[int, Strict(), Field(ge=0)] | None = None
     battery_health_percent: Percent | None = None
-    battery_temp_c: Annotated[int, Field(ge=-40, le=125)] | None = None
-    muted: bool | None = None
-    tx_offset_db: Annotated[int, Field(ge=-40, le=40)] | None = None
+    battery_temp_c: Annotated[int, Strict(), Field(ge=-40, le=125)] | None = None
+    muted: Bool | None = None
+    tx_offset_db: Annotated[int, Strict(), Field(ge=-40, le=40)] | None = None
     rf_power: ShortText | None = None
     locked: ShortText | None = None
 
@@ -72,14 +76,14 @@ class ReceiverChannel(_Frozen):
     Fast-changing levels (RF, audio) are not part of the state: see :class:`ChannelMeter`.
     """
 
-    index: Annotated[int, Field(ge=1, le=64)]
+    index: Annotated[int, Strict(), Field(ge=1, le=64)]
     name: ShortText | None = None
-    frequency_khz: Annotated[int, Field(ge=0, le=10_000_000)] | None = None
+    frequency_khz: Annotated[int, Strict(), Field(ge=0, le=10_000_000)] | None = None
     group_channel: ShortText | None = None
-    audio_gain_db: Annotated[int, Field(ge=-60, le=80)] | None = None
-    muted: bool | None = None
-    interference: bool | None = None
-    encrypted: bool | None = None
+    audio_gain_db: Annotated[int, Strict(), Field(ge=-60, le=80)] | None = None
+    muted: Bool | None = None
+    interference: Bool | None = None
+    encrypted: Bool | None = None
     warnings: tuple[ShortText, ...] = ()
     transmitter: Transmitter | None = None
 
@@ -97,11 +101,11 @@ class ReceiverChannel(_Frozen):
 class ChannelMeter(_Frozen):
     """Live levels of one channel: throttled, never persisted, latest wins."""
 
-    index: Annotated[int, Field(ge=1, le=64)]
-    rf_dbm: tuple[float | None, ...] = ()
+    index: Annotated[int, Strict(), Field(ge=1, le=64)]
+    rf_dbm: tuple[Float | None, ...] = ()
     active_antenna: Antenna | None = None
-    audio_dbfs: float | None = None
-    audio_peak_dbfs: float | None = None
+    audio_dbfs: Float | None = None
+    audio_peak_dbfs: Float | None = None
     link_quality_percent: Percent | None = None
 
 
@@ -117,7 +121,7 @@ class Device(_Frozen):
     firmware: ShortText | None = None
     rf_band: ShortText | None = None
     address: ShortText | None = None
-    port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    port: Annotated[int, Strict(), Field(ge=0, le=65535)] | None = None
     name: ShortText | None = None
     channels: tuple[ReceiverChannel, ...] = ()
 

@@ -141,7 +141,8 @@ class EmbeddedNats:
                     f"see {self.log_file}: {self._log_tail()}",
                 )
             try:
-                with urllib.request.urlopen(url, timeout=1.0) as response:  # noqa: S310 - loopback http
+                # Loopback http URL built above from our own host and port.
+                with urllib.request.urlopen(url, timeout=1.0) as response:  # nosec B310
                     if response.status == 200:
                         return
             except (urllib.error.URLError, OSError) as exc:

@@ -49,8 +49,9 @@ class ReceiverSimulator(abc.ABC):
     vendor: Vendor
     family: Family
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, seed: int = 0,
-                 time_scale: float = 1.0) -> None:
+    def __init__(
+        self, *, host: str = "127.0.0.1", port: int = 0, seed: int = 0, time_scale: float = 1.0
+    ) -> None:
         self.host = host
         self.port = port
         self.seed = seed

@@ -1,0 +1,1 @@
+"""The collector's HTTP face: REST API under ``/api/v1`` and ``/healthz``."""

@@ -1,0 +1,1 @@
+"""Persistence: the schema and the database engine (SQLite by default, PostgreSQL at scale)."""

@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""Set-up and everyday tasks with nothing but Python >= 3.11: ``python3 tasks.py demo|test|check|...``.
+
+Each task creates the virtual environment in ``.venv`` (once) and installs the three
+distributions and the development tools into it from the project's own files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
+STAMP = VENV / ".micboard-installed"
+INSTALL_INPUTS = [
+    "pyproject.toml",
+    "shared/pyproject.toml",
+    "agent/pyproject.toml",
+    "collector/pyproject.toml",
+]
+
+
+def run(*cmd: str | Path, check: bool = True, env: dict[str, str] | None = None) -> int:
+    """Run a command from the project root, echoing it."""
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    result = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, check=False)
+    if check and result.returncode != 0:
+        sys.exit(result.returncode)
+    return result.returncode
+
+
+def _inputs_digest() -> str:
+    digest = hashlib.sha256()
+    for name in INSTALL_INPUTS:
+        digest.update((ROOT / name).read_bytes())
+    return digest.hexdigest()
+
+
+def ensure_venv() -> None:
+    """Create ``.venv`` and install everything the demo and the tests need, when inputs changed."""
+    if sys.version_info < (3, 11):  # noqa: UP036 - this file runs before any venv exists
+        sys.exit(f"micboard needs Python >= 3.11, this is {sys.version.split()[0]}")
+    if STAMP.exists() and STAMP.read_text() == _inputs_digest() and PYTHON.exists():
+        return
+    if not PYTHON.exists():
+        print(f"creating virtual environment in {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True, clear=False).create(VENV)
+    # PEP 735 dependency groups need a recent pip.
+    run(PYTHON, "-m", "pip", "install", "--quiet", "--upgrade", "pip>=25.1")
+    run(
+        PYTHON,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "-e",
+        "shared[embedded]",
+        "-e",
+        "agent",
+        "-e",
+        "collector",
+        "--group",
+        "dev",
+    )
+    STAMP.write_text(_inputs_digest())
+
+
+def task_demo(args: list[str]) -> int:
+    """Run the demo: embedded nats-server, collector on SQLite, an agent; prints the URL to open."""
+    ensure_venv()
+    return run(PYTHON, ROOT / "scripts" / "demo.py", *args, check=False)
+
+
+def task_test(args: list[str]) -> int:
+    """Run the whole test suite with the coverage gate."""
+    ensure_venv()
+    return run(PYTHON, "-m", "pytest", "--cov", "--cov-report=term", "--cov-report=xml", *args, check=False)
+
+
+def task_lint(_args: list[str]) -> int:
+    """ruff over the whole tree."""
+    ensure_venv()
+    return run(PYTHON, "-m", "ruff", "check", ".", check=False)
+
+
+def task_typecheck(_args: list[str]) -> int:
+    """mypy --strict over the three packages, the tests, benchmarks and scripts."""
+    ensure_venv()
+    return run(PYTHON, "-m", "mypy", check=False)
+
+
+def task_check(args: list[str]) -> int:
+    """Every quality gate: lint, types, tests with coverage."""
+    for task in (task_lint, task_typecheck):
+        if task([]) != 0:
+            return 1
+    return task_test(args)
+
+
+def task_bench(args: list[str]) -> int:
+    """Run every benchmark in ``bench/``."""
+    ensure_venv()
+    status = 0
+    for script in sorted((ROOT / "bench").glob("*.py")):
+        status |= run(PYTHON, script, *args, check=False)
+    return status
+
+
+def task_install(_args: list[str]) -> int:
+    """Create or refresh ``.venv`` only."""
+    ensure_venv()
+    return 0
+
+
+TASKS = {
+    "demo": task_demo,
+    "test": task_test,
+    "lint": task_lint,
+    "typecheck": task_typecheck,
+    "check": task_check,
+    "bench": task_bench,
+    "install": task_install,
+}
+
+
+def main() -> int:
+    """Parse the task name and run it with the remaining arguments."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("task", choices=sorted(TASKS))
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="passed to the task (e.g. pytest options)")
+    ns = parser.parse_args()
+    return int(TASKS[ns.task](ns.args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""SynchronizationService on SQLite and PostgreSQL: idempotence, ordering, offline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from micboard.collector.services.devices import DeviceFilter, DeviceService
+from micboard.collector.services.sync import ApplyOutcome, SynchronizationService
+from micboard.collector.store.schema import agents, applied_events, channels, devices
+from micboard.shared.envelope import (
+    AnyEvent,
+    DeviceBody,
+    DeviceEvent,
+    DiscoveredBody,
+    DiscoveredEvent,
+    HeartbeatBody,
+    HeartbeatEvent,
+    HelloBody,
+    HelloEvent,
+    OfflineBody,
+    OfflineEvent,
+)
+from micboard.shared.model import Device, Family, ReceiverChannel, Transmitter, Vendor
+
+
+def envelope(seq: int, *, boot: str = "b1", ts: int | None = None, agent: str = "pi-1") -> dict[str, Any]:
+    return {
+        "site": "venue",
+        "agent": agent,
+        "boot": boot,
+        "seq": seq,
+        "ts": ts if ts is not None else 1000 + seq,
+    }
+
+
+def device(name: str = "HH01 Fatai", bars: int = 4) -> Device:
+    return Device(
+        device_key="dev-1",
+        vendor=Vendor.SHURE,
+        family=Family.ULXD,
+        model="ULXD4",
+        channels=(ReceiverChannel(index=1, name=name, transmitter=Transmitter(battery_bars=bars)),),
+    )
+
+
+async def apply(engine: AsyncEngine, event: AnyEvent) -> ApplyOutcome:
+    async with engine.begin() as conn:
+        return (await SynchronizationService().apply(conn, event)).outcome
+
+
+async def stored(engine: AsyncEngine) -> list[dict[str, Any]]:
+    return await DeviceService(engine).list_devices()
+
+
+async def test_hello_snapshot_delta_offline(engine: AsyncEngine) -> None:
+    assert (
+        await apply(engine, HelloEvent(**envelope(1), body=HelloBody(version="1", hostname="pi")))
+        == "applied"
+    )
+    snap = DeviceEvent(**envelope(2), body=DeviceBody(device_key="dev-1", snapshot=device()))
+    assert await apply(engine, snap) is ApplyOutcome.APPLIED
+    delta = DeviceEvent(
+        **envelope(3), body=DeviceBody(device_key="dev-1", changes={"channels": {1: {"name": "HH01 Ines"}}})
+    )
+    assert await apply(engine, delta) is ApplyOutcome.APPLIED
+    [row] = await stored(engine)
+    assert row["device"]["channels"][0]["name"] == "HH01 Ines"
+    assert row["status"] == "online"
+    async with engine.connect() as conn:
+        channel = (await conn.execute(select(channels))).mappings().one()
+    assert (channel["name_id"], channel["name_person"], channel["battery_bars"]) == ("HH01", "Ines", 4)
+    assert await apply(engine, OfflineEvent(**envelope(4), body=OfflineBody(device_key="dev-1"))) == "applied"
+    [row] = await stored(engine)
+    assert row["status"] == "offline"
+    assert await DeviceService(engine).list_devices(DeviceFilter(status="online")) == []
+    assert len(await DeviceService(engine).list_devices(DeviceFilter(site="venue", vendor="shure"))) == 1
+
+
+async def test_duplicates_are_no_ops(engine: AsyncEngine) -> None:
+    snap = DeviceEvent(**envelope(1), body=DeviceBody(device_key="dev-1", snapshot=device()))
+    assert await apply(engine, snap) is ApplyOutcome.APPLIED
+    assert await apply(engine, snap) is ApplyOutcome.DUPLICATE
+    async with engine.connect() as conn:
+        assert (await conn.execute(select(func.count()).select_from(applied_events))).scalar_one() == 1
+        assert (await conn.execute(select(func.count()).select_from(devices))).scalar_one() == 1
+
+
+async def test_older_events_do_not_overwrite_newer_state(engine: AsyncEngine) -> None:
+    new = DeviceEvent(**envelope(5), body=DeviceBody(device_key="dev-1", snapshot=device("HH01 New")))
+    old = DeviceEvent(**envelope(4), body=DeviceBody(device_key="dev-1", snapshot=device("HH01 Old")))
+    assert await apply(engine, new) is ApplyOutcome.APPLIED
+    assert await apply(engine, old) is ApplyOutcome.OUTDATED
+    assert (
+        await apply(engine, OfflineEvent(**envelope(3), body=OfflineBody(device_key="dev-1"))) == "outdated"
+    )
+    # Across boots the sender clock decides.
+    stale_boot = DeviceEvent(
+        **envelope(9, boot="b0", ts=10),
+        body=DeviceBody(device_key="dev-1", snapshot=device("HH01 Older boot")),
+    )
+    assert await apply(engine, stale_boot) is ApplyOutcome.OUTDATED
+    next_boot = DeviceEvent(
+        **envelope(1, boot="b2", ts=99_999),
+        body=DeviceBody(device_key="dev-1", snapshot=device("HH01 Next boot")),
+    )
+    assert await apply(engine, next_boot) is ApplyOutcome.APPLIED
+    [row] = await stored(engine)
+    assert row["device"]["channels"][0]["name"] == "HH01 Next boot"
+
+
+async def test_delta_or_offline_for_unknown_device_is_rejected(engine: AsyncEngine) -> None:
+    delta = DeviceEvent(**envelope(1), body=DeviceBody(device_key="ghost", changes={"model": "X"}))
+    assert await apply(engine, delta) is ApplyOutcome.REJECTED
+    assert (
+        await apply(engine, OfflineEvent(**envelope(2), body=OfflineBody(device_key="ghost"))) == "rejected"
+    )
+    assert await apply(
+        engine, DeviceEvent(**envelope(3), body=DeviceBody(device_key="dev-1", snapshot=device()))
+    )
+    bad = DeviceEvent(
+        **envelope(4),
+        body=DeviceBody(device_key="dev-1", changes={"channels": {2: {"transmitter": {"battery_bars": 3}}}}),
+    )
+    # Channel 2 does not exist yet: the merge creates it, which is valid.
+    assert await apply(engine, bad) is ApplyOutcome.APPLIED
+
+
+async def test_heartbeat_updates_agent_and_discovered_is_not_stored(engine: AsyncEngine) -> None:
+    hb = HeartbeatEvent(**envelope(1), body=HeartbeatBody(uptime_s=5.0, outbox_depth=3, dropped=2))
+    assert await apply(engine, hb) is ApplyOutcome.APPLIED
+    async with engine.connect() as conn:
+        agent = (await conn.execute(select(agents))).mappings().one()
+    assert (agent["outbox_depth"], agent["dropped"], agent["status"]) == (3, 2, "online")
+    found = DiscoveredEvent(**envelope(2), body=DiscoveredBody(source="static", address="127.0.0.1"))
+    assert await apply(engine, found) is ApplyOutcome.IGNORED
