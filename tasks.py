@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -106,11 +107,28 @@ def task_check(args: list[str]) -> int:
 
 
 def task_bench(args: list[str]) -> int:
-    """Run every benchmark in ``bench/``."""
+    """Run every benchmark in ``bench/`` (or those named) and print one table of their figures."""
     ensure_venv()
     status = 0
+    rows: list[dict[str, object]] = []
+    wanted = set(args)
     for script in sorted((ROOT / "bench").glob("*.py")):
-        status |= run(PYTHON, script, *args, check=False)
+        if script.stem == "report" or (wanted and script.stem not in wanted):
+            continue
+        print(f"+ {PYTHON} {script}", flush=True)
+        proc = subprocess.Popen([str(PYTHON), str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("@@bench "):
+                rows.append(json.loads(line.removeprefix("@@bench ")))
+            else:
+                print(line, end="", flush=True)
+        status |= proc.wait()
+    print(f"\n{'bench':<10} {'figure':<44} {'value':>14} {'unit':<10} goal")
+    for row in rows:
+        value = row["value"]
+        shown = f"{value:,.2f}" if isinstance(value, float) else f"{value:,}"
+        print(f"{row['bench']!s:<10} {row['metric']!s:<44} {shown:>14} {row['unit']!s:<10} {row['goal']}")
     return status
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from micboard.agent.drivers.shure.dialects import AXIENT, SLXD, ULXD, Dialect
 from micboard.agent.drivers.shure.protocol import FrameReader, Sample
+from report import emit
 
 LINES_PER_READ = 8
 
@@ -93,6 +94,8 @@ def main() -> None:
     run_parser(reads[:300], 0.2)  # warm-up
     parsed, meters = run_parser(reads, args.seconds)
     split = run_split(reads, args.seconds)
+    emit("drivers", "Shure SAMPLE parse+normalize", round(parsed), "lines/s", ">= 100,000")
+    emit("drivers", "bare split / parse", round(split / parsed, 1), "x")
     print(f"shure SAMPLE parse+normalize : {parsed:12,.0f} lines/s (one core, {LINES_PER_READ} lines/read)")
     print(f"bare bytes.split(b'>')       : {split:12,.0f} lines/s")
     print(f"ratio split/parse            : {split / parsed:12.1f}x")

@@ -17,6 +17,7 @@ import msgpack
 from micboard.shared.codec import decode, encode
 from micboard.shared.envelope import AnyEvent, DeviceBody, DeviceEvent, HeartbeatBody, HeartbeatEvent
 from micboard.shared.model import Device, Family, ReceiverChannel, Transmitter, Vendor, device_changes
+from report import emit
 
 BASE: dict[str, Any] = {
     "site": "venue-1",
@@ -104,6 +105,8 @@ def main() -> None:
         pack = rate(lambda r=raw: msgpack.packb(r, use_bin_type=True), args.seconds)  # type: ignore[misc]
         dec = rate(lambda d=data: decode(d), args.seconds)  # type: ignore[misc]
         unpack = rate(lambda d=data: msgpack.unpackb(d, strict_map_key=False), args.seconds)  # type: ignore[misc]
+        emit("wire", f"{name} decode/unpackb ratio", round(dec / unpack, 3), "x", ">= 0.25")
+        emit("wire", f"{name} decode", round(dec), "events/s")
         print(
             f"{name:<10} {len(data):>6} {enc:>10,.0f} {pack:>10,.0f} {enc / pack:>6.2f} "
             f"{dec:>10,.0f} {unpack:>10,.0f} {dec / unpack:>6.2f}"
