@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """The demo on embedded defaults: a nats-server, the collector on SQLite, and an agent.
 
-Everything listens on 127.0.0.1. Prints the URL to open; Ctrl-C stops it all.
-``--check`` starts everything, waits until the API lists the agent's device, and exits.
+Everything listens on 127.0.0.1. The agent polls a small rack of simulated receivers
+(``micboard-agent simulate``), listed in its config by address. Prints the URL to open;
+Ctrl-C stops it all. ``--check`` starts everything, waits until the API lists the rack, and exits.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -24,6 +26,8 @@ from micboard.shared.natsd import EmbeddedNats, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+DEMO_RACK = ("ulxd4q", "ad4d", "ewdx-em2")
+_FAMILIES = {"ulxd4q": "ulxd", "ad4d": "axient", "ewdx-em2": "ewdx"}
 
 
 def port_is_free(port: int) -> bool:
@@ -36,19 +40,46 @@ def port_is_free(port: int) -> bool:
         return True
 
 
-def get_json(url: str) -> Any:
-    """GET ``url`` and decode its JSON body."""
-    with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310  # nosec B310 - loopback URL
+def get_json(url: str, token: str) -> Any:
+    """GET ``url`` with the API token and decode its JSON body."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})  # noqa: S310
+    with urllib.request.urlopen(request, timeout=2) as response:  # noqa: S310  # nosec B310 - loopback URL
         return json.load(response)
 
 
-def wait_for_device(url: str, timeout_s: float) -> list[dict[str, Any]]:
-    """Poll the device list until the agent's device shows up."""
+def start_rack(env: dict[str, str], config: Path) -> subprocess.Popen[bytes]:
+    """Run the simulator rack and write an agent config that lists it by address."""
+    rack = subprocess.Popen(  # noqa: S603 - our own entry point
+        [BIN / "micboard-agent", "simulate", *(a for k in DEMO_RACK for a in ("--device", k)),
+         "--any-port", "--no-announce", "--time-scale", "10"],
+        env=env, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert rack.stdout is not None
+    entries: list[str] = []
+    for raw in rack.stdout:
+        line = raw.decode()
+        if "listening on" in line:
+            kind, endpoint = line.split()[0], line.split("listening on ")[1].split()[1]
+            port = endpoint.rsplit(":", 1)[1]
+            entries.append(
+                f'[[static_devices]]\naddress = "127.0.0.1"\nport = {port}\nfamily = "{_FAMILIES[kind]}"\n'
+            )
+        if "Ctrl-C" in line:
+            break
+    if len(entries) != len(DEMO_RACK):
+        rack.terminate()
+        raise SystemExit("demo: the simulator rack did not start")
+    config.write_text("discovery_mdns = false\ndiscovery_slp = false\n\n" + "\n".join(entries))
+    return rack
+
+
+def wait_for_device(url: str, token: str, timeout_s: float, expected: int = 1) -> list[dict[str, Any]]:
+    """Poll the device list until the agent's devices show up."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            items: list[dict[str, Any]] = get_json(f"{url}/api/v1/devices")["items"]
-            if items:
+            items: list[dict[str, Any]] = get_json(f"{url}/api/v1/devices", token)["items"]
+            if len(items) >= expected:
                 return items
         except (urllib.error.URLError, OSError, KeyError, ValueError):
             pass
@@ -75,16 +106,23 @@ def main() -> int:
         "MICBOARD_HTTP_PORT": str(port),
         "MICBOARD_SITE": "demo",
         "MICBOARD_AGENT": "demo-agent",
+        # An admin API token the collector creates at start if absent; printed below for the page.
+        "MICBOARD_BOOTSTRAP_TOKEN": os.environ.get("MICBOARD_BOOTSTRAP_TOKEN")
+        or "mbt_" + secrets.token_urlsafe(32),
     }
     children: list[subprocess.Popen[bytes]] = []
     try:
         children.append(subprocess.Popen([BIN / "micboard-collector", "run"], env=env))  # noqa: S603
-        children.append(subprocess.Popen([BIN / "micboard-agent", "run", "--demo-device"], env=env))  # noqa: S603
+        config = args.state_dir / "demo-agent.toml"
+        children.append(start_rack(env, config))
+        children.append(subprocess.Popen([BIN / "micboard-agent", "run", "--config", config], env=env))  # noqa: S603
         url = f"http://127.0.0.1:{port}"
-        items = wait_for_device(url, timeout_s=30)
+        token = env["MICBOARD_BOOTSTRAP_TOKEN"]
+        items = wait_for_device(url, token, timeout_s=30, expected=len(DEMO_RACK))
         print(
-            f"\nmicboard demo is running: open {url}/api/v1/devices "
-            f"({len(items)} device(s) listed). Ctrl-C stops it.\n",
+            f"\nmicboard demo is running: open {url}/ "
+            f"({len(items)} device(s) listed). Ctrl-C stops it.\n"
+            f"admin API token (paste it into the page): {token}\n",
             flush=True,
         )
         if args.check:

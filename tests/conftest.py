@@ -16,7 +16,8 @@ import pytest
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from micboard.collector.store.database import create_engine, create_schema
+from micboard.collector.store.database import create_engine
+from micboard.collector.store.migrate import upgrade
 from micboard.shared.natsd import EmbeddedNats
 
 PG_DSN = os.environ.get("MICBOARD_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
@@ -119,8 +120,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
-    """An engine with the schema created, on each database."""
+    """An engine with the schema migrated to head, on each database (so migrations are tested on both)."""
     eng = create_engine(db_url)
-    await create_schema(eng)
+    await upgrade(eng)
     yield eng
     await eng.dispose()

@@ -27,6 +27,6 @@ def test_demo_serves_the_device(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "micboard demo is running: open http://127.0.0.1:" in result.stdout
-    assert "1 device(s) listed" in result.stdout
+    assert "3 device(s) listed" in result.stdout
     assert "collector ready" in result.stderr and "agent started" in result.stderr
     assert (tmp_path / "state" / "micboard.db").is_file()

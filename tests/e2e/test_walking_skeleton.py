@@ -19,15 +19,18 @@ from micboard.shared.codec import encode
 from micboard.shared.envelope import HelloBody
 from micboard.shared.natsd import EmbeddedNats
 
+TOKEN = "mbt_walking-skeleton-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
 
 async def wait_for_devices(url: str, count: int, timeout_s: float = 10.0) -> list[dict[str, object]]:
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=AUTH) as http:
         deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
             async with http.get(f"{url}/api/v1/devices") as response:
                 assert response.status == 200
                 body = await response.json()
-            if body["count"] >= count or asyncio.get_running_loop().time() > deadline:
+            if body["total"] >= count or asyncio.get_running_loop().time() > deadline:
                 return list(body["items"])
             await asyncio.sleep(0.1)
 
@@ -42,6 +45,7 @@ async def test_device_snapshot_travels_to_the_api(
         durable_name="collector",
         state_dir=tmp_path,
         fetch_timeout_s=0.2,
+        bootstrap_token=TOKEN,
     )
     collector = Collector(settings)
     running = await collector.start()
@@ -62,7 +66,9 @@ async def test_device_snapshot_travels_to_the_api(
             "demo-ulxd4q",
             "online",
         )
-        device = item["device"]
+        detail_url = f"{running.url}/api/v1/devices/{item['id']}"
+        async with aiohttp.ClientSession(headers=AUTH) as http, http.get(detail_url) as response:
+            device = (await response.json())["device"]
         assert isinstance(device, dict)
         assert device["model"] == "ULXD4Q"
         assert device["channels"][0]["name"] == "HH01 Fatai"

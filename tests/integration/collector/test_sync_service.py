@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from sqlalchemy import func, select
@@ -9,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from micboard.collector.services.devices import DeviceFilter, DeviceService
 from micboard.collector.services.sync import ApplyOutcome, SynchronizationService
-from micboard.collector.store.schema import agents, applied_events, channels, devices
+from micboard.collector.store.schema import agents, applied_events, channels, devices, discovered
 from micboard.shared.envelope import (
     AnyEvent,
     DeviceBody,
@@ -111,28 +112,104 @@ async def test_older_events_do_not_overwrite_newer_state(engine: AsyncEngine) ->
     assert row["device"]["channels"][0]["name"] == "HH01 Next boot"
 
 
-async def test_delta_or_offline_for_unknown_device_is_rejected(engine: AsyncEngine) -> None:
+async def test_delta_for_unknown_device_is_deferred_and_offline_rejected(engine: AsyncEngine) -> None:
     delta = DeviceEvent(**envelope(1), body=DeviceBody(device_key="ghost", changes={"model": "X"}))
-    assert await apply(engine, delta) is ApplyOutcome.REJECTED
+    # A delta before its snapshot (reordered delivery) is not recorded, so its redelivery applies.
+    assert await apply(engine, delta) is ApplyOutcome.DEFERRED
+    async with engine.connect() as conn:
+        assert (await conn.execute(select(func.count()).select_from(applied_events))).scalar_one() == 0
     assert (
         await apply(engine, OfflineEvent(**envelope(2), body=OfflineBody(device_key="ghost"))) == "rejected"
     )
-    assert await apply(
-        engine, DeviceEvent(**envelope(3), body=DeviceBody(device_key="dev-1", snapshot=device()))
+    snap = DeviceEvent(
+        **envelope(0),
+        body=DeviceBody(device_key="ghost", snapshot=device().model_copy(update={"device_key": "ghost"})),
     )
-    bad = DeviceEvent(
+    assert await apply(engine, snap) is ApplyOutcome.APPLIED
+    assert await apply(engine, delta) is ApplyOutcome.APPLIED
+    [row] = await stored(engine)
+    assert row["device"]["model"] == "X"
+    extra = DeviceEvent(
         **envelope(4),
-        body=DeviceBody(device_key="dev-1", changes={"channels": {2: {"transmitter": {"battery_bars": 3}}}}),
+        body=DeviceBody(device_key="ghost", changes={"channels": {2: {"transmitter": {"battery_bars": 3}}}}),
     )
-    # Channel 2 does not exist yet: the merge creates it, which is valid.
-    assert await apply(engine, bad) is ApplyOutcome.APPLIED
+    # Channel 2 does not exist yet: the merge creates it, complete, which is valid.
+    assert await apply(engine, extra) is ApplyOutcome.APPLIED
+    [row] = await stored(engine)
+    second = row["device"]["channels"][1]
+    assert Device.model_validate(row["device"]).channel(2) is not None
+    assert second["transmitter"]["battery_bars"] == 3 and second["transmitter"]["battery_percent"] is None
 
 
-async def test_heartbeat_updates_agent_and_discovered_is_not_stored(engine: AsyncEngine) -> None:
+async def test_heartbeat_updates_agent_and_discovered_is_stored(engine: AsyncEngine) -> None:
     hb = HeartbeatEvent(**envelope(1), body=HeartbeatBody(uptime_s=5.0, outbox_depth=3, dropped=2))
     assert await apply(engine, hb) is ApplyOutcome.APPLIED
     async with engine.connect() as conn:
         agent = (await conn.execute(select(agents))).mappings().one()
     assert (agent["outbox_depth"], agent["dropped"], agent["status"]) == (3, 2, "online")
     found = DiscoveredEvent(**envelope(2), body=DiscoveredBody(source="static", address="127.0.0.1"))
-    assert await apply(engine, found) is ApplyOutcome.IGNORED
+    assert await apply(engine, found) is ApplyOutcome.APPLIED
+    again = DiscoveredEvent(
+        **envelope(3), body=DiscoveredBody(source="mdns", address="127.0.0.1", model="ULXD4", supported=True)
+    )
+    assert await apply(engine, again) is ApplyOutcome.APPLIED
+    by_id = DiscoveredEvent(
+        **envelope(4), body=DiscoveredBody(source="slp", address="10.0.0.9", port=45, device_id="EWDX-1")
+    )
+    assert await apply(engine, by_id) is ApplyOutcome.APPLIED
+    async with engine.connect() as conn:
+        rows = (await conn.execute(select(discovered).order_by(discovered.c.identity))).mappings().all()
+    assert [(r["identity"], r["source"], r["model"], r["supported"]) for r in rows] == [
+        ("127.0.0.1", "mdns", "ULXD4", True),
+        ("EWDX-1", "slp", None, False),
+    ]
+
+
+async def _statuses(engine: AsyncEngine) -> dict[str, str]:
+    async with engine.connect() as conn:
+        rows = (await conn.execute(select(devices.c.device_key, devices.c.status))).all()
+        agent = (await conn.execute(select(agents.c.status))).scalar_one()
+    return {"agent": agent, **{key: status for key, status in rows}}
+
+
+async def test_silent_agent_goes_stale_not_offline_and_comes_back(engine: AsyncEngine) -> None:
+    service = SynchronizationService()
+    other = device().model_copy(update={"device_key": "dev-2"})
+    for event in (
+        HeartbeatEvent(**envelope(1), body=HeartbeatBody(uptime_s=1.0, interval_s=10.0)),
+        DeviceEvent(**envelope(2), body=DeviceBody(device_key="dev-1", snapshot=device())),
+        DeviceEvent(**envelope(3), body=DeviceBody(device_key="dev-2", snapshot=other)),
+        OfflineEvent(**envelope(4), body=OfflineBody(device_key="dev-2")),
+    ):
+        assert await apply(engine, event) is ApplyOutcome.APPLIED
+    now = time.time_ns() // 1_000_000
+    async with engine.begin() as conn:
+        # Three intervals (30 s) of silence are allowed; a moment more is not.
+        assert await service.mark_stale_agents(conn, now + 29_000) == []
+    assert await _statuses(engine) == {"agent": "online", "dev-1": "online", "dev-2": "offline"}
+    async with engine.begin() as conn:
+        assert await service.mark_stale_agents(conn, now + 31_000) == ["pi-1"]
+    assert await _statuses(engine) == {"agent": "stale", "dev-1": "stale", "dev-2": "stale"}
+    async with engine.begin() as conn:
+        assert await service.mark_stale_agents(conn, now + 60_000) == []
+    # Any event brings the agent back and the devices to what it last reported.
+    found = DiscoveredEvent(**envelope(5), body=DiscoveredBody(source="static", address="10.0.0.1"))
+    assert await apply(engine, found) is ApplyOutcome.APPLIED
+    assert await _statuses(engine) == {"agent": "online", "dev-1": "online", "dev-2": "offline"}
+    # A device event while stale is written with the reported status too.
+    async with engine.begin() as conn:
+        assert await service.mark_stale_agents(conn, now + 120_000) == ["pi-1"]
+    back = DeviceEvent(**envelope(6), body=DeviceBody(device_key="dev-2", snapshot=other))
+    assert await apply(engine, back) is ApplyOutcome.APPLIED
+    assert await _statuses(engine) == {"agent": "online", "dev-1": "online", "dev-2": "online"}
+
+
+async def test_a_batch_applies_in_order_and_deduplicates_inside_itself(engine: AsyncEngine) -> None:
+    snap = DeviceEvent(**envelope(1), body=DeviceBody(device_key="dev-1", snapshot=device()))
+    delta = DeviceEvent(**envelope(2), body=DeviceBody(device_key="dev-1", changes={"name": "rack 1"}))
+    offline = OfflineEvent(**envelope(3), body=OfflineBody(device_key="dev-1"))
+    async with engine.begin() as conn:
+        results = await SynchronizationService().apply_batch(conn, [snap, delta, delta, offline, snap])
+    assert [r.outcome.value for r in results] == ["applied", "applied", "duplicate", "applied", "duplicate"]
+    [row] = await stored(engine)
+    assert (row["status"], row["device"]["name"]) == ("offline", "rack 1")

@@ -1,4 +1,8 @@
-"""The agent's main loop: announce itself, publish device state, send heartbeats until stopped."""
+"""The agent's main loop: announce itself, publish device state, send heartbeats until stopped.
+
+Publishing goes through the store-and-forward :class:`~micboard.agent.sender.EventSender`: NATS
+may be down at start or at any time, events wait in the outbox in the state directory.
+"""
 
 from __future__ import annotations
 
@@ -9,96 +13,122 @@ import socket
 import time
 from collections.abc import Iterable
 
-from nats.aio.client import Client
-from nats.errors import Error as NatsError
-
-from micboard.agent.publisher import EnvelopeFactory, JetStreamPublisher, connect
+from micboard.agent.outbox import Outbox
+from micboard.agent.publisher import EnvelopeFactory
+from micboard.agent.sender import EventSender
 from micboard.agent.settings import AgentSettings
 from micboard.shared import __version__
-from micboard.shared.envelope import AnyEvent, DeviceBody, HeartbeatBody, HelloBody
+from micboard.shared.envelope import DeviceBody, HeartbeatBody, HelloBody
 from micboard.shared.model import Device
 
 log = logging.getLogger(__name__)
 
 
-class AgentRunner:
-    """Publishes ``hello``, a snapshot of each device, then heartbeats, retrying failed publishes."""
+def build_sender(settings: AgentSettings) -> EventSender:
+    """The store-and-forward sender configured by ``settings`` (outbox in ``state_dir``)."""
+    outbox = Outbox.in_state_dir(
+        settings.state_dir,
+        max_bytes=settings.outbox_max_bytes,
+        max_age_s=settings.outbox_max_age_s,
+        fsync_interval_s=settings.outbox_fsync_interval_s,
+    )
+    return EventSender(
+        settings.nats_url or "nats://127.0.0.1:4222",
+        outbox,
+        name=f"micboard-agent/{settings.site}/{settings.agent}",
+        publish_timeout_s=settings.publish_timeout_s,
+        connect_timeout_s=settings.nats_connect_timeout_s,
+        max_in_flight=settings.max_in_flight,
+        max_message_bytes=settings.max_message_bytes,
+    )
 
-    def __init__(self, settings: AgentSettings, devices: Iterable[Device]) -> None:
+
+class AgentRunner:
+    """Publishes ``hello``, a snapshot of each device, then heartbeats; optionally churns the devices.
+
+    ``churn_per_s`` > 0 changes the first channel's name of the first device that many times per
+    second (a steady stream of deltas for demos and fault tests).
+    """
+
+    def __init__(
+        self, settings: AgentSettings, devices: Iterable[Device], *, churn_per_s: float = 0.0
+    ) -> None:
         self.settings = settings
         self.devices = list(devices)
+        self.churn_per_s = churn_per_s
         self.factory = EnvelopeFactory(settings.site, settings.agent)
+        self.sender = build_sender(settings)
         self.started = time.monotonic()
-        self.published = 0
-        self.last_error: str | None = None
         self._stop = asyncio.Event()
-        self._nc: Client | None = None
+
+    @property
+    def published(self) -> int:
+        """Events acked by JetStream so far."""
+        return self.sender.stats.acked
+
+    @property
+    def last_error(self) -> str | None:
+        """The latest publish or connect error, if any."""
+        return self.sender.stats.last_publish_error
 
     def stop(self) -> None:
         """Ask :meth:`run` to finish."""
         self._stop.set()
 
     async def run(self) -> None:
-        """Connect, publish, heartbeat until :meth:`stop`; close the connection on the way out."""
-        url = self.settings.nats_url or "nats://127.0.0.1:4222"
-        self._nc = await connect(
-            url,
-            name=f"micboard-agent/{self.settings.site}/{self.settings.agent}",
-            connect_timeout_s=self.settings.nats_connect_timeout_s,
-        )
-        publisher = JetStreamPublisher(
-            self._nc, timeout_s=self.settings.publish_timeout_s,
-            max_bytes=self.settings.max_message_bytes,
-        )  # fmt: skip
+        """Publish until :meth:`stop`, then keep what is not acked in the outbox (shutdown budget)."""
+        await self.sender.start()
         log.info(
             "agent started",
             extra={
                 "site": self.settings.site,
                 "agent": self.settings.agent,
                 "boot": self.factory.boot,
-                "nats": url,
+                "nats": self.sender.url,
             },
         )
+        churn: asyncio.Task[None] | None = None
         try:
             hello = HelloBody(
                 version=__version__, hostname=socket.gethostname(), config={"devices": len(self.devices)}
             )
-            await self._publish(publisher, self.factory.make(hello))
+            await self.sender.send(self.factory.make(hello))
             for device in self.devices:
                 body = DeviceBody(device_key=device.device_key, snapshot=device)
-                await self._publish(publisher, self.factory.make(body))
+                await self.sender.send(self.factory.make(body))
+            if self.churn_per_s > 0 and self.devices:
+                churn = asyncio.create_task(self._churn(self.devices[0]), name="micboard-demo-churn")
             while not self._stop.is_set():
-                await self._publish(publisher, self.factory.make(self._heartbeat()))
+                await self.sender.send(self.factory.make(self._heartbeat()))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), self.settings.heartbeat_interval_s)
         finally:
-            await self._nc.drain()
+            if churn is not None:
+                churn.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await churn
+            await self.sender.close(timeout_s=self.settings.shutdown_timeout_s)
+
+    async def _churn(self, device: Device) -> None:
+        period = 1.0 / self.churn_per_s
+        count = 0
+        while True:
+            count += 1
+            changes = {"channels": {1: {"name": f"HH01 take {count}"}}}
+            await self.sender.send(
+                self.factory.make(DeviceBody(device_key=device.device_key, changes=changes))
+            )
+            await asyncio.sleep(period)
 
     def _heartbeat(self) -> HeartbeatBody:
+        stats = self.sender.stats
         return HeartbeatBody(
             interval_s=self.settings.heartbeat_interval_s,
             uptime_s=round(time.monotonic() - self.started, 3),
             version=__version__,
             devices_by_state={"online": len(self.devices)},
-            last_publish_error=self.last_error,
+            outbox_depth=stats.outbox_depth,
+            outbox_bytes=stats.outbox_bytes,
+            dropped=stats.dropped,
+            last_publish_error=stats.last_publish_error,
         )
-
-    async def _publish(self, publisher: JetStreamPublisher, event: AnyEvent) -> None:
-        # The same envelope (same Msg-Id) is retried, so a retry after a lost ack is deduplicated.
-        delay = 0.2
-        while True:
-            try:
-                await publisher.publish(event)
-                self.published += 1
-                return
-            except (NatsError, TimeoutError) as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning(
-                    "publish failed, retrying",
-                    extra={"kind": event.kind, "seq": event.seq, "error": self.last_error},
-                )
-                if self._stop.is_set():
-                    return
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), delay)
-                delay = min(delay * 2, 5.0)

@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from micboard.shared.envelope import Token
 from micboard.shared.errors import ConfigError
+from micboard.shared.model import Family
+from micboard.shared.secret_files import check_config_file
 from micboard.shared.settings import MicboardSettings, load_settings
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class StaticDeviceSetting(BaseModel):
+    """A receiver listed by address: for devices that announce nothing (or not on this LAN)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    address: str = Field(min_length=1, max_length=253)
+    family: Family
+    port: Port | None = None
+    name: str | None = Field(default=None, max_length=128)
 
 
 class AgentSettings(MicboardSettings):
@@ -22,6 +38,88 @@ class AgentSettings(MicboardSettings):
     publish_timeout_s: float = Field(default=5.0, gt=0, le=60)
     nats_connect_timeout_s: float = Field(default=2.0, gt=0, le=60)
 
+    # Store-and-forward (see micboard.agent.outbox and micboard.agent.sender).
+    outbox_max_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1024 * 1024, description="outbox byte bound (oldest dropped first)"
+    )
+    outbox_max_age_s: float = Field(default=7 * 24 * 3600, gt=0, description="outbox age bound")
+    outbox_fsync_interval_s: float = Field(
+        default=1.0, ge=0, le=60, description="power loss loses at most this much; 0 = fsync every write"
+    )
+    max_in_flight: int = Field(default=64, ge=1, le=4096, description="JetStream publishes awaiting acks")
+
+    # Discovery: which sources run, where, and what is adopted.
+    static_devices: list[StaticDeviceSetting] = Field(default_factory=list)
+    discovery_mdns: bool = True
+    discovery_slp: bool = True
+    interfaces: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1"],
+        description="IPv4 addresses of the interfaces mDNS and SLP use (loopback unless set)",
+    )
+    allow_cidrs: list[str] = Field(default_factory=list, description="adopt only devices inside these")
+    deny_cidrs: list[str] = Field(default_factory=list, description="never adopt devices inside these")
+    mdns_service_types: list[str] | None = Field(
+        default=None, description="DNS-SD types to browse instead of the standard ones"
+    )
+    extra_service_types: list[str] = Field(default_factory=list, description="DNS-SD types browsed as well")
+
+    # State and meters.
+    snapshot_interval_s: float = Field(default=60.0, gt=0, le=86_400)
+    meter_rate_hz: float = Field(default=4.0, gt=0, le=50)
+
+    # Driver timings (see DriverOptions).
+    meter_interval_ms: int = Field(default=100, ge=0, le=65_535)
+    silence_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    connect_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    driver_command_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    poll_interval_s: float = Field(default=5.0, gt=0, le=300)
+    reconnect_backoff_initial_s: float = Field(default=0.5, gt=0, le=60)
+    reconnect_backoff_max_s: float = Field(default=20.0, gt=0, le=600)
+
+    # Commands, metrics, shutdown.
+    command_timeout_s: float = Field(default=5.0, gt=0, le=60, description="deadline of a command reply")
+    metrics_port: Port | None = Field(default=None, description="Prometheus text on loopback; unset = off")
+    metrics_host: str = Field(default="127.0.0.1", description="address the metrics endpoint binds")
+    shutdown_timeout_s: float = Field(default=4.0, gt=0, le=30, description="budget for a clean stop")
+
+    # NATS credentials and TLS (see micboard.agent.natsauth and docs/SECURITY.md).
+    nats_nkey_seed_file: Path | None = Field(default=None, description="NKey user seed file (mode 0600)")
+    nats_creds_file: Path | None = Field(default=None, description="NATS user credentials file (JWT)")
+    nats_inbox_prefix: str | None = Field(
+        default=None, description="inbox prefix; unset = _INBOX_agent.<site>.<agent>, as nats-config allows"
+    )
+    nats_tls_ca: Path | None = Field(default=None, description="CA that signed the NATS server certificate")
+    nats_tls_cert: Path | None = Field(
+        default=None, description="client certificate, if the server wants one"
+    )
+    nats_tls_key: Path | None = Field(default=None, description="client certificate key (mode 0600)")
+    nats_tls_hostname: str | None = Field(
+        default=None, description="name to verify in the server certificate"
+    )
+    nats_require_tls: bool = Field(default=False, description="refuse plaintext: tls:// URLs, TLS first")
+
+    @field_validator("interfaces")
+    @classmethod
+    def _check_interfaces(cls, value: list[str]) -> list[str]:
+        for address in value:
+            try:
+                ipaddress.IPv4Address(address)
+            except ValueError:
+                raise ValueError(f"interface {address!r} is not an IPv4 address") from None
+        if not value:
+            raise ValueError("at least one interface address is needed")
+        return value
+
+    @field_validator("allow_cidrs", "deny_cidrs")
+    @classmethod
+    def _check_cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not an address or network") from None
+        return value
+
 
 def load_agent_settings(config_file: Path | None = None, **overrides: Any) -> AgentSettings:
     """Load settings from ``config_file`` (TOML) if given, then the environment, then ``overrides``.
@@ -30,6 +128,7 @@ def load_agent_settings(config_file: Path | None = None, **overrides: Any) -> Ag
     """
     file_values: dict[str, Any] = {}
     if config_file is not None:
+        check_config_file(config_file, what="agent config file")
         try:
             file_values = tomllib.loads(config_file.read_text(encoding="utf-8"))
         except OSError as exc:

@@ -9,8 +9,12 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from micboard.collector import preflight
+from micboard.collector.api import token_commands
 from micboard.collector.app import Collector
+from micboard.collector.security import commands as security_commands
 from micboard.collector.settings import CollectorSettings
+from micboard.collector.store import migrate
 from micboard.shared import __version__
 from micboard.shared.errors import MicboardError
 from micboard.shared.logs import configure_logging
@@ -25,6 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"micboard-collector {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run the collector until stopped (SIGTERM / Ctrl-C)")
+    migrate_cmd = sub.add_parser("migrate", help="upgrade the database schema to this build's revision")
+    migrate_cmd.add_argument("--revision", default="head", help="target revision (default: head)")
+    sub.add_parser(
+        "check",
+        help="check settings, database, schema revision and NATS; exit 0 when ready to run",
+        description="Exit codes: 0 ready, 2 invalid settings, 3 database unreachable, "
+        "4 schema not at this build's revision, 5 NATS unreachable.",
+    )
+    security_commands.register(sub)
+    token_commands.register(sub)
     return parser
 
 
@@ -45,10 +59,35 @@ async def _run() -> int:
     return 0
 
 
+async def _migrate(args: argparse.Namespace) -> int:
+    settings = load_settings(CollectorSettings)
+    configure_logging(settings.log_level, settings.log_format)
+    url = settings.resolved_database_url()
+    before = await migrate.current(url)
+    await migrate.upgrade(url, args.revision)
+    after = await migrate.current(url)
+    print(f"database migrated: {before or 'empty'} -> {after}", flush=True)  # noqa: T201 - CLI output
+    return 0
+
+
+async def _check(_args: argparse.Namespace) -> int:
+    settings = load_settings(CollectorSettings)
+    results = await preflight.run_checks(settings)
+    for result in results:
+        print(result.line(), flush=True)  # noqa: T201 - CLI output
+    return preflight.exit_code(results)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``micboard-collector``; returns the process exit code."""
-    build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "handler", None) is not None:
+            return int(args.handler(args))
+        if args.command == "migrate":
+            return asyncio.run(_migrate(args))
+        if args.command == "check":
+            return asyncio.run(_check(args))
         return asyncio.run(_run())
     except MicboardError as exc:
         print(f"micboard-collector: {exc}", file=sys.stderr)  # noqa: T201 - CLI output

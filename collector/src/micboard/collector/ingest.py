@@ -1,27 +1,42 @@
 """Durable ingest: a JetStream pull consumer whose batches are applied in one transaction each.
 
-Acks are sent only after the transaction commits, so a collector that dies mid-batch loses
-nothing: the un-acked events are redelivered and the database deduplicates them.
+Guarantees, as bound / policy / counter:
+
+- Acks are sent only after the transaction commits, so a collector that dies mid-batch loses
+  nothing: un-acked events are redelivered after the ack wait and the database deduplicates them.
+- Poison (undecodable, unknown version, envelope disagreeing with its subject) is terminated,
+  kept in ``poison_events`` and counted by code (``IngestStats.poison_by_code``); it never blocks
+  the batch.
+- A batch whose transaction fails is retried event by event, so one bad event cannot block the
+  others; an event that still fails on its last allowed delivery (``max_deliver``) is
+  dead-lettered into ``poison_events`` (``IngestStats.dead_lettered``). Failed events are nak'ed
+  with a doubling delay.
+- While the database is unreachable nothing is fetched, so an outage does not use up deliveries.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.errors import NotJSMessageError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
-from sqlalchemy import insert
+from sqlalchemy import insert, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from micboard.collector.services.sync import ApplyOutcome, SynchronizationService
+from micboard.collector.services.sync import ApplyOutcome, ApplyResult, SynchronizationService
 from micboard.collector.settings import CollectorSettings
 from micboard.collector.store.schema import poison_events
 from micboard.shared.codec import decode
@@ -30,6 +45,11 @@ from micboard.shared.errors import ErrorCode, SubjectError, WireError
 from micboard.shared.subjects import parse_subject, stream_subjects
 
 log = logging.getLogger(__name__)
+
+#: Codes of events set aside by ingest itself (the wire codes come from :class:`ErrorCode`).
+APPLY_FAILED = "ingest.apply_failed"
+DEFERRED_EXPIRED = "ingest.deferred_expired"
+_MAX_DB_PROBE_DELAY_S = 5.0
 
 
 @dataclass(slots=True)
@@ -42,14 +62,30 @@ class IngestStats:
     poison: int = 0
     poison_by_code: dict[str, int] = field(default_factory=dict)
     failed_batches: int = 0
+    isolated_events: int = 0
+    retried_events: int = 0
+    dead_lettered: int = 0
+    database_outages: int = 0
+    fetch_errors: int = 0
     last_batch_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
-class _Poison:
+class _SetAside:
+    """An event that goes to ``poison_events``: poison from the wire, or dead-lettered by ingest."""
+
     msg: Msg
     code: str
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Decoded:
+    """A fetched batch, decoded: the messages, the valid events and the poison."""
+
+    msgs: list[Msg]
+    good: list[tuple[Msg, AnyEvent]]
+    poison: list[_SetAside]
 
 
 def stream_config(settings: CollectorSettings) -> StreamConfig:
@@ -69,11 +105,14 @@ def stream_config(settings: CollectorSettings) -> StreamConfig:
 
 def consumer_config(settings: CollectorSettings) -> ConsumerConfig:
     """The durable pull consumer every collector process shares."""
+    backoff = settings.consumer_backoff_s()
     return ConsumerConfig(
         durable_name=settings.durable_name,
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=settings.ack_wait_s,
+        # With a backoff the server takes its first entry as the ack wait; say so explicitly.
+        ack_wait=backoff[0],
+        backoff=backoff,
         max_deliver=settings.max_deliver,
         max_ack_pending=max(settings.batch_size * 8, 1024),
     )
@@ -87,6 +126,7 @@ async def ensure_stream(js: JetStreamContext, settings: CollectorSettings) -> No
         await js.update_stream(config)
     except NotFoundError:
         await js.add_stream(config)
+    # Creating a durable that exists with another (mutable) config updates it in place.
     await js.add_consumer(settings.stream_name, consumer_config(settings))
 
 
@@ -105,6 +145,10 @@ def check_event(msg: Msg) -> AnyEvent:
     return event
 
 
+def _deliveries(msg: Msg) -> int:
+    return int(msg.metadata.num_delivered)
+
+
 class IngestConsumer:
     """Fetches batches from the durable consumer, applies them, acks after commit."""
 
@@ -114,6 +158,7 @@ class IngestConsumer:
         engine: AsyncEngine,
         settings: CollectorSettings,
         sync: SynchronizationService | None = None,
+        on_committed: Callable[[Sequence[AnyEvent]], None] | None = None,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
@@ -121,8 +166,12 @@ class IngestConsumer:
         self.settings = settings
         self.sync = sync or SynchronizationService()
         self.stats = IngestStats()
+        # Called with the events a transaction applied, after its commit: live views learn of
+        # changes only once they are durable. It must not block (it runs in the ingest loop).
+        self.on_committed = on_committed
         self._sub: JetStreamContext.PullSubscription | None = None
         self._stopping = asyncio.Event()
+        self._database_down = False
 
     async def start(self) -> None:
         """Ensure the stream and consumer exist and bind to the consumer."""
@@ -136,72 +185,251 @@ class IngestConsumer:
         self._stopping.set()
 
     async def run(self) -> None:
-        """Fetch and apply batches until :meth:`stop`."""
+        """Fetch and apply batches until :meth:`stop`.
+
+        The next batch is fetched and decoded while the current one is written: the database
+        works in its own thread (SQLite) or server (PostgreSQL) meanwhile.
+        """
         if self._sub is None:
             await self.start()
+        ready: asyncio.Queue[_Decoded] = asyncio.Queue(maxsize=1)
+        fetcher = asyncio.create_task(self._prefetch(ready), name="ingest-fetch")
+        try:
+            while not self._stopping.is_set():
+                if self._database_down:
+                    await self._wait_for_database()
+                    continue
+                try:
+                    batch = await asyncio.wait_for(ready.get(), timeout=self.settings.fetch_timeout_s)
+                except TimeoutError:
+                    if fetcher.done():
+                        fetcher.result()  # the fetcher died: raise its error to our owner
+                    continue
+                await self._apply_decoded(batch)
+        finally:
+            fetcher.cancel()
+            await asyncio.gather(fetcher, return_exceptions=True)
+            # A batch fetched but not applied goes back at once rather than after the ack wait.
+            while not ready.empty():
+                for msg in ready.get_nowait().msgs:
+                    await msg.nak()
+
+    async def _prefetch(self, ready: asyncio.Queue[_Decoded]) -> None:
         while not self._stopping.is_set():
-            await self.run_once()
+            if self._database_down:
+                # Fetching now would only spend deliveries of events that cannot be applied.
+                await asyncio.sleep(self.settings.retry_delay_s)
+                continue
+            msgs = await self._fetch()
+            if msgs:
+                await ready.put(self._decode(msgs))
 
     async def run_once(self) -> int:
         """Fetch one batch (waiting up to the fetch timeout) and apply it; returns its size."""
-        assert self._sub is not None, "start() first"
-        try:
-            msgs = await self._sub.fetch(self.settings.batch_size, timeout=self.settings.fetch_timeout_s)
-        except (NatsTimeoutError, TimeoutError):
-            return 0
-        await self.apply_batch(msgs)
+        msgs = await self._fetch()
+        if msgs:
+            await self.apply_batch(msgs)
         return len(msgs)
 
-    async def apply_batch(self, msgs: list[Msg]) -> None:
-        """Apply ``msgs`` in one transaction, then ack them; poison is terminated and kept aside."""
-        started = time.perf_counter()
+    async def _fetch(self) -> list[Msg]:
+        assert self._sub is not None, "start() first"
+        try:
+            return await self._sub.fetch(self.settings.batch_size, timeout=self.settings.fetch_timeout_s)
+        except (NatsTimeoutError, TimeoutError):
+            return []
+        except NatsError as exc:
+            # Reconnecting, or a cluster electing a new leader: nothing was delivered, try again.
+            self.stats.fetch_errors += 1
+            log.warning("fetch failed; retrying", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=self.settings.retry_delay_s)
+            return []
+
+    @staticmethod
+    def _decode(msgs: list[Msg]) -> _Decoded:
         good: list[tuple[Msg, AnyEvent]] = []
-        poison: list[_Poison] = []
+        poison: list[_SetAside] = []
         for msg in msgs:
             try:
                 good.append((msg, check_event(msg)))
             except WireError as exc:
-                poison.append(_Poison(msg, exc.code.value, exc.message))
+                poison.append(_SetAside(msg, exc.code.value, exc.message))
+        return _Decoded(msgs, good, poison)
+
+    async def apply_batch(self, msgs: list[Msg]) -> None:
+        """Apply ``msgs`` in one transaction, then settle each (ack, nak or term) after the commit."""
+        await self._apply_decoded(self._decode(msgs))
+
+    async def _apply_decoded(self, batch: _Decoded) -> None:
+        started = time.perf_counter()
+        msgs, good, poison = batch.msgs, batch.good, batch.poison
         try:
             async with self.engine.begin() as conn:
-                for msg, event in good:
-                    result = await self.sync.apply(conn, event)
-                    self._count(result.outcome, msg, result.detail)
+                results = await self.sync.apply_batch(conn, [event for _msg, event in good])
                 if poison:
-                    await conn.execute(insert(poison_events), [self._poison_row(p) for p in poison])
-        except Exception:
-            # The transaction rolled back: nothing of this batch is applied, so nothing is acked
-            # and JetStream redelivers it after the ack wait. Logged with the cause, then go on.
+                    await conn.execute(insert(poison_events), [self._set_aside_row(p) for p in poison])
+        except Exception as exc:  # noqa: BLE001 - whatever broke the transaction, nothing was applied
             self.stats.failed_batches += 1
-            log.exception("batch failed, leaving it for redelivery", extra={"size": len(msgs)})
-            for msg in msgs:
-                await msg.nak(delay=1.0)
-            return
-        for msg, _event in good:
-            await msg.ack()
-        for item in poison:
-            self.stats.poison += 1
-            self.stats.poison_by_code[item.code] = self.stats.poison_by_code.get(item.code, 0) + 1
             log.warning(
-                "poison event terminated",
-                extra={"subject": item.msg.subject, "code": item.code, "reason": item.reason},
+                "batch transaction failed, retrying its events one by one",
+                extra={"size": len(msgs), "error": f"{type(exc).__name__}: {exc}"[:500]},
             )
-            await item.msg.term()
+            await self._isolate(good, poison)
+        else:
+            self._notify_committed(
+                [
+                    event
+                    for (_msg, event), result in zip(good, results, strict=True)
+                    if result.outcome is ApplyOutcome.APPLIED
+                ]
+            )
+            for item in poison:
+                await self._terminate_poison(item)
+            for (msg, _event), result in zip(good, results, strict=True):
+                await self._settle(msg, result)
         self.stats.batches += 1
         self.stats.events += len(msgs)
         self.stats.last_batch_ms = (time.perf_counter() - started) * 1000
 
-    def _count(self, outcome: ApplyOutcome, msg: Msg, detail: str | None) -> None:
+    async def _isolate(self, good: list[tuple[Msg, AnyEvent]], poison: list[_SetAside]) -> None:
+        """After a failed batch: apply each event in a transaction of its own."""
+        if not await self._database_reachable():
+            self._enter_outage()
+            for msg in [m for m, _e in good] + [p.msg for p in poison]:
+                await self._retry_later(msg)
+            return
+        if poison:
+            try:
+                await self._store_set_aside(poison)
+            except Exception:
+                # Whatever failed, terminating without the row would lose the poison: keep it.
+                log.exception("could not store poison events; they are redelivered")
+                for item in poison:
+                    await self._retry_later(item.msg)
+            else:
+                for item in poison:
+                    await self._terminate_poison(item)
+        for index, (msg, event) in enumerate(good):
+            self.stats.isolated_events += 1
+            try:
+                async with self.engine.begin() as conn:
+                    result = await self.sync.apply(conn, event)
+            except Exception as exc:  # noqa: BLE001 - this one event is what fails; set it apart
+                if not await self._database_reachable():
+                    self._enter_outage()
+                    for later, _event in good[index:]:
+                        await self._retry_later(later)
+                    return
+                await self._failed_alone(msg, f"{type(exc).__name__}: {exc}"[:2000])
+            else:
+                if result.outcome is ApplyOutcome.APPLIED:
+                    self._notify_committed([event])
+                await self._settle(msg, result)
+
+    def _notify_committed(self, events: list[AnyEvent]) -> None:
+        if not events or self.on_committed is None:
+            return
+        try:
+            self.on_committed(events)
+        except Exception:
+            # A failing listener must not stop ingest: the events are committed either way.
+            log.exception("on_committed listener failed", extra={"events": len(events)})
+
+    async def _failed_alone(self, msg: Msg, reason: str) -> None:
+        if _deliveries(msg) < self.settings.max_deliver:
+            log.warning("event failed, retrying later", extra={"subject": msg.subject, "reason": reason})
+            await self._retry_later(msg)
+            return
+        await self._dead_letter(_SetAside(msg, APPLY_FAILED, reason))
+
+    async def _settle(self, msg: Msg, result: ApplyResult) -> None:
+        outcome = result.outcome
         self.stats.outcomes[outcome.value] = self.stats.outcomes.get(outcome.value, 0) + 1
+        if outcome is ApplyOutcome.DEFERRED:
+            if _deliveries(msg) < self.settings.max_deliver:
+                await self._retry_later(msg)
+            else:
+                await self._dead_letter(_SetAside(msg, DEFERRED_EXPIRED, result.detail or "deferred"))
+            return
         if outcome is ApplyOutcome.REJECTED:
-            log.warning("event rejected", extra={"subject": msg.subject, "detail": detail})
+            log.warning("event rejected", extra={"subject": msg.subject, "detail": result.detail})
+        await msg.ack()
+
+    async def _retry_later(self, msg: Msg) -> None:
+        self.stats.retried_events += 1
+        attempt = max(_deliveries(msg), 1)
+        delay = min(self.settings.retry_delay_s * 2 ** (attempt - 1), self.settings.retry_max_delay_s)
+        await msg.nak(delay=delay)
+
+    async def _dead_letter(self, item: _SetAside) -> None:
+        try:
+            await self._store_set_aside([item])
+        except Exception:
+            # Whatever failed, terminating without the row would lose the event.
+            log.exception(
+                "could not dead-letter an event; it is redelivered", extra={"subject": item.msg.subject[:200]}
+            )
+            await self._retry_later(item.msg)
+            return
+        self.stats.dead_lettered += 1
+        log.error(
+            "event dead-lettered",
+            extra={"subject": item.msg.subject, "code": item.code, "reason": item.reason},
+        )
+        await item.msg.term()
+
+    async def _terminate_poison(self, item: _SetAside) -> None:
+        self.stats.poison += 1
+        self.stats.poison_by_code[item.code] = self.stats.poison_by_code.get(item.code, 0) + 1
+        log.warning(
+            "poison event terminated",
+            extra={"subject": item.msg.subject, "code": item.code, "reason": item.reason},
+        )
+        await item.msg.term()
+
+    async def _store_set_aside(self, items: list[_SetAside]) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(poison_events), [self._set_aside_row(p) for p in items])
+
+    async def _database_reachable(self) -> bool:
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except (SQLAlchemyError, OSError):
+            return False
+        return True
+
+    def _enter_outage(self) -> None:
+        if not self._database_down:
+            self.stats.database_outages += 1
+            log.error("database unreachable: ingest pauses until it answers")
+        self._database_down = True
+
+    async def _wait_for_database(self) -> None:
+        delay = self.settings.retry_delay_s
+        while not self._stopping.is_set():
+            if await self._database_reachable():
+                log.info("database reachable again: ingest resumes")
+                self._database_down = False
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+            delay = min(delay * 2, _MAX_DB_PROBE_DELAY_S)
 
     @staticmethod
-    def _poison_row(item: _Poison) -> dict[str, Any]:
+    def _set_aside_row(item: _SetAside) -> dict[str, Any]:
+        try:
+            metadata = item.msg.metadata
+            stream_seq: int | None = metadata.sequence.stream
+            deliveries: int | None = metadata.num_delivered
+        except NotJSMessageError:  # pragma: no cover - every message here comes from JetStream
+            stream_seq = deliveries = None
         return {
             "subject": item.msg.subject[:255],
             "code": item.code,
             "reason": item.reason,
             "data": bytes(item.msg.data),
             "received_ms": time.time_ns() // 1_000_000,
+            "stream_seq": stream_seq,
+            "deliveries": deliveries,
         }

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
 
 from micboard.shared.settings import MicboardSettings
 
@@ -22,10 +25,56 @@ class CollectorSettings(MicboardSettings):
     stream_max_bytes: int = Field(default=1024**3, gt=0)
     stream_replicas: int = Field(default=1, ge=1, le=5)
     duplicate_window_s: float = Field(default=120.0, gt=0)
-    ack_wait_s: float = Field(default=30.0, gt=0)
-    max_deliver: int = Field(default=20, ge=1)
+    ack_wait_s: float = Field(
+        default=30.0, gt=0, description="an un-acked delivery (a collector died) is redelivered after this"
+    )
+    redelivery_backoff_s: list[float] = Field(
+        default_factory=lambda: [60.0, 120.0, 300.0, 600.0],
+        description="waits before the 2nd, 3rd, ... redelivery of an un-acked event (the last repeats)",
+    )
+    max_deliver: int = Field(default=20, ge=2, description="deliveries before an event is dead-lettered")
+    retry_delay_s: float = Field(
+        default=0.5, gt=0, description="first delay before a failed event is retried; doubles per attempt"
+    )
+    retry_max_delay_s: float = Field(default=30.0, gt=0)
+    stale_check_interval_s: float = Field(
+        default=5.0, gt=0, description="how often agents silent for 3 heartbeat intervals are marked stale"
+    )
+    auto_migrate: Literal["empty-sqlite", "always", "never"] = Field(
+        default="empty-sqlite",
+        description="migrate at start: only an empty SQLite database (the zero-step default), always, never",
+    )
     batch_size: int = Field(default=256, ge=1, le=10_000)
     fetch_timeout_s: float = Field(default=1.0, gt=0)
+    bootstrap_token: SecretStr | None = Field(
+        default=None,
+        description="an admin API token created at start if absent (for demos and first setup)",
+    )
+    auth_failures_per_min: int = Field(default=10, ge=1, description="failed auth per address, then 429")
+    live_queue_messages: int = Field(default=512, ge=8, description="a WebSocket client's send queue bound")
+    live_meter_hz: float = Field(default=10.0, gt=0, le=50, description="meter updates per channel per s")
+
+    # NATS credentials and TLS (see micboard.collector.security and docs/SECURITY.md).
+    nats_nkey_seed_file: Path | None = Field(default=None, description="collector NKey seed file (mode 0600)")
+    nats_creds_file: Path | None = Field(default=None, description="NATS user credentials file (JWT)")
+    nats_inbox_prefix: str | None = Field(default=None, description="inbox prefix; unset = _INBOX_collector")
+    nats_tls_ca: Path | None = Field(default=None, description="CA that signed the NATS server certificate")
+    nats_tls_cert: Path | None = Field(default=None, description="client certificate, if asked for")
+    nats_tls_key: Path | None = Field(default=None, description="client certificate key (mode 0600)")
+    nats_tls_hostname: str | None = Field(default=None, description="name the server certificate must hold")
+    nats_require_tls: bool = Field(default=False, description="refuse plaintext: tls:// URLs, TLS first")
+
+    @model_validator(mode="after")
+    def _check_redelivery(self) -> CollectorSettings:
+        if any(delay <= 0 for delay in self.redelivery_backoff_s):
+            raise ValueError("redelivery_backoff_s must hold positive numbers of seconds")
+        if len(self.consumer_backoff_s()) >= self.max_deliver:
+            raise ValueError("max_deliver must be larger than 1 + len(redelivery_backoff_s)")
+        return self
+
+    def consumer_backoff_s(self) -> list[float]:
+        """The consumer's redelivery schedule: the ack wait first, then the configured backoff."""
+        return [self.ack_wait_s, *self.redelivery_backoff_s]
 
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to ``micboard.db`` in the state directory."""

@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any, Literal
 
+from micboard.shared.redact import SecretRedactionFilter
+
 _RESERVED = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
 
@@ -61,6 +63,8 @@ def configure_logging(level: str = "INFO", fmt: Literal["kv", "json"] = "kv") ->
     """Send micboard's logs to stderr, one structured line per event."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
+    # On the handler, not the root logger: records of child loggers bypass logger filters.
+    handler.addFilter(SecretRedactionFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -11,7 +11,7 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
+import subprocess  # nosec B404 - starts the nats-server binary it resolved itself
 import sys
 import sysconfig
 import tempfile
@@ -123,7 +123,7 @@ class EmbeddedNats:
             return self
         self.store_dir.mkdir(parents=True, exist_ok=True)
         log.info("starting nats-server", extra={"url": self.url, "store": str(self.store_dir)})
-        self._process = subprocess.Popen(  # noqa: S603 - the binary path is resolved above
+        self._process = subprocess.Popen(  # noqa: S603 - the binary path is resolved above  # nosec B603
             self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         self._wait_ready()

@@ -9,6 +9,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from micboard.shared.errors import ConfigError
+from micboard.shared.secret_files import check_config_file
 
 _SettingsT = TypeVar("_SettingsT", bound="MicboardSettings")
 
@@ -35,6 +36,8 @@ class MicboardSettings(BaseSettings):
 
 def load_settings(cls: type[_SettingsT], **overrides: Any) -> _SettingsT:
     """Build settings from the environment and ``overrides``, turning errors into :class:`ConfigError`."""
+    # A .env may hold passwords or tokens: refuse it when world-readable.
+    check_config_file(Path(".env"), what=".env file")
     try:
         return cls(**overrides)
     except ValidationError as exc:

@@ -56,7 +56,7 @@ class ReceiverSimulator(abc.ABC):
         self.port = port
         self.seed = seed
         self.time_scale = time_scale
-        self.random = random.Random(seed)  # noqa: S311 - simulation, not security
+        self.random = random.Random(seed)  # noqa: S311 - simulation, not security  # nosec B311
         self.faults = Faults()
 
     @property

@@ -8,6 +8,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from micboard.collector.errors import CommandUnavailableError
+from micboard.collector.services.commands import CommandReceipt, CommandService
 from micboard.collector.store.schema import devices
 
 
@@ -23,8 +25,35 @@ class DeviceFilter:
 class DeviceService:
     """Reads devices from the store."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, commands: CommandService | None = None) -> None:
         self.engine = engine
+        self.commands = commands
+
+    def _commands(self) -> CommandService:
+        if self.commands is None:
+            raise CommandUnavailableError()
+        return self.commands
+
+    async def rename(
+        self, agent: str, device_key: str, channel: int | None, name: str, *, by: str | None = None
+    ) -> CommandReceipt:
+        """Ask the owning agent to rename a channel (or the device); the store changes on confirmation."""
+        return await self._commands().rename(agent, device_key, channel, name, requested_by=by)
+
+    async def identify(
+        self, agent: str, device_key: str, channel: int | None = None, *, by: str | None = None
+    ) -> CommandReceipt:
+        """Ask the owning agent to make a channel (or the device) identify itself."""
+        return await self._commands().identify(agent, device_key, channel, requested_by=by)
+
+    async def mute(
+        self, agent: str, device_key: str, channel: int, muted: bool = True, *, by: str | None = None
+    ) -> CommandReceipt:
+        """Ask the owning agent to mute (or unmute) a channel's transmitter."""
+        commands = self._commands()
+        if muted:
+            return await commands.mute(agent, device_key, channel, requested_by=by)
+        return await commands.unmute(agent, device_key, channel, requested_by=by)
 
     async def list_devices(self, filters: DeviceFilter | None = None) -> list[dict[str, Any]]:
         """Devices matching ``filters`` with their full normalized state, in one query."""

@@ -1,18 +1,30 @@
-"""SynchronizationService: apply agent events to the store, idempotently and in order."""
+"""SynchronizationService: apply agent events to the store, idempotently, in batches, in any order.
+
+A batch costs a fixed handful of statements whatever its size: one insert claims the
+``(agent, boot, seq)`` of every event (duplicates fall out of it), one upsert each for sites,
+agents and discovered answers, one locking select of the devices concerned, then bulk writes.
+
+Events may arrive out of order (several collectors share one consumer, redeliveries come late).
+Device state therefore keeps a version per field within a boot: an older event only fills in
+the fields no newer event has set, so applying the same events in any order gives the same state.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
+from operator import itemgetter
 from typing import Any
 
-from pydantic import ValidationError
-from sqlalchemy import delete, insert, select, update
+import orjson
+from sqlalchemy import Table, bindparam, delete, or_, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from micboard.collector.store.schema import agents, applied_events, channels, devices, sites
+from micboard.collector.store.schema import agents, applied_events, channels, devices, discovered, sites
 from micboard.shared.envelope import (
     AnyEvent,
     DeviceEvent,
@@ -21,9 +33,27 @@ from micboard.shared.envelope import (
     HelloEvent,
     OfflineEvent,
 )
-from micboard.shared.model import Device, apply_changes
+from micboard.shared.model import ReceiverChannel, Transmitter, split_channel_name
 
 log = logging.getLogger(__name__)
+
+#: An agent is stale once nothing arrived from it for this many heartbeat intervals.
+STALE_AFTER_INTERVALS = 3
+
+_STORED = (HelloEvent, HeartbeatEvent, DeviceEvent, OfflineEvent, DiscoveredEvent)
+# Canonical (JSON-mode) defaults: a channel or transmitter set by a delta is stored whole,
+# in the same shape a snapshot has, so readers never see a partial object.
+_CHANNEL_DEFAULTS: dict[str, Any] = ReceiverChannel(index=1).model_dump(mode="json")
+_TRANSMITTER_DEFAULTS: dict[str, Any] = Transmitter().model_dump(mode="json")
+_STATUS = "status"
+_TOUCH_RESOLUTION_MS = 1000
+_WORK_COLUMNS = [
+    devices.c[name]
+    for name in (
+        "id", "agent", "device_key", "site", "state", "reported_status",
+        "last_boot", "last_seq", "last_ts", "base_seq", "field_seq",
+    )
+]  # fmt: skip
 
 
 class ApplyOutcome(StrEnum):
@@ -34,171 +64,624 @@ class ApplyOutcome(StrEnum):
     OUTDATED = "outdated"  # older than the state already applied for that device
     IGNORED = "ignored"  # a kind this service does not store
     REJECTED = "rejected"  # valid on the wire but inconsistent with what is stored
+    DEFERRED = "deferred"  # needs an event not applied yet (a delta before its snapshot): retry later
 
 
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
-    """The typed result of :meth:`SynchronizationService.apply`."""
+    """The typed result of applying one event."""
 
     outcome: ApplyOutcome
     detail: str | None = None
+
+
+_DUPLICATE = ApplyResult(ApplyOutcome.DUPLICATE)
+_OUTDATED = ApplyResult(ApplyOutcome.OUTDATED)
+_APPLIED = ApplyResult(ApplyOutcome.APPLIED)
 
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _agent_changed(ins: Any, columns: tuple[str, ...]) -> Any:
+    # Rewriting every agent row of every batch only to move ``last_seen_ms`` by milliseconds
+    # costs more than the rest of the batch; a second of resolution is plenty for staleness.
+    changed = agents.c.last_seen_ms < ins.excluded.last_seen_ms - _TOUCH_RESOLUTION_MS
+    changed = or_(changed, agents.c.status != ins.excluded.status, agents.c.boot != ins.excluded.boot)
+    if "version" in columns or "last_heartbeat_ms" in columns:
+        return None  # hello or heartbeat: always written
+    return changed
+
+
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _is_deferred(result: ApplyResult | None) -> bool:
+    return result is not None and result.outcome is ApplyOutcome.DEFERRED
+
+
+def _insert(conn: AsyncConnection, table: Table) -> Any:
+    # Upserts are dialect-specific; both supported databases share the ON CONFLICT form.
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    if conn.dialect.name == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"unsupported database dialect {conn.dialect.name!r}")
+
+
+@dataclass(slots=True, eq=False)
+class _DeviceState:
+    """A device row being worked on in memory for the length of one batch."""
+
+    pk: int | None
+    agent: str
+    device_key: str
+    site: str
+    state: dict[str, Any]
+    reported_status: str
+    last_boot: str
+    last_seq: int
+    last_ts: int
+    base_seq: int
+    field_seq: dict[str, int]
+    dirty: bool = False
+    replaced: bool = False  # a snapshot replaced the state: rewrite every channel row
+    touched: set[int] = field(default_factory=set)  # channels a delta changed: rewrite those rows
+
+    def version(self, path: str) -> int:
+        return self.field_seq.get(path, self.base_seq)
+
+
+@dataclass(slots=True)
+class _AgentUpdate:
+    site: str
+    boot: str
+    ts: int
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def _channel(state: dict[str, Any], index: int) -> dict[str, Any]:
+    for channel in state["channels"]:
+        if channel["index"] == index:
+            return channel  # type: ignore[no-any-return]
+    created = {**_CHANNEL_DEFAULTS, "index": index}
+    state["channels"] = sorted([*state["channels"], created], key=lambda c: c["index"])
+    return created
+
+
+def _canonical(key: str, value: Any) -> Any:
+    if key == "transmitter" and isinstance(value, dict):
+        return {**_TRANSMITTER_DEFAULTS, **value}
+    return value
+
+
+def _snapshot_fields(state: dict[str, Any]) -> Iterable[tuple[str, int | None, str, Any]]:
+    """Every field of a JSON-mode device as ``(path, channel index or None, key, value)``."""
+    for key, value in state.items():
+        if key not in ("channels", "device_key"):
+            yield key, None, key, value
+    for channel in state["channels"]:
+        index = channel["index"]
+        for key, value in channel.items():
+            if key != "index":
+                yield f"ch.{index}.{key}", index, key, value
+
+
+def _delta_fields(changes: dict[str, Any]) -> Iterable[tuple[str, int | None, str, Any]]:
+    """Every field of a delta as ``(path, channel index or None, key, value)``."""
+    for key, value in changes.items():
+        if key != "channels":
+            yield key, None, key, value
+    for raw_index, diff in (changes.get("channels") or {}).items():
+        index = int(raw_index)
+        for key, value in diff.items():
+            if key != "index":
+                yield f"ch.{index}.{key}", index, key, value
+
+
+def _set(work: _DeviceState, index: int | None, key: str, value: Any) -> None:
+    if index is None:
+        work.state[key] = value
+    else:
+        _channel(work.state, index)[key] = _canonical(key, value)
+        work.touched.add(index)
+
+
+def _channel_rows(pk: int, state: dict[str, Any], only: set[int] | None = None) -> list[dict[str, Any]]:
+    rows = []
+    for channel in state["channels"]:
+        if only is not None and channel["index"] not in only:
+            continue
+        tx = channel.get("transmitter")
+        name_id, name_person = split_channel_name(channel.get("name"))
+        rows.append(
+            {
+                "device_pk": pk,
+                "index": channel["index"],
+                "name": channel.get("name"),
+                "name_id": name_id,
+                "name_person": name_person,
+                "frequency_khz": channel.get("frequency_khz"),
+                "tx_present": tx is not None,
+                "tx_model": tx.get("model") if tx else None,
+                "battery_bars": tx.get("battery_bars") if tx else None,
+                "battery_percent": tx.get("battery_percent") if tx else None,
+                "runtime_min": tx.get("runtime_min") if tx else None,
+                "tx_muted": tx.get("muted") if tx else None,
+            }
+        )
+    return rows
+
+
+def _device_columns(work: _DeviceState, now: int) -> dict[str, Any]:
+    state = work.state
+    return {
+        "site": work.site,
+        "vendor": state["vendor"],
+        "family": state["family"],
+        "model": state.get("model"),
+        "device_id": state.get("device_id"),
+        "firmware": state.get("firmware"),
+        "address": state.get("address"),
+        "name": state.get("name"),
+        # Any event of the batch made its agent online again, so the desk sees the agent's word.
+        "status": work.reported_status,
+        "reported_status": work.reported_status,
+        "state": state,
+        "last_boot": work.last_boot,
+        "last_seq": work.last_seq,
+        "last_ts": work.last_ts,
+        "base_seq": work.base_seq,
+        # Versions at or below the base say nothing the base does not; keep the map small.
+        "field_seq": {p: s for p, s in work.field_seq.items() if s > work.base_seq},
+        "updated_ms": now,
+    }
+
+
 class SynchronizationService:
     """Applies hello, heartbeat, device, offline and discovered events inside a caller's transaction."""
 
+    def __init__(self) -> None:
+        # Built statements by (dialect, name): building an upsert (its ``excluded`` columns above
+        # all) costs more than running it, and the compiled form is cached by SQLAlchemy anyway.
+        self._statements: dict[tuple[str, str], Any] = {}
+        self._device_pks: dict[tuple[str, str], int] = {}
+
+    def _statement(self, conn: AsyncConnection, name: str, build: Callable[[Any], Any], table: Table) -> Any:
+        key = (conn.dialect.name, name)
+        stmt = self._statements.get(key)
+        if stmt is None:
+            stmt = self._statements[key] = build(_insert(conn, table))
+        return stmt
+
     async def apply(self, conn: AsyncConnection, event: AnyEvent) -> ApplyResult:
-        """Apply one event; the caller owns the transaction (ingest applies a batch in one)."""
-        if isinstance(event, HelloEvent | HeartbeatEvent | DeviceEvent | OfflineEvent | DiscoveredEvent):
-            if await self._seen(conn, event):
-                return ApplyResult(ApplyOutcome.DUPLICATE)
-            await conn.execute(
-                insert(applied_events).values(
-                    agent=event.agent, boot=event.boot, seq=event.seq, applied_ms=_now_ms()
+        """Apply one event; the caller owns the transaction."""
+        return (await self.apply_batch(conn, [event]))[0]
+
+    async def apply_batch(self, conn: AsyncConnection, events: Sequence[AnyEvent]) -> list[ApplyResult]:
+        """Apply ``events`` in order inside the caller's transaction; one result per event.
+
+        Nothing is committed here. A :attr:`ApplyOutcome.DEFERRED` event is left unrecorded so
+        that its redelivery is applied later.
+        """
+        now = _now_ms()
+        results: list[ApplyResult | None] = [None] * len(events)
+        first_of: dict[tuple[str, str, int], int] = {}
+        for i, event in enumerate(events):
+            if not isinstance(event, _STORED):
+                results[i] = ApplyResult(ApplyOutcome.IGNORED, f"{event.kind} events are not stored")
+                continue
+            key = (event.agent, event.boot, event.seq)
+            if key in first_of:
+                results[i] = _DUPLICATE
+            else:
+                first_of[key] = i
+        if not first_of:
+            return [r or _DUPLICATE for r in results]
+        # Claiming first also takes SQLite's write lock before anything is read, so two
+        # writers cannot both read a device and then overwrite each other's update.
+        claimed = await self._claim(conn, list(first_of), now)
+        fresh: list[int] = []
+        for key, i in first_of.items():
+            if key in claimed:
+                fresh.append(i)
+            else:
+                results[i] = _DUPLICATE
+        fresh.sort()
+        if fresh:
+            await self._touch_agents(conn, [events[i] for i in fresh], now)
+            await self._apply_devices(conn, events, fresh, results, now)
+            await self._apply_discovered(conn, events, fresh)
+            deferred = [events[i] for i in fresh if _is_deferred(results[i])]
+            if deferred:
+                await self._unclaim(conn, deferred)
+        return [r or _APPLIED for r in results]
+
+    async def _claim(
+        self, conn: AsyncConnection, keys: list[tuple[str, str, int]], now: int
+    ) -> set[tuple[str, str, int]]:
+        stmt = self._statement(
+            conn,
+            "claim",
+            lambda ins: ins.on_conflict_do_nothing().returning(
+                applied_events.c.agent, applied_events.c.boot, applied_events.c.seq
+            ),
+            applied_events,
+        )
+        rows = [{"agent": a, "boot": b, "seq": s, "applied_ms": now} for a, b, s in keys]
+        result = await conn.execute(stmt, rows)
+        return {(r[0], r[1], r[2]) for r in result.all()}
+
+    async def _unclaim(self, conn: AsyncConnection, events: list[AnyEvent]) -> None:
+        keys = [(e.agent, e.boot, e.seq) for e in events]
+        await conn.execute(
+            delete(applied_events).where(
+                tuple_(applied_events.c.agent, applied_events.c.boot, applied_events.c.seq).in_(keys)
+            )
+        )
+
+    async def _touch_agents(self, conn: AsyncConnection, events: list[AnyEvent], now: int) -> None:
+        """Upsert the sites and agents of ``events``, bringing stale agents and their devices back."""
+        site_seen: dict[str, int] = {}
+        updates: dict[str, _AgentUpdate] = {}
+        for event in events:
+            site_seen[event.site] = now
+            upd = updates.get(event.agent)
+            if upd is None:
+                upd = updates[event.agent] = _AgentUpdate(event.site, event.boot, event.ts)
+            elif event.ts >= upd.ts:
+                upd.site, upd.boot, upd.ts = event.site, event.boot, event.ts
+            if isinstance(event, HelloEvent):
+                upd.values.update(version=event.body.version, hostname=event.body.hostname)
+            elif isinstance(event, HeartbeatEvent):
+                upd.values.update(
+                    last_heartbeat_ms=now,
+                    heartbeat_interval_s=event.body.interval_s,
+                    outbox_depth=event.body.outbox_depth,
+                    dropped=event.body.dropped,
+                )
+        # Sorted keys: concurrent collectors lock rows in one order and cannot deadlock.
+        site_stmt = self._statement(
+            conn,
+            "sites",
+            lambda ins: ins.on_conflict_do_update(
+                index_elements=[sites.c.site],
+                set_={"last_seen_ms": ins.excluded.last_seen_ms},
+                where=sites.c.last_seen_ms < ins.excluded.last_seen_ms - _TOUCH_RESOLUTION_MS,
+            ),
+            sites,
+        )
+        await conn.execute(
+            site_stmt,
+            [{"site": s, "first_seen_ms": t, "last_seen_ms": t} for s, t in sorted(site_seen.items())],
+        )
+        back = (
+            (
+                await conn.execute(
+                    update(agents)
+                    .where(agents.c.agent.in_(sorted(updates)), agents.c.status == "stale")
+                    .values(status="online")
+                    .returning(agents.c.agent)
                 )
             )
-            await self._touch_agent(conn, event)
-        if isinstance(event, DeviceEvent):
-            return await self._apply_device(conn, event)
-        if isinstance(event, OfflineEvent):
-            return await self._apply_offline(conn, event)
-        if isinstance(event, HelloEvent | HeartbeatEvent):
-            return ApplyResult(ApplyOutcome.APPLIED)
-        return ApplyResult(ApplyOutcome.IGNORED, f"{event.kind} events are not stored")
-
-    async def _seen(self, conn: AsyncConnection, event: AnyEvent) -> bool:
-        found = await conn.execute(
-            select(applied_events.c.seq).where(
-                applied_events.c.agent == event.agent,
-                applied_events.c.boot == event.boot,
-                applied_events.c.seq == event.seq,
-            )
+            .scalars()
+            .all()
         )
-        return found.first() is not None
-
-    async def _touch_agent(self, conn: AsyncConnection, event: AnyEvent) -> None:
-        now = _now_ms()
-        site_row = await conn.execute(select(sites.c.site).where(sites.c.site == event.site))
-        if site_row.first() is None:
-            await conn.execute(insert(sites).values(site=event.site, first_seen_ms=now, last_seen_ms=now))
-        else:
-            await conn.execute(update(sites).where(sites.c.site == event.site).values(last_seen_ms=now))
-        values: dict[str, Any] = {"site": event.site, "last_seen_ms": now, "status": "online"}
-        if isinstance(event, HelloEvent):
-            values.update(boot=event.boot, version=event.body.version, hostname=event.body.hostname)
-        if isinstance(event, HeartbeatEvent):
-            values.update(
-                boot=event.boot,
-                last_heartbeat_ms=now,
-                heartbeat_interval_s=event.body.interval_s,
-                outbox_depth=event.body.outbox_depth,
-                dropped=event.body.dropped,
+        if back:
+            # The desk sees the devices as the agent last reported them again.
+            await conn.execute(
+                update(devices)
+                .where(devices.c.agent.in_(back), devices.c.status == "stale")
+                .values(status=devices.c.reported_status)
             )
-        agent_row = await conn.execute(select(agents.c.agent).where(agents.c.agent == event.agent))
-        if agent_row.first() is None:
-            values.setdefault("boot", event.boot)
-            await conn.execute(insert(agents).values(agent=event.agent, **values))
-        else:
-            await conn.execute(update(agents).where(agents.c.agent == event.agent).values(**values))
+            log.info("stale agents are back", extra={"agents": ",".join(sorted(back))})
+        by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for agent in sorted(updates):
+            upd = updates[agent]
+            row = {
+                "agent": agent,
+                "site": upd.site,
+                "boot": upd.boot,
+                "status": "online",
+                "last_seen_ms": now,
+            }
+            row.update(upd.values)
+            by_columns.setdefault(tuple(sorted(row)), []).append(row)
+        for columns, rows in by_columns.items():
+            stmt = self._statement(
+                conn,
+                "agents:" + ",".join(columns),
+                lambda ins, columns=columns: ins.on_conflict_do_update(  # type: ignore[misc]
+                    index_elements=[agents.c.agent],
+                    set_={c: ins.excluded[c] for c in columns if c != "agent"},
+                    where=_agent_changed(ins, columns),
+                ),
+                agents,
+            )
+            await conn.execute(stmt, rows)
 
-    async def _device_row(self, conn: AsyncConnection, agent: str, key: str) -> Any:
-        result = await conn.execute(
-            select(devices).where(devices.c.agent == agent, devices.c.device_key == key)
+    async def _load_devices(
+        self, conn: AsyncConnection, pairs: list[tuple[str, str]]
+    ) -> dict[tuple[str, str], _DeviceState]:
+        # Known devices are fetched by primary key: a lookup by (agent, device_key) row values
+        # is not an index search on SQLite. A cached id is only a hint (the row is checked).
+        found: dict[tuple[str, str], _DeviceState] = {}
+        wanted = set(pairs)
+        hinted = sorted(pk for pair in pairs if (pk := self._device_pks.get(pair)) is not None)
+        if hinted:
+            await self._select_devices(conn, devices.c.id.in_(hinted), wanted, found)
+        missing = [pair for pair in pairs if pair not in found]
+        if missing:
+            await self._select_devices(
+                conn, tuple_(devices.c.agent, devices.c.device_key).in_(missing), wanted, found
+            )
+        return found
+
+    async def _select_devices(
+        self,
+        conn: AsyncConnection,
+        where: Any,
+        wanted: set[tuple[str, str]],
+        found: dict[tuple[str, str], _DeviceState],
+    ) -> None:
+        query = (
+            select(*_WORK_COLUMNS)
+            .where(where)
+            .order_by(devices.c.id)
+            # PostgreSQL: hold the rows until commit so that a concurrent collector applying
+            # another event of the same device waits and then reads this batch's result.
+            .with_for_update()
         )
-        return result.first()
+        for row in (await conn.execute(query)).all():
+            key = (row.agent, row.device_key)
+            if key not in wanted:
+                continue
+            self._device_pks[key] = row.id
+            found[key] = _DeviceState(
+                pk=row.id,
+                agent=row.agent,
+                device_key=row.device_key,
+                site=row.site,
+                state=row.state,
+                reported_status=row.reported_status,
+                last_boot=row.last_boot,
+                last_seq=row.last_seq,
+                last_ts=row.last_ts,
+                base_seq=row.base_seq,
+                field_seq=dict(row.field_seq or {}),
+            )
+
+    async def _apply_devices(
+        self,
+        conn: AsyncConnection,
+        events: Sequence[AnyEvent],
+        fresh: list[int],
+        results: list[ApplyResult | None],
+        now: int,
+    ) -> None:
+        mine: list[tuple[int, DeviceEvent | OfflineEvent]] = []
+        for i in fresh:
+            event = events[i]
+            if isinstance(event, DeviceEvent | OfflineEvent):
+                mine.append((i, event))
+        if not mine:
+            return
+        work = await self._load_devices(conn, sorted({(e.agent, e.body.device_key) for _, e in mine}))
+        for i, event in mine:
+            results[i] = self._merge(work, (event.agent, event.body.device_key), event)
+        dirty = [w for w in work.values() if w.dirty]
+        if not dirty:
+            return
+        new = [w for w in dirty if w.pk is None]
+        old = [w for w in dirty if w.pk is not None]
+        if new:
+            rows = [{"agent": w.agent, "device_key": w.device_key, **_device_columns(w, now)} for w in new]
+            inserted = await conn.execute(
+                _insert(conn, devices).returning(devices.c.id, devices.c.agent, devices.c.device_key),
+                rows,
+            )
+            ids = {(row.agent, row.device_key): row.id for row in inserted.all()}
+            for w in new:
+                w.pk = self._device_pks[w.agent, w.device_key] = ids[w.agent, w.device_key]
+        if old:
+            await self._executemany(
+                conn,
+                "devices:update",
+                lambda: (
+                    update(devices)
+                    .where(devices.c.id == bindparam("_pk"))
+                    .values({c: bindparam(f"_{c}") for c in _device_columns(old[0], now)})
+                ),
+                [{"_pk": w.pk, **{f"_{c}": v for c, v in _device_columns(w, now).items()}} for w in old],
+                json_params=("_state", "_field_seq"),
+            )
+        await self._write_channels(conn, dirty)
+
+    async def _write_channels(self, conn: AsyncConnection, dirty: list[_DeviceState]) -> None:
+        # A snapshot rewrites the device's channel rows (channels may have gone); a delta
+        # upserts only the rows of the channels it changed, the common case by far.
+        replaced = [w for w in dirty if w.replaced and w.pk is not None]
+        if replaced:
+            await conn.execute(delete(channels).where(channels.c.device_pk.in_([w.pk for w in replaced])))
+            rows = [row for w in replaced if w.pk is not None for row in _channel_rows(w.pk, w.state)]
+            if rows:
+                await conn.execute(channels.insert(), rows)
+        rows = [
+            row
+            for w in dirty
+            if not w.replaced and w.touched and w.pk is not None
+            for row in _channel_rows(w.pk, w.state, w.touched)
+        ]
+        if rows:
+            await self._executemany(
+                conn,
+                "channels:upsert",
+                lambda: (ins := _insert(conn, channels)).on_conflict_do_update(
+                    index_elements=[channels.c.device_pk, channels.c.index],
+                    set_={c.name: ins.excluded[c.name] for c in channels.c if not c.primary_key},
+                ),
+                rows,
+            )
+
+    async def _executemany(
+        self,
+        conn: AsyncConnection,
+        name: str,
+        build: Callable[[], Any],
+        rows: list[dict[str, Any]],
+        json_params: tuple[str, ...] = (),
+    ) -> None:
+        """Run a hot statement for many rows straight through the driver.
+
+        SQLAlchemy's per-row parameter processing costs more than the database's work for the
+        few statements every event pays for, so they are compiled once per dialect and their
+        rows handed to the driver as tuples (JSON values serialized here).
+        """
+        key = (conn.dialect.name, name)
+        prepared = self._statements.get(key)
+        if prepared is None:
+            compiled = build().compile(dialect=conn.dialect)
+            if compiled.positiontup is None:  # pragma: no cover - both dialects bind positionally
+                raise NotImplementedError(f"{conn.dialect.name} does not bind parameters by position")
+            names = tuple(compiled.positiontup)
+            # itemgetter of one name returns a bare value, not a 1-tuple.
+            getter = itemgetter(*names) if len(names) > 1 else lambda row: (row[names[0]],)
+            prepared = self._statements[key] = (str(compiled), getter)
+        sql, getter = prepared
+        if json_params:
+            rows = [{**row, **{p: _json_text(row[p]) for p in json_params}} for row in rows]
+        await conn.exec_driver_sql(sql, [getter(row) for row in rows])
 
     @staticmethod
-    def _is_older(row: Any, event: AnyEvent) -> bool:
-        if row.last_boot == event.boot:
-            return bool(event.seq < row.last_seq)
-        return bool(event.ts < row.last_ts)
-
-    async def _apply_device(self, conn: AsyncConnection, event: DeviceEvent) -> ApplyResult:
-        body = event.body
-        row = await self._device_row(conn, event.agent, body.device_key)
-        if row is not None and self._is_older(row, event):
-            return ApplyResult(ApplyOutcome.OUTDATED)
-        if body.snapshot is not None:
-            device = body.snapshot
-        elif row is None:
-            return ApplyResult(ApplyOutcome.REJECTED, f"delta for unknown device {body.device_key!r}")
+    def _merge(
+        work: dict[tuple[str, str], _DeviceState],
+        key: tuple[str, str],
+        event: DeviceEvent | OfflineEvent,
+    ) -> ApplyResult:
+        current = work.get(key)
+        snapshot = event.body.snapshot if isinstance(event, DeviceEvent) else None
+        if current is None:
+            if snapshot is None:
+                if isinstance(event, OfflineEvent):
+                    return ApplyResult(ApplyOutcome.REJECTED, f"offline for unknown device {key[1]!r}")
+                return ApplyResult(ApplyOutcome.DEFERRED, f"delta for unknown device {key[1]!r}")
+            work[key] = _DeviceState(
+                pk=None, agent=event.agent, device_key=key[1], site=event.site,
+                state=snapshot.model_dump(mode="json"), reported_status="online",
+                last_boot=event.boot, last_seq=event.seq, last_ts=event.ts,
+                base_seq=event.seq, field_seq={}, dirty=True, replaced=True,
+            )  # fmt: skip
+            return _APPLIED
+        if event.boot != current.last_boot:
+            if event.ts < current.last_ts:
+                return _OUTDATED  # an earlier boot of the agent
+            # A new boot: nothing of the old one is comparable by seq any more.
+            current.last_boot, current.last_seq, current.last_ts = event.boot, event.seq, event.ts
+            current.base_seq, current.field_seq = 0, {}
+        elif event.seq > current.last_seq:
+            current.last_seq, current.last_ts = event.seq, event.ts
+        seq = event.seq
+        current.site = event.site
+        if (
+            snapshot is not None
+            and seq >= current.base_seq
+            and seq >= max(current.field_seq.values(), default=0)
+        ):
+            # Newer than every field: the snapshot replaces the state outright.
+            current.state = snapshot.model_dump(mode="json")
+            current.base_seq, current.field_seq = seq, {}
+            current.reported_status = "online"
+            current.dirty = current.replaced = True
+            return _APPLIED
+        if snapshot is not None:
+            fields = _snapshot_fields(snapshot.model_dump(mode="json"))
+        elif isinstance(event, DeviceEvent):
+            fields = _delta_fields(event.body.changes or {})
         else:
-            try:
-                device = apply_changes(Device.model_validate(row.state), body.changes or {})
-            except ValidationError as exc:
-                return ApplyResult(ApplyOutcome.REJECTED, f"delta does not apply: {exc.error_count()} errors")
-        values: dict[str, Any] = {
-            "site": event.site,
-            "vendor": device.vendor.value,
-            "family": device.family.value,
-            "model": device.model,
-            "device_id": device.device_id,
-            "firmware": device.firmware,
-            "address": device.address,
-            "name": device.name,
-            "status": "online",
-            "state": device.model_dump(mode="json"),
-            "last_boot": event.boot,
-            "last_seq": event.seq,
-            "last_ts": event.ts,
-            "updated_ms": _now_ms(),
-        }
-        if row is None:
-            result = await conn.execute(
-                insert(devices).values(agent=event.agent, device_key=body.device_key, **values)
-            )
-            device_pk = result.inserted_primary_key[0] if result.inserted_primary_key else None
-            if device_pk is None:  # pragma: no cover - every supported backend returns it
-                device_pk = (await self._device_row(conn, event.agent, body.device_key)).id
-        else:
-            device_pk = row.id
-            await conn.execute(update(devices).where(devices.c.id == device_pk).values(**values))
-        await self._write_channels(conn, device_pk, device)
-        return ApplyResult(ApplyOutcome.APPLIED)
+            fields = iter(())
+        taken = False
+        for path, index, name, value in fields:
+            if current.version(path) < seq:
+                _set(current, index, name, value)
+                current.field_seq[path] = seq
+                taken = True
+        if current.version(_STATUS) < seq:
+            current.reported_status = "offline" if isinstance(event, OfflineEvent) else "online"
+            current.field_seq[_STATUS] = seq
+            taken = True
+        if not taken:
+            return _OUTDATED
+        current.dirty = True
+        return _APPLIED
 
-    async def _write_channels(self, conn: AsyncConnection, device_pk: int, device: Device) -> None:
-        await conn.execute(delete(channels).where(channels.c.device_pk == device_pk))
-        rows = []
-        for channel in device.channels:
-            tx = channel.transmitter
-            rows.append(
-                {
-                    "device_pk": device_pk,
-                    "index": channel.index,
-                    "name": channel.name,
-                    "name_id": channel.name_id,
-                    "name_person": channel.name_person,
-                    "frequency_khz": channel.frequency_khz,
-                    "tx_present": tx is not None,
-                    "tx_model": tx.model if tx else None,
-                    "battery_bars": tx.battery_bars if tx else None,
-                    "battery_percent": tx.battery_percent if tx else None,
-                    "runtime_min": tx.runtime_min if tx else None,
-                    "tx_muted": tx.muted if tx else None,
-                }
+    async def _apply_discovered(
+        self,
+        conn: AsyncConnection,
+        events: Sequence[AnyEvent],
+        fresh: list[int],
+    ) -> None:
+        latest: dict[tuple[str, str], dict[str, Any]] = {}
+        for i in fresh:
+            event = events[i]
+            if not isinstance(event, DiscoveredEvent):
+                continue
+            body = event.body
+            identity = body.device_id or (
+                f"{body.address}:{body.port}" if body.port is not None else body.address
             )
-        if rows:
-            await conn.execute(insert(channels), rows)
-
-    async def _apply_offline(self, conn: AsyncConnection, event: OfflineEvent) -> ApplyResult:
-        row = await self._device_row(conn, event.agent, event.body.device_key)
-        if row is None:
-            return ApplyResult(ApplyOutcome.REJECTED, f"offline for unknown device {event.body.device_key!r}")
-        if self._is_older(row, event):
-            return ApplyResult(ApplyOutcome.OUTDATED)
-        await conn.execute(
-            update(devices)
-            .where(devices.c.id == row.id)
-            .values(
-                status="offline",
-                last_boot=event.boot,
-                last_seq=event.seq,
-                last_ts=event.ts,
-                updated_ms=_now_ms(),
-            )
+            key = (event.agent, identity[:200])
+            previous = latest.get(key)
+            if previous is not None and previous["last_seen_ms"] > event.ts:
+                continue
+            latest[key] = {
+                "site": event.site, "agent": event.agent, "identity": key[1], "source": body.source,
+                "address": body.address, "port": body.port, "vendor": body.vendor, "family": body.family,
+                "model": body.model, "device_id": body.device_id, "name": body.name,
+                "supported": body.supported, "first_seen_ms": event.ts, "last_seen_ms": event.ts,
+            }  # fmt: skip
+        if not latest:
+            return
+        stmt = self._statement(
+            conn,
+            "discovered",
+            lambda ins: ins.on_conflict_do_update(
+                index_elements=[discovered.c.agent, discovered.c.identity],
+                set_={
+                    c.name: ins.excluded[c.name]
+                    for c in discovered.c
+                    if c.name not in ("id", "agent", "identity", "first_seen_ms")
+                },
+                # A late, older answer does not overwrite a newer one.
+                where=discovered.c.last_seen_ms <= ins.excluded.last_seen_ms,
+            ),
+            discovered,
         )
-        return ApplyResult(ApplyOutcome.APPLIED)
+        await conn.execute(stmt, [latest[k] for k in sorted(latest)])
+
+    async def mark_stale_agents(self, conn: AsyncConnection, now_ms: int) -> list[str]:
+        """Mark agents silent for :data:`STALE_AFTER_INTERVALS` heartbeat intervals, and their devices, stale.
+
+        Returns the agents that became stale now. A stale agent's devices show ``stale`` (the data
+        is old), not ``offline``; any event from the agent restores what it last reported.
+        """
+        silent = (
+            agents.c.last_seen_ms + agents.c.heartbeat_interval_s * (STALE_AFTER_INTERVALS * 1000) < now_ms
+        )
+        became = sorted(
+            (
+                await conn.execute(
+                    update(agents)
+                    .where(agents.c.status == "online", silent)
+                    .values(status="stale")
+                    .returning(agents.c.agent)
+                )
+            )
+            .scalars()
+            .all()
+        )
+        if became:
+            await conn.execute(update(devices).where(devices.c.agent.in_(became)).values(status="stale"))
+            log.warning("agents went stale", extra={"agents": ",".join(became)})
+        return became

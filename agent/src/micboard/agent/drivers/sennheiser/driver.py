@@ -222,8 +222,10 @@ class SscDriver(ReceiverDriver):
             return False
         if reply.errors or reply.node("device", "identity") is None:
             self.stats.device_errors += 1
-            log.warning("ssc identity refused",
-                        extra={"device_key": self.target.device_key, "errors": _describe(reply)})
+            log.warning(
+                "ssc identity refused",
+                extra={"device_key": self.target.device_key, "errors": _describe(reply)},
+            )
             return False
         self._identity = reply.node("device", "identity")
         self._device_name = reply.lookup("device", "name")
@@ -298,8 +300,12 @@ class SscDriver(ReceiverDriver):
     async def _subscribe(self) -> None:
         interval_ms = max(10, self.options.meter_interval_ms)
         count = max(1000, int(self.subscription_lifetime_s * 1000 / interval_ms) + 10)
-        tree = meter_subscription(range(1, self._channel_count + 1), lifetime_s=self.subscription_lifetime_s,
-                                  min_ms=interval_ms, count=count)
+        tree = meter_subscription(
+            range(1, self._channel_count + 1),
+            lifetime_s=self.subscription_lifetime_s,
+            min_ms=interval_ms,
+            count=count,
+        )
         # Even an unanswered subscribe may have reached the device: cancel it when stopping.
         self._subscribed = True
         reply = await self._request(tree, self.options.command_timeout_s)
@@ -307,8 +313,10 @@ class SscDriver(ReceiverDriver):
             log.info("ssc subscription unanswered", extra={"device_key": self.target.device_key})
         elif reply.errors:
             self.stats.device_errors += 1
-            log.warning("ssc subscription refused",
-                        extra={"device_key": self.target.device_key, "errors": _describe(reply)})
+            log.warning(
+                "ssc subscription refused",
+                extra={"device_key": self.target.device_key, "errors": _describe(reply)},
+            )
 
     async def _read_channels(self, channels: Iterable[int]) -> None:
         await asyncio.gather(*(self._read_channel(channel) for channel in channels))
@@ -325,8 +333,10 @@ class SscDriver(ReceiverDriver):
             elif node is not None:
                 self._rx[channel] = {**self._rx.get(channel, {}), **node}
         if mate_reply is not None:
-            if any(e.code == SscStatus.FAILED_DEPENDENCY and e.within("mates", f"tx{channel}")
-                   for e in mate_reply.errors):
+            if any(
+                e.code == SscStatus.FAILED_DEPENDENCY and e.within("mates", f"tx{channel}")
+                for e in mate_reply.errors
+            ):
                 self._mates[channel] = None  # 424: the linked transmitter is off - no transmitter
             elif mate_reply.errors:
                 self.stats.device_errors += 1
@@ -393,8 +403,10 @@ class SscDriver(ReceiverDriver):
         if isinstance(message, SscRejected):
             self.stats.parse_errors += 1
             self.stats.dropped_bytes += len(data)
-            log.debug("ssc datagram rejected", extra={"device_key": self.target.device_key,
-                                                      "reason": message.reason})
+            log.debug(
+                "ssc datagram rejected",
+                extra={"device_key": self.target.device_key, "reason": message.reason},
+            )
             return
         self.stats.messages += 1
         self._last_rx = time.monotonic()

@@ -68,12 +68,24 @@ class SscKind:
 
 SSC_SIMULATOR_KINDS: Mapping[str, SscKind] = MappingProxyType(
     {
-        "ewdx-em2": SscKind("ewdx-em2", "EW-DX EM 2", Family.EWDX, 2, "3.3.1", ("SKM", "SK"), "BA 70", 720,
-                            470_200, 550_000),
-        "ewdx-em4": SscKind("ewdx-em4", "EW-DX EM 4", Family.EWDX, 4, "3.3.1", ("SKM", "SK"), "BA 70", 720,
-                            470_200, 550_000),
-        "em6000": SscKind("em6000", "EM 6000", Family.D6000, 2, "4.1.2", ("SKM 6000", "SK 6000"), "BA 60",
-                          330, 470_200, 558_000),
+        "ewdx-em2": SscKind(
+            "ewdx-em2", "EW-DX EM 2", Family.EWDX, 2, "3.3.1", ("SKM", "SK"), "BA 70", 720, 470_200, 550_000
+        ),
+        "ewdx-em4": SscKind(
+            "ewdx-em4", "EW-DX EM 4", Family.EWDX, 4, "3.3.1", ("SKM", "SK"), "BA 70", 720, 470_200, 550_000
+        ),
+        "em6000": SscKind(
+            "em6000",
+            "EM 6000",
+            Family.D6000,
+            2,
+            "4.1.2",
+            ("SKM 6000", "SK 6000"),
+            "BA 60",
+            330,
+            470_200,
+            558_000,
+        ),
     }
 )
 
@@ -169,7 +181,7 @@ class SscSimulator(ReceiverSimulator):
         super().__init__(host=host, port=port, seed=seed, time_scale=time_scale)
         self.kind = SSC_SIMULATOR_KINDS[kind]
         self.family = self.kind.family
-        self._fault_random = random.Random(seed ^ 0x55C)  # noqa: S311 - simulation, not security
+        self._fault_random = random.Random(seed ^ 0x55C)  # noqa: S311 - simulation, not security  # nosec B311
         self.serial = f"{self.random.randrange(10**9, 10**10)}"
         self.device_name = name or f"{self.kind.kind.upper()}-{self.serial[-4:]}"
         self.channels = [self._new_channel(index) for index in range(1, self.kind.channels + 1)]
@@ -258,8 +270,9 @@ class SscSimulator(ReceiverSimulator):
     def announcement(self) -> Announcement:
         """The DNS-SD record: ``_ssc._udp.local.`` with the product in TXT."""
         instance = f"{self.kind.product.replace(' ', '-')}-{self.serial}"
-        return Announcement(SSC_SERVICE_TYPE, instance, self.port, properties={"product": self.kind.product},
-                            slp_dcid=None)
+        return Announcement(
+            SSC_SERVICE_TYPE, instance, self.port, properties={"product": self.kind.product}, slp_dcid=None
+        )
 
     # ---- knobs for tests and demos --------------------------------------------------------
 
@@ -397,16 +410,20 @@ class SscSimulator(ReceiverSimulator):
         reply: Tree = {}
         errors: list[Any] = []
         if self.faults.rep_err:
-            errors = [error_tree((key,), SscStatus.INTERNAL_ERROR, "internal server error")
-                      for key in message.tree] or [{"desc": "internal server error", "code": 500}]
+            errors = [
+                error_tree((key,), SscStatus.INTERNAL_ERROR, "internal server error") for key in message.tree
+            ] or [{"desc": "internal server error", "code": 500}]
         else:
             state = self.tree()
             for key, value in message.tree.items():
                 if key == "osc":
                     self._answer_osc(value, reply, errors, addr)
                 elif key == "m":
-                    errors.append(error_tree(("m",), SscStatus.NOT_ACCEPTABLE,
-                                             "meters are only available by subscription"))
+                    errors.append(
+                        error_tree(
+                            ("m",), SscStatus.NOT_ACCEPTABLE, "meters are only available by subscription"
+                        )
+                    )
                 else:
                     self._walk({key: value}, state, (), reply, errors, allow_set=True)
         osc: Tree = reply.setdefault("osc", {})
@@ -418,8 +435,16 @@ class SscSimulator(ReceiverSimulator):
             del reply["osc"]
         self._reply(reply, addr)
 
-    def _walk(self, request: Tree, state: Any, path: tuple[str, ...], out: Tree, errors: list[Any], *,
-              allow_set: bool) -> None:
+    def _walk(
+        self,
+        request: Tree,
+        state: Any,
+        path: tuple[str, ...],
+        out: Tree,
+        errors: list[Any],
+        *,
+        allow_set: bool,
+    ) -> None:
         for key, value in request.items():
             here = (*path, key)
             if not isinstance(state, dict) or key not in state:
@@ -573,8 +598,9 @@ class SscSimulator(ReceiverSimulator):
         self._walk(request, state, (), filled, errors, allow_set=False)
         return filled
 
-    def _start_subscription(self, key: tuple[Address, str], addr: Address, request: Tree,
-                            params: tuple[float, float, int]) -> None:
+    def _start_subscription(
+        self, key: tuple[Address, str], addr: Address, request: Tree, params: tuple[float, float, int]
+    ) -> None:
         lifetime_s, interval_s, count = params
         expires_at = asyncio.get_running_loop().time() + lifetime_s
         existing = self._subscriptions.get(key)

@@ -1,0 +1,291 @@
+"""One supervised driver task per adopted receiver.
+
+The supervisor picks the driver by family (Shure command strings or Sennheiser SSC), starts it
+when discovery or the static list adopts a device, restarts it with capped, jittered backoff
+when its task crashes (logged and counted), re-targets it when the same device shows up at a
+new address, and stops every driver cleanly on close. It is the drivers'
+:class:`~micboard.agent.drivers.base.DeviceListener` and hands what they report on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from micboard.agent.discovery.dcid import default_port, vendor_for_family
+from micboard.agent.discovery.found import FoundDevice
+from micboard.agent.drivers.base import DeviceListener, DeviceTarget, DriverOptions, ReceiverDriver
+from micboard.agent.drivers.sennheiser import SscDriver
+from micboard.agent.drivers.shure import ShureDriver
+from micboard.shared.model import ChannelMeter, Device, Vendor
+
+log = logging.getLogger(__name__)
+
+
+class SupervisedListener(DeviceListener, Protocol):
+    """A :class:`DeviceListener` that is also told when a device's driver (re)starts or goes away."""
+
+    def track(self, device_key: str) -> None:
+        """A driver for ``device_key`` (re)starts: its next state is a full snapshot."""
+
+    def forget(self, device_key: str) -> None:
+        """``device_key`` is no longer supervised."""
+
+
+DriverFactory = Callable[[DeviceTarget, DeviceListener, DriverOptions], ReceiverDriver]
+"""Builds the driver of one target (the default chooses by family)."""
+
+# A driver that ran this long before crashing is healthy again: its backoff starts over.
+_HEALTHY_RUN_S = 60.0
+_KEY_CHARS = re.compile(r"[^a-z0-9_.-]+")
+
+
+def default_driver(target: DeviceTarget, listener: DeviceListener, options: DriverOptions) -> ReceiverDriver:
+    """The driver of ``target``'s family: Shure families -> ShureDriver, EW-DX / D6000 -> SscDriver."""
+    if vendor_for_family(target.family) is Vendor.SENNHEISER:
+        return SscDriver(target, listener, options)
+    return ShureDriver(target, listener, options)
+
+
+def device_key_for(found: FoundDevice) -> str:
+    """A stable key for a found device: vendor and id when known, else family, address and port."""
+    if found.device_id:
+        vendor = found.vendor.value if found.vendor is not None else "device"
+        raw = f"{vendor}-{found.device_id}"
+    else:
+        family = found.family.value if found.family is not None else "device"
+        raw = f"{family}-{found.address}-{found.port if found.port is not None else 'default'}"
+    return _KEY_CHARS.sub("-", raw.lower()).strip("-")[:128] or "device"
+
+
+@dataclass(slots=True)
+class SupervisorStats:
+    """Counters of the supervisor."""
+
+    adopted: int = 0
+    moved: int = 0
+    crashes: int = 0
+    restarts: int = 0
+    removed: int = 0
+
+
+@dataclass(slots=True)
+class Supervised:
+    """One supervised device: its target, its current driver and its task."""
+
+    key: str
+    target: DeviceTarget
+    identities: set[str] = field(default_factory=set)
+    driver: ReceiverDriver | None = None
+    task: asyncio.Task[None] | None = None
+    crashes: int = 0
+    last_error: str | None = None
+
+
+class DeviceSupervisor:
+    """Runs one driver task per adopted device and forwards what drivers report to ``listener``."""
+
+    def __init__(
+        self,
+        listener: SupervisedListener,
+        options: DriverOptions | None = None,
+        *,
+        driver_factory: DriverFactory = default_driver,
+        restart_initial_s: float = 1.0,
+        restart_max_s: float = 30.0,
+        stop_timeout_s: float = 2.0,
+    ) -> None:
+        self.listener = listener
+        self.options = options or DriverOptions()
+        self._factory = driver_factory
+        self.restart_initial_s = restart_initial_s
+        self.restart_max_s = restart_max_s
+        self.stop_timeout_s = stop_timeout_s
+        self.stats = SupervisorStats()
+        self._devices: dict[str, Supervised] = {}
+        self._by_identity: dict[str, str] = {}
+        self._closed = False
+        self._lock = asyncio.Lock()
+
+    # -- queries ------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._devices)
+
+    def keys(self) -> list[str]:
+        """The keys of every supervised device."""
+        return sorted(self._devices)
+
+    def get(self, device_key: str) -> Supervised | None:
+        """The supervised device ``device_key``, or ``None``."""
+        return self._devices.get(device_key)
+
+    def driver(self, device_key: str) -> ReceiverDriver | None:
+        """The current driver of ``device_key``, or ``None`` when it is not supervised."""
+        supervised = self._devices.get(device_key)
+        return None if supervised is None else supervised.driver
+
+    def driver_stats(self) -> dict[str, int]:
+        """The drivers' counters summed over every device (parse errors, reconnects, ...)."""
+        totals: dict[str, int] = {}
+        for supervised in self._devices.values():
+            if supervised.driver is None:
+                continue
+            for name in type(supervised.driver.stats).__dataclass_fields__:
+                totals[name] = totals.get(name, 0) + int(getattr(supervised.driver.stats, name))
+        return totals
+
+    # -- adopting -----------------------------------------------------------------------
+
+    async def adopt(self, found: FoundDevice) -> str | None:
+        """Supervise ``found`` (or re-target it when it moved); returns its key, ``None`` if unusable."""
+        if found.family is None or self._closed:
+            return None
+        port = found.port if found.port is not None else default_port(found.family)
+        async with self._lock:
+            supervised = self._match(found, port)
+            if supervised is None:
+                key = self._free_key(device_key_for(found))
+                target = DeviceTarget(found.address, port, found.family, key, found.name)
+                supervised = Supervised(key, target, {found.identity})
+                self._devices[key] = supervised
+                self._by_identity[found.identity] = key
+                self.stats.adopted += 1
+                log.info(
+                    "device adopted",
+                    extra={"device_key": key, "address": found.address, "port": port, "family": found.family},
+                )
+                self._start(supervised)
+                return key
+            supervised.identities.add(found.identity)
+            self._by_identity[found.identity] = supervised.key
+            old = supervised.target
+            if (old.address, old.port, old.family) == (found.address, port, found.family):
+                return supervised.key
+            # Same device, new address (DHCP) or a corrected family: restart, never duplicate.
+            supervised.target = DeviceTarget(
+                found.address, port, found.family, supervised.key, found.name or old.name
+            )
+            self.stats.moved += 1
+            log.info(
+                "device moved",
+                extra={
+                    "device_key": supervised.key,
+                    "from": f"{old.address}:{old.port}",
+                    "to": f"{found.address}:{port}",
+                },
+            )
+            await self._stop_driver(supervised)
+            self._start(supervised)
+            return supervised.key
+
+    def _match(self, found: FoundDevice, port: int) -> Supervised | None:
+        key = self._by_identity.get(found.identity)
+        if key is not None and key in self._devices:
+            return self._devices[key]
+        # Discovery may learn a device's id after adopting it at its endpoint: same device.
+        for supervised in self._devices.values():
+            target = supervised.target
+            if (target.address, target.port) == (found.address, port) and (
+                vendor_for_family(target.family) is vendor_for_family(found.family or target.family)
+            ):
+                return supervised
+        return None
+
+    def _free_key(self, key: str) -> str:
+        candidate, n = key, 2
+        while candidate in self._devices:
+            candidate = f"{key[:120]}-{n}"
+            n += 1
+        return candidate
+
+    async def remove(self, device_key: str) -> bool:
+        """Stop supervising ``device_key``; returns whether it was supervised."""
+        async with self._lock:
+            supervised = self._devices.pop(device_key, None)
+            if supervised is None:
+                return False
+            for identity in supervised.identities:
+                self._by_identity.pop(identity, None)
+            self.stats.removed += 1
+            await self._stop_driver(supervised)
+            self.listener.forget(device_key)
+            return True
+
+    async def close(self) -> None:
+        """Stop every driver (politely, then by cancelling); safe to call twice."""
+        self._closed = True
+        devices = list(self._devices.values())
+        await asyncio.gather(*(self._stop_driver(s) for s in devices))
+
+    # -- one device's task --------------------------------------------------------------
+
+    def _start(self, supervised: Supervised) -> None:
+        self.listener.track(supervised.key)
+        supervised.task = asyncio.get_running_loop().create_task(
+            self._supervise(supervised), name=f"driver-{supervised.key}"
+        )
+
+    async def _supervise(self, supervised: Supervised) -> None:
+        loop = asyncio.get_running_loop()
+        delay = self.restart_initial_s
+        while True:
+            driver = self._factory(supervised.target, self, self.options)
+            supervised.driver = driver
+            started = loop.time()
+            try:
+                await driver.run()
+                return  # stopped on purpose
+            except Exception as exc:  # a crashing driver must not take the agent down
+                supervised.crashes += 1
+                supervised.last_error = f"{type(exc).__name__}: {exc}"
+                self.stats.crashes += 1
+                log.exception(
+                    "driver crashed, restarting",
+                    extra={"device_key": supervised.key, "crashes": supervised.crashes},
+                )
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(driver.stop(), self.stop_timeout_s)
+                self.link_changed(supervised.key, False, "driver_crashed")
+            if loop.time() - started >= _HEALTHY_RUN_S:
+                delay = self.restart_initial_s
+            # Jitter keeps a rack of crashing drivers from reconnecting in lock-step.
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not security  # nosec B311
+            delay = min(delay * 2, self.restart_max_s)
+            self.stats.restarts += 1
+            self.listener.track(supervised.key)
+
+    async def _stop_driver(self, supervised: Supervised) -> None:
+        task, supervised.task = supervised.task, None
+        driver = supervised.driver
+        if driver is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(driver.stop(), self.stop_timeout_s)
+        if task is not None:
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # -- DeviceListener: forward what the drivers say ----------------------------------
+
+    def device_updated(self, device: Device) -> None:
+        """Forward a driver's state to the listener."""
+        if device.device_key in self._devices:
+            self.listener.device_updated(device)
+
+    def meters_updated(self, device_key: str, meters: Sequence[ChannelMeter]) -> None:
+        """Forward a driver's meters to the listener."""
+        if device_key in self._devices:
+            self.listener.meters_updated(device_key, meters)
+
+    def link_changed(self, device_key: str, online: bool, reason: str) -> None:
+        """Forward a driver's link change to the listener."""
+        if device_key in self._devices:
+            self.listener.link_changed(device_key, online, reason)

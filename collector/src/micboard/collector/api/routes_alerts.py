@@ -1,0 +1,73 @@
+"""Alerts: list them, acknowledge and resolve them (through the AlertService)."""
+
+from __future__ import annotations
+
+from micboard.collector.api.auth import Role
+from micboard.collector.api.context import context_of
+from micboard.collector.api.errors import ApiError, ApiErrorCode
+from micboard.collector.api.models import AlertItem, AlertPage, AlertQuery, NoBody, NoQuery
+from micboard.collector.api.routing import Call, RouteTable
+from micboard.collector.services.alerts import AlertService
+from micboard.collector.services.fleet import PageRequest
+
+routes = RouteTable()
+
+
+@routes.route(
+    "GET",
+    "/api/v1/alerts",
+    summary="Alerts, newest first",
+    role=Role.VIEWER,
+    query=AlertQuery,
+    body=NoBody,
+    response=AlertPage,
+    tag="alerts",
+)
+async def list_alerts(call: Call[AlertQuery, NoBody]) -> AlertPage:
+    """Alerts matching the filters."""
+    q = call.query
+    listing = await context_of(call.app).fleet.list_alerts(
+        PageRequest(q.limit, q.offset), state=q.state, site=q.site, severity=q.severity, sort=q.sort
+    )
+    return AlertPage.model_validate(
+        {"items": listing.items, "total": listing.total, "limit": q.limit, "offset": q.offset}
+    )
+
+
+def _service(call: Call[NoQuery, NoBody]) -> AlertService:
+    service = context_of(call.app).alerts
+    if service is None:
+        raise ApiError(503, ApiErrorCode.SERVICE_UNAVAILABLE, "alerts are not available in this process")
+    return service
+
+
+@routes.route(
+    "POST",
+    "/api/v1/alerts/{id}/acknowledge",
+    summary="Acknowledge an open alert",
+    role=Role.OPERATOR,
+    query=NoQuery,
+    body=NoBody,
+    response=AlertItem,
+    tag="alerts",
+)
+async def acknowledge_alert(call: Call[NoQuery, NoBody]) -> AlertItem:
+    """Mark an open alert as seen by the caller; 409 if it is not open."""
+    alert = await _service(call).acknowledge(call.path["id"], call.actor)
+    return AlertItem.model_validate(alert.to_dict())
+
+
+@routes.route(
+    "POST",
+    "/api/v1/alerts/{id}/resolve",
+    summary="Resolve an alert by hand",
+    role=Role.OPERATOR,
+    query=NoQuery,
+    body=NoBody,
+    response=AlertItem,
+    tag="alerts",
+)
+async def resolve_alert(call: Call[NoQuery, NoBody]) -> AlertItem:
+    """Resolve an open or acknowledged alert; 409 if it is already resolved."""
+    alert = await _service(call).resolve(call.path["id"], call.actor)
+    return AlertItem.model_validate(alert.to_dict())

@@ -1,0 +1,134 @@
+"""Sites, agents, devices and channels: what the fleet looks like now."""
+
+from __future__ import annotations
+
+from micboard.collector.api.auth import Role
+from micboard.collector.api.context import context_of
+from micboard.collector.api.errors import ApiError
+from micboard.collector.api.models import (
+    AgentPage,
+    AgentQuery,
+    ChannelPage,
+    ChannelQuery,
+    DeviceDetail,
+    DevicePage,
+    DeviceQuery,
+    NoBody,
+    NoQuery,
+    SitePage,
+    SiteQuery,
+)
+from micboard.collector.api.routing import Call, RouteTable
+from micboard.collector.errors import CollectorErrorCode
+from micboard.collector.services.fleet import PageRequest
+
+routes = RouteTable()
+
+
+@routes.route(
+    "GET",
+    "/api/v1/sites",
+    summary="Sites at a glance, worst first",
+    role=Role.VIEWER,
+    query=SiteQuery,
+    body=NoBody,
+    response=SitePage,
+)
+async def list_sites(call: Call[SiteQuery, NoBody]) -> SitePage:
+    """Every site with device counts by state, channels, alerts in force and its worst condition."""
+    q = call.query
+    listing = await context_of(call.app).fleet.list_sites(
+        PageRequest(q.limit, q.offset), sort=q.sort, worst=q.worst
+    )
+    return SitePage.model_validate(
+        {"items": listing.items, "total": listing.total, "limit": q.limit, "offset": q.offset}
+    )
+
+
+@routes.route(
+    "GET",
+    "/api/v1/agents",
+    summary="Agents and how they are doing",
+    role=Role.VIEWER,
+    query=AgentQuery,
+    body=NoBody,
+    response=AgentPage,
+)
+async def list_agents(call: Call[AgentQuery, NoBody]) -> AgentPage:
+    """Agents with their status, version and outbox figures."""
+    q = call.query
+    listing = await context_of(call.app).fleet.list_agents(
+        PageRequest(q.limit, q.offset), site=q.site, status=q.status, sort=q.sort
+    )
+    return AgentPage.model_validate(
+        {"items": listing.items, "total": listing.total, "limit": q.limit, "offset": q.offset}
+    )
+
+
+@routes.route(
+    "GET",
+    "/api/v1/devices",
+    summary="Receivers",
+    role=Role.VIEWER,
+    query=DeviceQuery,
+    body=NoBody,
+    response=DevicePage,
+)
+async def list_devices(call: Call[DeviceQuery, NoBody]) -> DevicePage:
+    """Receivers matching the filters."""
+    q = call.query
+    listing = await context_of(call.app).fleet.list_devices(
+        PageRequest(q.limit, q.offset),
+        site=q.site,
+        status=q.status,
+        vendor=q.vendor,
+        q=q.q,
+        low_battery=q.low_battery,
+        sort=q.sort,
+    )
+    return DevicePage.model_validate(
+        {"items": listing.items, "total": listing.total, "limit": q.limit, "offset": q.offset}
+    )
+
+
+@routes.route(
+    "GET",
+    "/api/v1/devices/{id}",
+    summary="One receiver with its full state",
+    role=Role.VIEWER,
+    query=NoQuery,
+    body=NoBody,
+    response=DeviceDetail,
+)
+async def get_device(call: Call[NoQuery, NoBody]) -> DeviceDetail:
+    """A receiver and its full normalized state."""
+    device_id = call.path["id"]
+    item = await context_of(call.app).fleet.get_device(device_id)
+    if item is None:
+        raise ApiError(404, CollectorErrorCode.DEVICE_NOT_FOUND, f"device {device_id} does not exist")
+    return DeviceDetail.model_validate(item)
+
+
+@routes.route(
+    "GET",
+    "/api/v1/channels",
+    summary="Receiver channels with transmitter and battery state",
+    role=Role.VIEWER,
+    query=ChannelQuery,
+    body=NoBody,
+    response=ChannelPage,
+)
+async def list_channels(call: Call[ChannelQuery, NoBody]) -> ChannelPage:
+    """Channels as tiles show them."""
+    q = call.query
+    listing = await context_of(call.app).fleet.list_channels(
+        PageRequest(q.limit, q.offset),
+        site=q.site,
+        device_id=q.device_id,
+        status=q.status,
+        q=q.q,
+        sort=q.sort,
+    )
+    return ChannelPage.model_validate(
+        {"items": listing.items, "total": listing.total, "limit": q.limit, "offset": q.offset}
+    )

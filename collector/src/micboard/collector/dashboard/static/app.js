@@ -1,0 +1,902 @@
+// The fleet dashboard: routing, views, live updates and user actions.
+// Views: #/fleet, #/site/<site>[/group/<id>], #/alerts; the login form when no token works.
+
+import { ApiError, api, getToken, handleUnauthorized, query, setToken } from "./api.js";
+import { lineChart } from "./chart.js";
+import { LiveConnection } from "./live.js";
+import { STATE_LABELS, formatAgo, formatClock } from "./readings.js";
+import { MeterScheduler, TileView, channelKey } from "./tiles.js";
+
+const $ = (selector, root = document) => root.querySelector(selector);
+const $$ = (selector, root = document) => [...root.querySelectorAll(selector)];
+
+const TV_KEY = "micboard.tv";
+const WORST_ORDER = { critical: 0, warning: 1, offline: 2, stale: 3, ok: 4 };
+const WORST_LABELS = { critical: "Critical", warning: "Warning", offline: "Offline", stale: "Stale", ok: "OK" };
+const LEGEND = [
+  ["good", "Good"], ["replace", "Replace"], ["critical", "Critical"],
+  ["previously_good", "Previously known"], ["unknown", "No transmitter"],
+  ["offline", "Offline"], ["stale", "Stale"],
+];
+
+/** Everything the page knows; views read it, messages and fetches write it. */
+const state = {
+  route: { view: "fleet" },
+  sites: new Map(), // site -> site summary
+  tiles: new Map(), // channel key -> TileView (current site only)
+  groups: [], // groups of the current site, by position
+  alerts: new Map(), // id -> alert (alerts view)
+  openAlertCount: 0,
+  arranging: false,
+  filter: "",
+  pendingRenames: new Map(), // channel key -> requested name
+};
+
+const live = new LiveConnection(getToken, onLiveMessage, showLiveState);
+const meters = new MeterScheduler((key) => state.tiles.get(key));
+
+// ---------------------------------------------------------------------------------------
+// Small shared pieces
+
+function el(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attributes)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key === "text") node.textContent = value;
+    else if (key === "class") node.className = value;
+    else if (key.startsWith("data-")) node.setAttribute(key, String(value));
+    else node.setAttribute(key, value === true ? "" : String(value));
+  }
+  node.append(...children);
+  return node;
+}
+
+let toastTimer = 0;
+function toast(message, kind = "info") {
+  const box = $("#toast");
+  box.textContent = message;
+  box.dataset.kind = kind;
+  box.hidden = false;
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => { box.hidden = true; }, 5000);
+}
+
+function explain(error) {
+  if (error instanceof ApiError) {
+    if (error.status === 403) return "Not allowed: this needs the operator role.";
+    if (error.status === 404) return "Not found (it may have been removed).";
+    return `${error.message} (HTTP ${error.status})`;
+  }
+  return `Network problem: ${error.message ?? error}`;
+}
+
+function showLiveState(value) {
+  const words = { connecting: "connecting", live: "live", reconnecting: "reconnecting", closed: "offline" };
+  for (const node of [$("#live-status"), $("#tv-live")]) {
+    node.dataset.live = value;
+    node.textContent = words[value] ?? value;
+  }
+}
+
+function matchesFilter(text) {
+  return !state.filter || text.toLowerCase().includes(state.filter);
+}
+
+// ---------------------------------------------------------------------------------------
+// Routing
+
+function parseRoute() {
+  const parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+  if (parts[0] === "site" && parts[1]) {
+    const group = parts[2] === "group" && parts[3] ? parts[3] : null;
+    return { view: "site", site: parts[1], group };
+  }
+  if (parts[0] === "alerts") return { view: "alerts" };
+  return { view: "fleet" };
+}
+
+function go(hash) {
+  if (location.hash === hash) route();
+  else location.hash = hash;
+}
+
+function siteHash(site, group) {
+  const base = `#/site/${encodeURIComponent(site)}`;
+  return group ? `${base}/group/${encodeURIComponent(group)}` : base;
+}
+
+function showView(name) {
+  for (const view of $$(".view")) view.hidden = view.id !== `view-${name}`;
+  document.body.dataset.view = name;
+  for (const link of $$("#topbar .nav")) {
+    link.classList.toggle("current", link.id === `nav-${name}`);
+  }
+}
+
+function renderCrumbs() {
+  const crumbs = $("#crumbs");
+  const items = [el("a", { href: "#/fleet", text: "Fleet" })];
+  if (state.route.view === "site") items.push(el("span", { text: state.route.site }));
+  if (state.route.view === "alerts") items.push(el("span", { text: "Alerts" }));
+  crumbs.replaceChildren(...items.flatMap((item, i) => (i ? [el("i", { text: "/" }), item] : [item])));
+  $("#tv-title").textContent = state.route.view === "site" ? state.route.site : "Fleet";
+}
+
+async function route() {
+  if (!getToken()) {
+    showLogin();
+    return;
+  }
+  document.body.dataset.auth = "in";
+  const previous = state.route;
+  state.route = parseRoute();
+  renderCrumbs();
+  if (state.route.view !== "site" || previous.view !== "site" || previous.site !== state.route.site) {
+    state.arranging = false;
+  }
+  try {
+    if (state.route.view === "site") await enterSite(previous);
+    else if (state.route.view === "alerts") await enterAlerts();
+    else await enterFleet();
+  } catch (error) {
+    if (!(error instanceof ApiError && error.status === 401)) toast(explain(error), "error");
+  }
+  refreshAlertCount();
+}
+
+// ---------------------------------------------------------------------------------------
+// Login
+
+function showLogin(message) {
+  live.stop();
+  document.body.dataset.auth = "out";
+  showView("login");
+  const error = $("#login-error");
+  error.hidden = !message;
+  error.textContent = message ?? "";
+  $("#login-token").focus();
+}
+
+async function onLogin(event) {
+  event.preventDefault();
+  const token = $("#login-token").value.trim();
+  if (!token) return;
+  const button = $("#login-submit");
+  button.disabled = true;
+  try {
+    await api("/sites?limit=1", { token });
+    setToken(token);
+    $("#login-token").value = "";
+    route();
+  } catch (error) {
+    const text = error instanceof ApiError && error.status === 401
+      ? "That token was not accepted."
+      : explain(error);
+    showLogin(text);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+handleUnauthorized(() => {
+  setToken(null);
+  showLogin("Your session ended: sign in again.");
+});
+
+// ---------------------------------------------------------------------------------------
+// Fleet view
+
+async function enterFleet() {
+  showView("fleet");
+  live.start({ scope: "fleet" });
+  const body = await api(`/sites${query({ limit: 1000 })}`);
+  state.sites.clear();
+  for (const item of body.items ?? []) state.sites.set(item.site, item);
+  renderFleet();
+}
+
+function sortedSites() {
+  // The server sends worst first; live updates may change that, so sort here too.
+  return [...state.sites.values()].sort((a, b) =>
+    (WORST_ORDER[a.worst] ?? 9) - (WORST_ORDER[b.worst] ?? 9)
+    || (b.open_alerts ?? 0) - (a.open_alerts ?? 0)
+    || String(a.site).localeCompare(String(b.site)));
+}
+
+function siteCard(item) {
+  const devices = item.devices ?? {};
+  const stat = (label, value, kind) =>
+    el("div", { class: `stat ${kind ?? ""}`, "data-stat": kind ?? label.toLowerCase() },
+      el("dt", { text: label }), el("dd", { text: String(value ?? 0) }));
+  return el("a", {
+    class: "site-card card", href: siteHash(item.site), "data-site": item.site,
+    "data-worst": item.worst ?? "ok",
+  },
+  el("div", { class: "site-card-head" },
+    el("span", { class: "site-name", text: item.site }),
+    el("span", { class: "worst", text: WORST_LABELS[item.worst] ?? item.worst ?? "OK" })),
+  el("dl", { class: "stats" },
+    stat("Online", devices.online, "online"),
+    stat("Offline", devices.offline, "offline"),
+    stat("Stale", devices.stale, "stale"),
+    stat("Channels", item.channels, "channels"),
+    stat("Alerts", item.open_alerts, "alerts")),
+  el("div", { class: "seen", text: `last seen ${formatAgo(item.last_seen_ms)}` }));
+}
+
+function renderFleet() {
+  if (state.route.view !== "fleet") return;
+  const cards = sortedSites()
+    .filter((item) => matchesFilter(item.site))
+    .map(siteCard);
+  $("#site-list").replaceChildren(...cards);
+  $("#fleet-empty").hidden = state.sites.size > 0;
+  const sum = (fn) => [...state.sites.values()].reduce((total, item) => total + (fn(item) ?? 0), 0);
+  const totals = [
+    ["Sites", state.sites.size],
+    ["Online", sum((s) => s.devices?.online)],
+    ["Offline", sum((s) => s.devices?.offline)],
+    ["Stale", sum((s) => s.devices?.stale)],
+    ["Channels", sum((s) => s.channels)],
+    ["Open alerts", sum((s) => s.open_alerts)],
+  ];
+  $("#fleet-totals").replaceChildren(...totals.map(([label, value]) =>
+    el("div", { class: "total", "data-total": label.toLowerCase().replace(" ", "-") },
+      el("strong", { text: String(value) }), el("span", { text: label }))));
+}
+
+let fleetRenderQueued = false;
+function queueFleetRender() {
+  // Many site messages can arrive together; one render per frame is plenty for a handful of cards.
+  if (fleetRenderQueued) return;
+  fleetRenderQueued = true;
+  requestAnimationFrame(() => {
+    fleetRenderQueued = false;
+    renderFleet();
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Site view: tiles, groups, arranging
+
+async function enterSite(previous) {
+  showView("site");
+  const site = state.route.site;
+  $("#site-title").textContent = site;
+  const sameSite = previous.view === "site" && previous.site === site && state.tiles.size > 0;
+  if (!sameSite) {
+    state.tiles.clear();
+    $("#tiles").replaceChildren();
+    $("#tiles-others").replaceChildren();
+    $("#site-empty").hidden = true;
+    live.start({ scope: "site", site });
+    const [channels, groups] = await Promise.all([
+      api(`/channels${query({ site, limit: 1000 })}`),
+      api("/groups").catch((error) => {
+        if (error instanceof ApiError && error.status === 401) throw error;
+        toast(`Groups unavailable: ${explain(error)}`, "error");
+        return { items: [] };
+      }),
+    ]);
+    for (const channel of channels.items ?? []) upsertChannel(channel, false);
+    setGroups(groups);
+  } else {
+    live.start({ scope: "site", site });
+  }
+  layoutTiles();
+}
+
+function setGroups(body) {
+  const items = Array.isArray(body) ? body : body?.items ?? [];
+  state.groups = items
+    .filter((group) => group.site === state.route.site || group.site === null || group.site === undefined)
+    .sort((a, b) => (a.position ?? 0) - (b.position ?? 0) || a.id - b.id);
+}
+
+function currentGroup() {
+  const id = state.route.group;
+  return id ? state.groups.find((group) => String(group.id) === String(id)) ?? null : null;
+}
+
+function compareTiles(a, b) {
+  const ca = a.channel;
+  const cb = b.channel;
+  return String(ca.device_name ?? ca.device_key ?? "").localeCompare(String(cb.device_name ?? cb.device_key ?? ""))
+    || String(ca.device_id).localeCompare(String(cb.device_id))
+    || ca.index - cb.index;
+}
+
+function tileText(view) {
+  const c = view.channel;
+  return [c.name, c.name_id, c.name_person, c.device_name, c.model, c.device_key, c.tx?.model,
+    view.parts.freq.textContent].filter(Boolean).join(" ");
+}
+
+/** Put tiles into the grid in the order of the current group (moving nodes, never rebuilding). */
+function layoutTiles() {
+  if (state.route.view !== "site") return;
+  const group = currentGroup();
+  if (state.route.group && !group && state.groups.length) {
+    go(siteHash(state.route.site));
+    return;
+  }
+  renderGroupTabs(group);
+  const main = $("#tiles");
+  const others = $("#tiles-others");
+  let inGroup;
+  let rest;
+  if (group) {
+    const keys = group.channels.map((c) => channelKey(c.device_id, c.index));
+    inGroup = keys.map((key) => state.tiles.get(key)).filter(Boolean);
+    const taken = new Set(keys);
+    rest = [...state.tiles.values()].filter((view) => !taken.has(view.key)).sort(compareTiles);
+  } else {
+    inGroup = [...state.tiles.values()].sort(compareTiles);
+    rest = [];
+  }
+  const showOthers = Boolean(group && state.arranging);
+  // A fragment moves existing nodes in one go: one layout afterwards instead of one per tile.
+  const place = (container, views) => {
+    const fragment = document.createDocumentFragment();
+    for (const view of views) fragment.append(view.root);
+    container.replaceChildren(fragment);
+  };
+  place(main, inGroup);
+  place(others, showOthers ? rest : []);
+  others.hidden = !showOthers;
+  $("#others-head").hidden = !showOthers;
+  document.body.dataset.arranging = state.arranging && group ? "true" : "false";
+  $("#arrange-bar").hidden = !(state.arranging && group);
+  $("#arrange-name").textContent = group?.name ?? "";
+  $("#btn-arrange").setAttribute("aria-pressed", String(state.arranging));
+  $("#btn-arrange").hidden = !group;
+  $("#site-empty").hidden = state.tiles.size > 0;
+  applyTileFilter();
+}
+
+function renderGroupTabs(group) {
+  const tabs = [el("a", {
+    href: siteHash(state.route.site), role: "tab", class: "tab", "data-group": "",
+    "aria-selected": String(!group), text: "All channels",
+  })];
+  for (const item of state.groups) {
+    tabs.push(el("a", {
+      href: siteHash(state.route.site, item.id), role: "tab", class: "tab", "data-group": item.id,
+      "aria-selected": String(group?.id === item.id),
+    }, item.name, el("small", { text: String(item.channels?.length ?? 0) })));
+  }
+  $("#group-tabs").replaceChildren(...tabs);
+}
+
+function applyTileFilter() {
+  for (const view of state.tiles.values()) {
+    const hide = !matchesFilter(tileText(view));
+    if (view.root.hidden !== hide) view.root.hidden = hide;
+  }
+}
+
+/** Add or update one channel's tile; new tiles are laid out on the next frame. */
+function upsertChannel(channel, fromLive = true) {
+  if (state.route.view !== "site" || channel.site !== state.route.site) return;
+  const key = channelKey(channel.device_id, channel.index);
+  let view = state.tiles.get(key);
+  if (!view) {
+    view = new TileView($("#tpl-tile"), channel);
+    state.tiles.set(key, view);
+    if (fromLive) queueLayout();
+  }
+  view.update(channel);
+  const wanted = state.pendingRenames.get(key);
+  if (wanted !== undefined && channel.name === wanted) {
+    state.pendingRenames.delete(key);
+    view.say(`Renamed to “${wanted}”`, "ok");
+  }
+}
+
+let layoutQueued = false;
+function queueLayout() {
+  if (layoutQueued) return;
+  layoutQueued = true;
+  requestAnimationFrame(() => {
+    layoutQueued = false;
+    layoutTiles();
+  });
+}
+
+function groupBody(group, channels) {
+  return {
+    name: group.name,
+    site: group.site ?? state.route.site,
+    channels: channels.map((c) => ({ device_id: c.device_id, index: c.index })),
+    position: group.position ?? 0,
+  };
+}
+
+async function saveGroup(group, changes) {
+  const body = { ...groupBody(group, group.channels), ...changes };
+  try {
+    const saved = await api(`/groups/${encodeURIComponent(group.id)}`, { method: "PUT", body });
+    Object.assign(group, saved && saved.id !== undefined ? saved : body);
+  } catch (error) {
+    toast(`Group not saved: ${explain(error)}`, "error");
+    setGroups(await api("/groups"));
+  }
+  state.groups.sort((a, b) => (a.position ?? 0) - (b.position ?? 0) || a.id - b.id);
+  layoutTiles();
+}
+
+async function arrangeTile(view, action) {
+  const group = currentGroup();
+  if (!group) return;
+  const channels = [...group.channels];
+  const at = channels.findIndex((c) => channelKey(c.device_id, c.index) === view.key);
+  if (action === "add" && at < 0) channels.push({ device_id: view.channel.device_id, index: view.channel.index });
+  else if (action === "remove" && at >= 0) channels.splice(at, 1);
+  else if ((action === "left" || action === "right") && at >= 0) {
+    const to = action === "left" ? at - 1 : at + 1;
+    if (to < 0 || to >= channels.length) return;
+    [channels[at], channels[to]] = [channels[to], channels[at]];
+  } else return;
+  await saveGroup(group, { channels });
+  view.root.focus();
+}
+
+async function moveGroup(step) {
+  const group = currentGroup();
+  if (!group) return;
+  const order = [...state.groups];
+  const at = order.indexOf(group);
+  const to = at + step;
+  if (to < 0 || to >= order.length) return;
+  [order[at], order[to]] = [order[to], order[at]];
+  // Positions are rewritten densely so that the order survives any earlier duplicates.
+  const changed = order.map((item, position) => ({ item, position })).filter(({ item, position }) =>
+    item.position !== position);
+  for (const { item, position } of changed) await saveGroup(item, { position });
+}
+
+function openGroupDialog(mode) {
+  const dialog = $("#group-dialog");
+  dialog.dataset.mode = mode;
+  $("#group-dialog-title").textContent = mode === "rename" ? "Rename group" : "New group";
+  $("#group-name").value = mode === "rename" ? currentGroup()?.name ?? "" : "";
+  dialog.showModal();
+  $("#group-name").focus();
+}
+
+async function onGroupSubmit(event) {
+  event.preventDefault();
+  const dialog = $("#group-dialog");
+  const name = $("#group-name").value.trim();
+  if (!name) return;
+  dialog.close();
+  if (dialog.dataset.mode === "rename") {
+    const group = currentGroup();
+    if (group) await saveGroup(group, { name });
+    return;
+  }
+  try {
+    const position = state.groups.reduce((max, g) => Math.max(max, (g.position ?? 0) + 1), 0);
+    const created = await api("/groups", {
+      method: "POST", body: { name, site: state.route.site, channels: [], position },
+    });
+    state.groups.push(created);
+    state.arranging = true;
+    go(siteHash(state.route.site, created.id));
+  } catch (error) {
+    toast(`Group not created: ${explain(error)}`, "error");
+  }
+}
+
+async function deleteGroup() {
+  const group = currentGroup();
+  if (!group || !window.confirm(`Delete the group “${group.name}”? The channels stay.`)) return;
+  try {
+    await api(`/groups/${encodeURIComponent(group.id)}`, { method: "DELETE" });
+    state.groups = state.groups.filter((item) => item !== group);
+    state.arranging = false;
+    go(siteHash(state.route.site));
+  } catch (error) {
+    toast(`Group not deleted: ${explain(error)}`, "error");
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tile actions: rename, identify, history
+
+function openRename(view) {
+  const form = view.parts.renameForm;
+  form.hidden = false;
+  const input = form.elements.name;
+  input.value = view.channel.name ?? "";
+  input.focus();
+  input.select();
+}
+
+function closeRename(view) {
+  view.parts.renameForm.hidden = true;
+}
+
+async function sendCommand(view, action, value) {
+  const { device_id: deviceId, index } = view.channel;
+  const body = { action, channel: index };
+  if (value !== undefined) body.value = value;
+  return api(`/devices/${encodeURIComponent(deviceId)}/commands`, { method: "POST", body });
+}
+
+async function onRename(view, event) {
+  event.preventDefault();
+  const value = view.parts.renameForm.elements.name.value.trim();
+  if (!value) return;
+  closeRename(view);
+  view.say("Sending to the receiver…", "info", 0);
+  try {
+    const reply = await sendCommand(view, "rename", value);
+    if (reply?.outcome === "ok") {
+      // The tile changes when the receiver reports the new name through the live flow.
+      state.pendingRenames.set(view.key, value);
+      view.say(view.channel.name === value ? "Renamed" : "Accepted — waiting for the receiver…", "ok",
+        view.channel.name === value ? 6000 : 15000);
+    } else {
+      view.say(`Not renamed: ${reply?.outcome ?? "error"}${reply?.detail ? ` — ${reply.detail}` : ""}`, "error");
+    }
+  } catch (error) {
+    view.say(`Not renamed: ${explain(error)}`, "error");
+  }
+}
+
+async function onIdentify(view) {
+  view.say("Identifying…", "info", 0);
+  try {
+    const reply = await sendCommand(view, "identify");
+    view.say(reply?.outcome === "ok" ? "The receiver is flashing" : `Identify: ${reply?.outcome}`,
+      reply?.outcome === "ok" ? "ok" : "error");
+  } catch (error) {
+    view.say(`Identify failed: ${explain(error)}`, "error");
+  }
+}
+
+let historyView = null;
+async function openHistory(view, hours = 1) {
+  historyView = view;
+  const dialog = $("#history-dialog");
+  const c = view.channel;
+  $("#history-title").textContent = `${c.name ?? `Channel ${c.index}`} — ${c.device_name ?? c.model ?? ""} ch ${c.index}`;
+  for (const button of $$("#history-range button")) {
+    button.setAttribute("aria-selected", String(Number(button.dataset.hours) === hours));
+  }
+  const charts = $("#history-charts");
+  charts.replaceChildren(el("p", { class: "muted", text: "Loading…" }));
+  if (!dialog.open) dialog.showModal();
+  const toMs = Date.now();
+  const fromMs = toMs - hours * 3600_000;
+  // About 240 points per chart, in whole minutes: history is kept in 60 s buckets.
+  const resolution = Math.max(60, Math.round((hours * 3600) / 240 / 60) * 60);
+  try {
+    const body = await api(`/devices/${encodeURIComponent(c.device_id)}/channels/${c.index}/history${
+      query({ from_ms: fromMs, to_ms: toMs, resolution_s: resolution })}`);
+    if (historyView !== view) return;
+    const items = body.items ?? [];
+    const battery = items.map((p) => ({ t: p.ts_ms, v: p.battery_percent ?? null }));
+    const rf = items.map((p) => ({ t: p.ts_ms, v: p.rf_dbm ?? null }));
+    charts.replaceChildren(
+      lineChart(battery, { title: "Battery %", unit: "%", yMin: 0, yMax: 100, fromMs, toMs, cssClass: "battery-chart" }),
+      lineChart(rf, { title: "RF dBm", unit: "", yMin: -100, yMax: -20, fromMs, toMs, cssClass: "rf-chart" }),
+    );
+  } catch (error) {
+    charts.replaceChildren(el("p", { class: "error", text: `History unavailable: ${explain(error)}` }));
+  }
+}
+
+function onTileClick(event) {
+  const button = event.target.closest("button[data-act]");
+  const tile = event.target.closest(".tile");
+  if (!button || !tile) return;
+  const view = state.tiles.get(tile.dataset.key);
+  if (!view) return;
+  const act = button.dataset.act;
+  if (act === "rename") openRename(view);
+  else if (act === "rename-cancel") closeRename(view);
+  else if (act === "history") openHistory(view);
+  else if (act === "identify") onIdentify(view);
+  else arrangeTile(view, act);
+}
+
+function onTileSubmit(event) {
+  const tile = event.target.closest(".tile");
+  const view = tile && state.tiles.get(tile.dataset.key);
+  if (view && event.target.matches(".rename-form")) onRename(view, event);
+}
+
+// ---------------------------------------------------------------------------------------
+// Alerts
+
+async function enterAlerts() {
+  showView("alerts");
+  live.start({ scope: "fleet" });
+  await loadAlerts();
+}
+
+async function loadAlerts() {
+  const wanted = $("#alert-state").value;
+  const body = await api(`/alerts${query({ state: wanted, limit: 500 })}`);
+  state.alerts.clear();
+  for (const item of body.items ?? []) state.alerts.set(item.id, item);
+  renderAlerts();
+}
+
+function alertRow(alert) {
+  const channel = alert.channel ? ` · ch ${alert.channel}` : "";
+  const actions = el("td", { class: "actions" });
+  if (alert.state === "open") {
+    actions.append(el("button", { type: "button", "data-act": "acknowledge", class: "ghost", text: "Acknowledge" }));
+  }
+  if (alert.state !== "resolved") {
+    actions.append(el("button", { type: "button", "data-act": "resolve", class: "ghost", text: "Resolve" }));
+  }
+  const who = alert.state === "acknowledged" && alert.acknowledged_by ? ` by ${alert.acknowledged_by}`
+    : alert.state === "resolved" && alert.resolved_by ? ` by ${alert.resolved_by}` : "";
+  return el("tr", { "data-alert-id": alert.id, "data-severity": alert.severity, "data-state": alert.state },
+    el("td", {}, el("span", { class: "sev", text: alert.severity })),
+    el("td", {}, el("a", { href: siteHash(alert.site), text: alert.site })),
+    el("td", { text: `${alert.device_key ?? ""}${channel}` }),
+    el("td", {}, el("strong", { text: alert.message ?? alert.rule }), el("small", { text: alert.rule })),
+    el("td", { title: new Date(alert.opened_ms).toISOString(), text: `${formatClock(alert.opened_ms)} · ${formatAgo(alert.opened_ms)}` }),
+    el("td", { class: "state", text: `${alert.state}${who}` }),
+    actions);
+}
+
+function renderAlerts() {
+  if (state.route.view !== "alerts") return;
+  const order = { critical: 0, warning: 1, info: 2 };
+  const rows = [...state.alerts.values()]
+    .filter((a) => matchesFilter([a.site, a.device_key, a.rule, a.message, a.severity].join(" ")))
+    .sort((a, b) => (order[a.severity] ?? 9) - (order[b.severity] ?? 9) || b.opened_ms - a.opened_ms)
+    .map(alertRow);
+  $("#alert-rows").replaceChildren(...rows);
+  $("#alerts-empty").hidden = rows.length > 0;
+}
+
+async function onAlertAction(event) {
+  const button = event.target.closest("button[data-act]");
+  const row = event.target.closest("tr[data-alert-id]");
+  if (!button || !row) return;
+  const id = row.dataset.alertId;
+  const act = button.dataset.act;
+  button.disabled = true;
+  try {
+    const reply = await api(`/alerts/${encodeURIComponent(id)}/${act}`, { method: "POST" });
+    const alert = state.alerts.get(Number(id)) ?? state.alerts.get(id);
+    const updated = reply && reply.id !== undefined ? reply
+      : { ...alert, state: act === "acknowledge" ? "acknowledged" : "resolved" };
+    onAlert(updated);
+    toast(act === "acknowledge" ? "Alert acknowledged" : "Alert resolved", "ok");
+  } catch (error) {
+    button.disabled = false;
+    toast(explain(error), "error");
+  }
+}
+
+function onAlert(alert) {
+  if (state.route.view === "alerts") {
+    const wanted = $("#alert-state").value;
+    if (!wanted || alert.state === wanted) state.alerts.set(alert.id, alert);
+    else state.alerts.delete(alert.id);
+    renderAlerts();
+  }
+  refreshAlertCount();
+}
+
+let countTimer = 0;
+function refreshAlertCount() {
+  // Coalesce bursts of alert messages into one request.
+  clearTimeout(countTimer);
+  countTimer = setTimeout(async () => {
+    if (!getToken()) return;
+    try {
+      const body = await api(`/alerts${query({ state: "open", limit: 1 })}`);
+      setAlertCount(body.total ?? body.items?.length ?? 0);
+    } catch {
+      // The badge is a convenience; the alerts view reports errors.
+    }
+  }, 250);
+}
+
+function setAlertCount(count) {
+  state.openAlertCount = count;
+  const badge = $("#alert-count");
+  badge.textContent = String(count);
+  badge.dataset.count = String(count);
+}
+
+// ---------------------------------------------------------------------------------------
+// Live messages
+
+function onLiveMessage(message) {
+  switch (message.type) {
+    case "snapshot":
+      for (const site of message.sites ?? []) state.sites.set(site.site, site);
+      if (state.route.view === "fleet") queueFleetRender();
+      if (state.route.view === "site") {
+        const seen = new Set();
+        for (const channel of message.channels ?? []) {
+          upsertChannel(channel);
+          seen.add(channelKey(channel.device_id, channel.index));
+        }
+        // A snapshot is the whole truth of its scope: channels it lacks are gone.
+        for (const key of [...state.tiles.keys()]) {
+          if (!seen.has(key) && state.tiles.get(key).channel?.site === state.route.site) state.tiles.delete(key);
+        }
+        queueLayout();
+      }
+      break;
+    case "channel":
+      if (message.item) upsertChannel(message.item);
+      break;
+    case "meter":
+      meters.push(message);
+      break;
+    case "site":
+      if (message.item) {
+        state.sites.set(message.item.site, message.item);
+        if (state.route.view === "fleet") queueFleetRender();
+      }
+      break;
+    case "alert":
+      if (message.item) onAlert(message.item);
+      break;
+    case "unauthorized":
+      setToken(null);
+      showLogin("Your session ended: sign in again.");
+      break;
+    default:
+      break; // newer servers may send more; ignore what we do not know
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// TV mode, help, keyboard, search
+
+function setTv(on, { fullscreen = false } = {}) {
+  document.body.classList.toggle("tv", on);
+  localStorage.setItem(TV_KEY, on ? "1" : "0");
+  $("#btn-tv").setAttribute("aria-pressed", String(on));
+  if (fullscreen && on && document.fullscreenEnabled && !document.fullscreenElement) {
+    document.documentElement.requestFullscreen().catch(() => {});
+  }
+  if (!on && document.fullscreenElement) document.exitFullscreen().catch(() => {});
+}
+
+function toggleTv(fullscreen) {
+  setTv(!document.body.classList.contains("tv"), { fullscreen });
+}
+
+function tickClock() {
+  $("#tv-clock").textContent = new Date().toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+}
+
+function renderLegends() {
+  const items = () => LEGEND.map(([key, label]) =>
+    el("li", { "data-state": key, title: STATE_LABELS[key] ?? label }, el("span", { class: "swatch" }), label));
+  $("#legend").replaceChildren(...items());
+  $("#help-legend").replaceChildren(...items());
+}
+
+function closeOverlays() {
+  let closed = false;
+  for (const dialog of $$("dialog[open]")) {
+    dialog.close();
+    closed = true;
+  }
+  for (const view of state.tiles.values()) {
+    if (!view.parts.renameForm.hidden) {
+      closeRename(view);
+      closed = true;
+    }
+  }
+  return closed;
+}
+
+function onKey(event) {
+  if (event.ctrlKey || event.metaKey || event.altKey) return;
+  const typing = event.target.closest?.("input, textarea, select, [contenteditable='true']");
+  if (event.key === "Escape") {
+    if (closeOverlays()) return;
+    if (typing === $("#search") || state.filter) {
+      $("#search").value = "";
+      setFilter("");
+      $("#search").blur();
+      return;
+    }
+    if (state.arranging) {
+      state.arranging = false;
+      layoutTiles();
+      return;
+    }
+    if (document.body.classList.contains("tv")) setTv(false);
+    return;
+  }
+  if (typing || document.body.dataset.auth !== "in" || $("dialog[open]")) return;
+  switch (event.key) {
+    case "?":
+      $("#help-dialog").showModal();
+      break;
+    case "f":
+      go("#/fleet");
+      break;
+    case "a":
+      go("#/alerts");
+      break;
+    case "t":
+      toggleTv(false);
+      break;
+    case "/":
+      if (document.body.classList.contains("tv")) setTv(false);
+      $("#search").focus();
+      break;
+    default:
+      return;
+  }
+  event.preventDefault();
+}
+
+function setFilter(text) {
+  state.filter = text.trim().toLowerCase();
+  if (state.route.view === "site") applyTileFilter();
+  else if (state.route.view === "fleet") renderFleet();
+  else if (state.route.view === "alerts") renderAlerts();
+}
+
+// ---------------------------------------------------------------------------------------
+// Start
+
+function wire() {
+  $("#login-form").addEventListener("submit", onLogin);
+  $("#btn-logout").addEventListener("click", () => {
+    setToken(null);
+    showLogin();
+  });
+  $("#btn-tv").addEventListener("click", () => toggleTv(true));
+  $("#btn-tv-exit").addEventListener("click", () => setTv(false));
+  $("#btn-help").addEventListener("click", () => $("#help-dialog").showModal());
+  $("#search").addEventListener("input", (event) => setFilter(event.target.value));
+  for (const container of [$("#tiles"), $("#tiles-others")]) {
+    container.addEventListener("click", onTileClick);
+    container.addEventListener("submit", onTileSubmit);
+  }
+  $("#alert-rows").addEventListener("click", onAlertAction);
+  $("#alert-state").addEventListener("change", () => loadAlerts().catch((e) => toast(explain(e), "error")));
+  $("#btn-new-group").addEventListener("click", () => openGroupDialog("new"));
+  $("#btn-group-rename").addEventListener("click", () => openGroupDialog("rename"));
+  $("#group-form").addEventListener("submit", onGroupSubmit);
+  $("#group-cancel").addEventListener("click", () => $("#group-dialog").close());
+  $("#btn-arrange").addEventListener("click", () => {
+    state.arranging = !state.arranging;
+    layoutTiles();
+  });
+  $("#btn-arrange-done").addEventListener("click", () => {
+    state.arranging = false;
+    layoutTiles();
+  });
+  $("#btn-group-left").addEventListener("click", () => moveGroup(-1));
+  $("#btn-group-right").addEventListener("click", () => moveGroup(1));
+  $("#btn-group-delete").addEventListener("click", deleteGroup);
+  $("#history-range").addEventListener("click", (event) => {
+    const button = event.target.closest("button[data-hours]");
+    if (button && historyView) openHistory(historyView, Number(button.dataset.hours));
+  });
+  $("#history-dialog").addEventListener("close", () => { historyView = null; });
+  document.addEventListener("keydown", onKey);
+  window.addEventListener("hashchange", route);
+  // Ages on fleet cards drift; refresh them now and then without refetching.
+  setInterval(() => {
+    if (state.route.view === "fleet") renderFleet();
+  }, 15_000);
+  setInterval(tickClock, 10_000);
+}
+
+renderLegends();
+wire();
+tickClock();
+setTv(localStorage.getItem(TV_KEY) === "1");
+route();

@@ -1,0 +1,1 @@
+"""Fleet security: agent and collector NATS identities, the nats-server configuration, connect options."""

@@ -1,0 +1,844 @@
+"""AlertService: evaluate alert rules on applied state and meters; the alert lifecycle.
+
+Rules (thresholds per site, defaults in :class:`AlertThresholds`):
+
+| rule | severity | opens when | clears when |
+|---|---|---|---|
+| ``battery_low`` | warning | bars <= 3 or percent <= 25 ("replace") | bars >= 4 and percent >= 30 |
+| ``battery_critical`` | critical | bars <= 2 or percent <= 10 | bars >= 3 and percent >= 15 |
+| ``rf_loss`` | critical | transmitter on, best antenna < -90 dBm (or none) for 3 s | best >= -87 dBm |
+| ``audio_clipping`` | warning | audio peak >= -1 dBFS | peak < -4 dBFS |
+| ``device_offline`` | warning | the device is reported offline | the device is online again |
+| ``agent_stale`` | warning | no heartbeat for 3 intervals | a heartbeat arrives |
+| ``agent_offline`` | critical | nothing from the agent for 300 s | the agent is heard again |
+
+Hysteresis: a value-based alert opens at its threshold but clears only beyond threshold plus a
+margin, and only after the value stayed clear for a hold time (``resolve_hold_s``, 10 s for
+clipping since peaks are held that long); readings inside the margin change nothing. Status rules
+(offline, stale) follow discrete events and clear at once. A battery that turns unknown keeps its
+alert ("previously critical") until ``battery_unknown_keep_s`` after its last valid reading.
+
+Lifecycle: open -> acknowledged -> resolved, each step with who and when; the system resolves
+open or acknowledged alerts whose condition cleared (``resolved_by="system"``).
+
+Data flows through explicit calls: :meth:`AlertService.evaluate_device` runs inside the caller's
+(ingest) transaction and returns the changes, which the caller hands to :meth:`AlertService.notify`
+after commit; :meth:`evaluate_meter`, :meth:`sweep` and the lifecycle calls own their transaction
+and notify themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from sqlalchemy import and_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from micboard.collector.errors import AlertNotFoundError, InvalidAlertRulesError, InvalidTransitionError
+from micboard.collector.live import LiveHub
+from micboard.collector.services.webhooks import WebhookDispatcher
+from micboard.collector.store.schema import agents, channels, devices
+from micboard.collector.store.schema_alerts import ACTIVE_STATES, alert_rules, alerts
+from micboard.shared.envelope import MeterBody
+from micboard.shared.model import Device, ReceiverChannel, Transmitter
+
+log = logging.getLogger(__name__)
+
+SYSTEM = "system"
+"""Who resolves an alert whose condition cleared."""
+
+
+class AlertRule(StrEnum):
+    """The conditions the collector raises alerts for."""
+
+    BATTERY_LOW = "battery_low"
+    BATTERY_CRITICAL = "battery_critical"
+    RF_LOSS = "rf_loss"
+    AUDIO_CLIPPING = "audio_clipping"
+    DEVICE_OFFLINE = "device_offline"
+    AGENT_STALE = "agent_stale"
+    AGENT_OFFLINE = "agent_offline"
+
+
+class Severity(StrEnum):
+    """How urgent an alert is."""
+
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class AlertState(StrEnum):
+    """Where an alert is in its lifecycle."""
+
+    OPEN = "open"
+    ACKNOWLEDGED = "acknowledged"
+    RESOLVED = "resolved"
+
+
+class ChangeKind(StrEnum):
+    """What happened to an alert."""
+
+    OPENED = "opened"
+    ACKNOWLEDGED = "acknowledged"
+    RESOLVED = "resolved"
+
+
+SEVERITY: Mapping[AlertRule, Severity] = {
+    AlertRule.BATTERY_LOW: Severity.WARNING,
+    AlertRule.BATTERY_CRITICAL: Severity.CRITICAL,
+    AlertRule.RF_LOSS: Severity.CRITICAL,
+    AlertRule.AUDIO_CLIPPING: Severity.WARNING,
+    AlertRule.DEVICE_OFFLINE: Severity.WARNING,
+    AlertRule.AGENT_STALE: Severity.WARNING,
+    AlertRule.AGENT_OFFLINE: Severity.CRITICAL,
+}
+_BATTERY_RULES = (AlertRule.BATTERY_LOW, AlertRule.BATTERY_CRITICAL)
+_METER_RULES = (AlertRule.RF_LOSS, AlertRule.AUDIO_CLIPPING)
+
+
+class AlertThresholds(BaseModel):
+    """Thresholds of the rules; a site's overrides are stored as JSON and validated here."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    battery_replace_bars: int = Field(default=3, ge=0, le=5)
+    battery_critical_bars: int = Field(default=2, ge=0, le=5)
+    battery_replace_percent: int = Field(default=25, ge=0, le=100)
+    battery_critical_percent: int = Field(default=10, ge=0, le=100)
+    battery_margin_percent: int = Field(default=5, ge=0, le=50)
+    battery_unknown_keep_s: float = Field(default=1800.0, ge=0)
+    rf_min_dbm: float = Field(default=-90.0, ge=-130, le=0)
+    rf_margin_db: float = Field(default=3.0, ge=0, le=30)
+    rf_loss_s: float = Field(default=3.0, ge=0)
+    clip_dbfs: float = Field(default=-1.0, ge=-60, le=0)
+    clip_margin_db: float = Field(default=3.0, ge=0, le=30)
+    clip_resolve_hold_s: float = Field(default=10.0, ge=0)
+    resolve_hold_s: float = Field(default=30.0, ge=0)
+    agent_stale_intervals: float = Field(default=3.0, gt=0)
+    agent_offline_s: float = Field(default=300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AlertThresholds:
+        if self.battery_critical_bars > self.battery_replace_bars:
+            raise ValueError("battery_critical_bars must not exceed battery_replace_bars")
+        if self.battery_critical_percent > self.battery_replace_percent:
+            raise ValueError("battery_critical_percent must not exceed battery_replace_percent")
+        return self
+
+    def hold_ms(self, rule: AlertRule) -> int:
+        """How long ``rule``'s condition must stay clear before its alert resolves."""
+        if rule is AlertRule.AUDIO_CLIPPING:
+            return int(self.clip_resolve_hold_s * 1000)
+        if rule in (*_BATTERY_RULES, AlertRule.RF_LOSS):
+            return int(self.resolve_hold_s * 1000)
+        return 0  # status rules follow discrete events
+
+    def battery(self, rule: AlertRule, tx: Transmitter | None) -> bool | None:
+        """``True`` breached, ``False`` clear beyond the margin, ``None`` unknown or inside the margin."""
+        if tx is None or (tx.battery_bars is None and tx.battery_percent is None):
+            return None
+        critical = rule is AlertRule.BATTERY_CRITICAL
+        bars_at = self.battery_critical_bars if critical else self.battery_replace_bars
+        percent_at = self.battery_critical_percent if critical else self.battery_replace_percent
+        bars, percent = tx.battery_bars, tx.battery_percent
+        if (bars is not None and bars <= bars_at) or (percent is not None and percent <= percent_at):
+            return True
+        # Not breached, so any bars are above the threshold; a percent must also clear the margin.
+        if percent is not None and percent < percent_at + self.battery_margin_percent:
+            return None
+        return False
+
+    def rf_usable(self, rf_dbm: Sequence[float | None]) -> bool | None:
+        """``True`` usable beyond the margin, ``False`` unusable, ``None`` inside the margin."""
+        known = [v for v in rf_dbm if v is not None]
+        best = max(known) if known else None
+        if best is None or best < self.rf_min_dbm:
+            return False
+        return True if best >= self.rf_min_dbm + self.rf_margin_db else None
+
+    def clipping(self, peak_dbfs: float | None) -> bool | None:
+        """``True`` clipping, ``False`` clear beyond the margin, ``None`` unknown or inside the margin."""
+        if peak_dbfs is None:
+            return None
+        if peak_dbfs >= self.clip_dbfs:
+            return True
+        return False if peak_dbfs < self.clip_dbfs - self.clip_margin_db else None
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """An alert as stored."""
+
+    id: int
+    site: str
+    agent: str
+    device_key: str | None
+    channel: int | None
+    rule: AlertRule
+    severity: Severity
+    state: AlertState
+    message: str
+    value: float | None
+    opened_ms: int
+    observed_ms: int
+    acknowledged_by: str | None
+    acknowledged_ms: int | None
+    resolved_by: str | None
+    resolved_ms: int | None
+    updated_ms: int
+
+    @classmethod
+    def from_row(cls, row: Mapping[Any, Any]) -> Alert:
+        """Build from a row of the ``alerts`` table."""
+        return cls(
+            id=row["id"],
+            site=row["site"],
+            agent=row["agent"],
+            device_key=row["device_key"],
+            channel=row["channel"],
+            rule=AlertRule(row["rule"]),
+            severity=Severity(row["severity"]),
+            state=AlertState(row["state"]),
+            message=row["message"],
+            value=row["value"],
+            opened_ms=row["opened_ms"],
+            observed_ms=row["observed_ms"],
+            acknowledged_by=row["acknowledged_by"],
+            acknowledged_ms=row["acknowledged_ms"],
+            resolved_by=row["resolved_by"],
+            resolved_ms=row["resolved_ms"],
+            updated_ms=row["updated_ms"],
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, for the API, live subscribers and webhooks."""
+        data = asdict(self)
+        data.update(rule=self.rule.value, severity=self.severity.value, state=self.state.value)
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class AlertChange:
+    """An alert that opened, was acknowledged or resolved."""
+
+    kind: ChangeKind
+    alert: Alert
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceTransition:
+    """A device's state and status before and after an applied event, as the sync path saw them."""
+
+    site: str
+    agent: str
+    device_key: str
+    before: Device | None
+    after: Device | None
+    status_before: str | None
+    status_after: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Condition:
+    site: str
+    agent: str
+    device_key: str | None
+    channel: int | None
+    rule: AlertRule
+    active: bool | None
+    value: float | None = None
+    message: str = ""
+
+    @property
+    def target(self) -> str:
+        return _target(self.agent, self.device_key, self.channel)
+
+
+def _target(agent: str, device_key: str | None, channel: int | None) -> str:
+    parts = [agent]
+    if device_key is not None:
+        parts.append(device_key)
+        if channel is not None:
+            parts.append(str(channel))
+    return "/".join(parts)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _battery_value(tx: Transmitter | None) -> float | None:
+    if tx is None:
+        return None
+    if tx.battery_percent is not None:
+        return float(tx.battery_percent)
+    return float(tx.battery_bars) if tx.battery_bars is not None else None
+
+
+def _battery_key(channel: ReceiverChannel | None) -> tuple[bool, int | None, int | None]:
+    tx = channel.transmitter if channel else None
+    return (tx is not None, tx.battery_bars if tx else None, tx.battery_percent if tx else None)
+
+
+def _channel_label(channel: ReceiverChannel | None, index: int) -> str:
+    return f"channel {index}" + (f" ({channel.name})" if channel and channel.name else "")
+
+
+class AlertService:
+    """Evaluates alert rules and runs the alert lifecycle; publishes changes to live views and webhooks."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        hub: LiveHub | None = None,
+        webhooks: WebhookDispatcher | None = None,
+        rules_cache_s: float = 30.0,
+    ) -> None:
+        self.engine = engine
+        self.hub = hub
+        self.webhooks = webhooks
+        self.rules_cache_s = rules_cache_s
+        self._rules: dict[str, tuple[AlertThresholds, float]] = {}
+        # Meter-driven state kept in memory because meters are never persisted: since when each
+        # channel has had no usable RF, whether each channel has a transmitter, and which meter
+        # alerts are in force (alert id, clear-since) so that most meters touch no database.
+        self._rf_bad_since: dict[str, int] = {}
+        self._tx_present: dict[tuple[str, str], dict[int, bool]] = {}
+        self._meter_alerts: dict[tuple[str, AlertRule], tuple[int, int | None]] | None = None
+
+    # -- thresholds ---------------------------------------------------------------------------
+
+    async def thresholds_for(self, conn: AsyncConnection, site: str) -> AlertThresholds:
+        """The thresholds in force at ``site`` (defaults merged with its overrides), cached briefly."""
+        cached = self._rules.get(site)
+        if cached is not None and time.monotonic() - cached[1] < self.rules_cache_s:
+            return cached[0]
+        row = (await conn.execute(select(alert_rules.c.thresholds).where(alert_rules.c.site == site))).first()
+        try:
+            thresholds = AlertThresholds.model_validate(row[0] if row is not None else {})
+        except ValidationError:
+            # Stored overrides were validated on write; a row edited by hand must not stop alerts.
+            log.error("invalid stored alert thresholds, using defaults", extra={"site": site})
+            thresholds = AlertThresholds()
+        self._rules[site] = (thresholds, time.monotonic())
+        return thresholds
+
+    async def set_site_thresholds(
+        self, site: str, overrides: Mapping[str, Any], *, by: str | None = None
+    ) -> AlertThresholds:
+        """Validate and store ``site``'s overrides (replacing earlier ones); returns what is in force."""
+        try:
+            thresholds = AlertThresholds.model_validate(dict(overrides))
+        except ValidationError as exc:
+            raise InvalidAlertRulesError(
+                f"invalid thresholds for site {site!r}: {exc.errors()[0]['msg']}"
+            ) from None
+        values = {"thresholds": dict(overrides), "updated_by": by, "updated_ms": _now_ms()}
+        async with self.engine.begin() as conn:
+            found = (await conn.execute(select(alert_rules.c.site).where(alert_rules.c.site == site))).first()
+            if found is None:
+                await conn.execute(alert_rules.insert().values(site=site, **values))
+            else:
+                await conn.execute(update(alert_rules).where(alert_rules.c.site == site).values(**values))
+        self._rules[site] = (thresholds, time.monotonic())
+        return thresholds
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    async def evaluate_device(
+        self, conn: AsyncConnection, change: DeviceTransition, *, now_ms: int | None = None
+    ) -> list[AlertChange]:
+        """Evaluate device and battery rules on an applied device event, in the caller's transaction.
+
+        Touches the database only when status, transmitter presence or battery changed. Hand the
+        result to :meth:`notify` after the transaction commits.
+        """
+        now = _now_ms() if now_ms is None else now_ms
+        before, after = change.before, change.after
+        if after is not None:
+            self._tx_present[change.agent, change.device_key] = {
+                c.index: c.transmitter is not None for c in after.channels
+            }
+        status_changed = before is None or change.status_before != change.status_after
+        conditions: list[_Condition] = []
+        unknown_now: list[_Condition] = []
+        if status_changed and change.status_after in ("online", "offline"):
+            offline = change.status_after == "offline"
+            conditions.append(
+                _Condition(
+                    change.site,
+                    change.agent,
+                    change.device_key,
+                    None,
+                    AlertRule.DEVICE_OFFLINE,
+                    offline,
+                    message=f"device {change.device_key} is offline",
+                )
+            )
+        if after is not None and change.status_after == "online":
+            thresholds = await self.thresholds_for(conn, change.site)
+            indexes = {c.index for c in after.channels} | {
+                c.index for c in (before.channels if before else ())
+            }
+            for index in sorted(indexes):
+                old = before.channel(index) if before else None
+                new = after.channel(index)
+                if before is not None and not status_changed and _battery_key(old) == _battery_key(new):
+                    continue
+                tx = new.transmitter if new else None
+                if tx is None:
+                    self._rf_bad_since.pop(_target(change.agent, change.device_key, index), None)
+                for rule in _BATTERY_RULES:
+                    state = thresholds.battery(rule, tx)
+                    condition = _Condition(
+                        change.site,
+                        change.agent,
+                        change.device_key,
+                        index,
+                        rule,
+                        state,
+                        _battery_value(tx),
+                        f"battery {'critical' if rule is AlertRule.BATTERY_CRITICAL else 'low'} on "
+                        f"{_channel_label(new, index)} of {change.device_key}",
+                    )
+                    (conditions if state is not None else unknown_now).append(condition)
+        if not conditions and not unknown_now:
+            return []
+        active = await self._active_for_device(conn, change.agent, change.device_key)
+        changes: list[AlertChange] = []
+        for condition in conditions:
+            result = await self._apply(conn, active, condition, now)
+            if result is not None:
+                changes.append(result)
+        for condition in unknown_now:
+            # The reading just turned unknown: the last valid one was now, so "previously ..." starts here.
+            row = active.get((condition.target, condition.rule))
+            if row is not None:
+                await conn.execute(update(alerts).where(alerts.c.id == row["id"]).values(observed_ms=now))
+        return changes
+
+    async def evaluate_meter(
+        self, site: str, agent: str, meter: MeterBody, *, now_ms: int | None = None
+    ) -> list[AlertChange]:
+        """Evaluate RF loss and clipping on one meter message; most meters touch no database."""
+        now = _now_ms() if now_ms is None else now_ms
+        async with self.engine.begin() as conn:
+            if self._meter_alerts is None:
+                await self._load_meter_alerts(conn)
+            present = self._tx_present.get((agent, meter.device_key))
+            if present is None:
+                present = await self._load_tx_present(conn, agent, meter.device_key)
+            thresholds = await self.thresholds_for(conn, site)
+            changes: list[AlertChange] = []
+            for channel in meter.channels:
+                target = _target(agent, meter.device_key, channel.index)
+                known = [v for v in channel.rf_dbm if v is not None]
+                best = max(known) if known else None
+                rf_state: bool | None
+                if not present.get(channel.index, False):
+                    self._rf_bad_since.pop(target, None)
+                    rf_state = False
+                else:
+                    usable = thresholds.rf_usable(channel.rf_dbm)
+                    if usable is False:
+                        since = self._rf_bad_since.setdefault(target, now)
+                        # An alert already in force is simply still true: that restarts its clear timer.
+                        in_force = (target, AlertRule.RF_LOSS) in (self._meter_alerts or {})
+                        rf_state = True if in_force or now - since >= thresholds.rf_loss_s * 1000 else None
+                    else:
+                        self._rf_bad_since.pop(target, None)
+                        rf_state = False if usable else None
+                peak = channel.audio_peak_dbfs if channel.audio_peak_dbfs is not None else channel.audio_dbfs
+                for rule, state, value, message in (
+                    (AlertRule.RF_LOSS, rf_state, best, f"no usable RF on channel {channel.index}"),
+                    (
+                        AlertRule.AUDIO_CLIPPING,
+                        thresholds.clipping(peak),
+                        peak,
+                        f"audio clipping on channel {channel.index}",
+                    ),
+                ):
+                    condition = _Condition(
+                        site,
+                        agent,
+                        meter.device_key,
+                        channel.index,
+                        rule,
+                        state,
+                        value,
+                        f"{message} of {meter.device_key}",
+                    )
+                    result = await self._apply_meter(conn, condition, thresholds, now)
+                    if result is not None:
+                        changes.append(result)
+        self.notify(changes)
+        return changes
+
+    async def sweep(self, *, now_ms: int | None = None) -> list[AlertChange]:
+        """Periodic job: agent stale/offline, clear-hold resolutions, aged-out unknown batteries."""
+        now = _now_ms() if now_ms is None else now_ms
+        changes: list[AlertChange] = []
+        async with self.engine.begin() as conn:
+            changes += await self._sweep_agents(conn, now)
+            changes += await self._sweep_holds(conn, now)
+            changes += await self._sweep_unknown_batteries(conn, now)
+            await self._load_meter_alerts(conn)
+        self.notify(changes)
+        return changes
+
+    async def _sweep_agents(self, conn: AsyncConnection, now: int) -> list[AlertChange]:
+        rows = (await conn.execute(select(agents))).mappings().all()
+        active_rows = (
+            (
+                await conn.execute(
+                    select(alerts).where(
+                        alerts.c.device_key.is_(None),
+                        alerts.c.rule.in_([AlertRule.AGENT_STALE.value, AlertRule.AGENT_OFFLINE.value]),
+                        alerts.c.state.in_(ACTIVE_STATES),
+                    )
+                )
+            )
+            .mappings()
+            .all()
+        )
+        active = {(row["target"], AlertRule(row["rule"])): row for row in active_rows}
+        changes: list[AlertChange] = []
+        for row in rows:
+            thresholds = await self.thresholds_for(conn, row["site"])
+            heard_ms = row["last_heartbeat_ms"] or row["last_seen_ms"]
+            age_s = (now - heard_ms) / 1000
+            stale_after_s = thresholds.agent_stale_intervals * float(row["heartbeat_interval_s"] or 10.0)
+            for rule, breached, message in (
+                (AlertRule.AGENT_STALE, age_s > stale_after_s, f"agent {row['agent']}: no heartbeat"),
+                (
+                    AlertRule.AGENT_OFFLINE,
+                    age_s > thresholds.agent_offline_s,
+                    f"agent {row['agent']} is offline",
+                ),
+            ):
+                condition = _Condition(
+                    row["site"], row["agent"], None, None, rule, breached, round(age_s, 1), message
+                )
+                result = await self._apply(conn, active, condition, now)
+                if result is not None:
+                    changes.append(result)
+        return changes
+
+    async def _sweep_holds(self, conn: AsyncConnection, now: int) -> list[AlertChange]:
+        rows = (
+            (
+                await conn.execute(
+                    select(alerts).where(
+                        alerts.c.state.in_(ACTIVE_STATES), alerts.c.clear_since_ms.is_not(None)
+                    )
+                )
+            )
+            .mappings()
+            .all()
+        )
+        changes: list[AlertChange] = []
+        for row in rows:
+            thresholds = await self.thresholds_for(conn, row["site"])
+            if now - row["clear_since_ms"] >= thresholds.hold_ms(AlertRule(row["rule"])):
+                result = await self._resolve_row(conn, row, SYSTEM, now)
+                if result is not None:
+                    changes.append(result)
+        return changes
+
+    async def _sweep_unknown_batteries(self, conn: AsyncConnection, now: int) -> list[AlertChange]:
+        query = (
+            select(alerts, channels.c.tx_present, channels.c.battery_bars, channels.c.battery_percent)
+            .select_from(
+                alerts.outerjoin(
+                    devices,
+                    and_(devices.c.agent == alerts.c.agent, devices.c.device_key == alerts.c.device_key),
+                ).outerjoin(
+                    channels, and_(channels.c.device_pk == devices.c.id, channels.c.index == alerts.c.channel)
+                )
+            )
+            .where(
+                alerts.c.state.in_(ACTIVE_STATES),
+                alerts.c.rule.in_([r.value for r in _BATTERY_RULES]),
+            )
+        )
+        rows = (await conn.execute(query)).mappings().all()
+        changes: list[AlertChange] = []
+        for row in rows:
+            unknown = not row["tx_present"] or (
+                row["battery_bars"] is None and row["battery_percent"] is None
+            )
+            if not unknown:
+                continue
+            thresholds = await self.thresholds_for(conn, row["site"])
+            if now - row["observed_ms"] >= thresholds.battery_unknown_keep_s * 1000:
+                result = await self._resolve_row(conn, row, SYSTEM, now)
+                if result is not None:
+                    changes.append(result)
+        return changes
+
+    # -- applying conditions ------------------------------------------------------------------
+
+    async def _active_for_device(
+        self, conn: AsyncConnection, agent: str, device_key: str
+    ) -> dict[tuple[str, AlertRule], Mapping[Any, Any]]:
+        rows = (
+            (
+                await conn.execute(
+                    select(alerts).where(
+                        alerts.c.agent == agent,
+                        alerts.c.device_key == device_key,
+                        alerts.c.state.in_(ACTIVE_STATES),
+                    )
+                )
+            )
+            .mappings()
+            .all()
+        )
+        return {(row["target"], AlertRule(row["rule"])): row for row in rows}
+
+    async def _apply(
+        self,
+        conn: AsyncConnection,
+        active: Mapping[tuple[str, AlertRule], Mapping[Any, Any]],
+        condition: _Condition,
+        now: int,
+    ) -> AlertChange | None:
+        row = active.get((condition.target, condition.rule))
+        if condition.active is None:
+            return None
+        if condition.active:
+            if row is None:
+                return await self._open(conn, condition, now)
+            if row["clear_since_ms"] is not None or row["value"] != condition.value:
+                await conn.execute(
+                    update(alerts)
+                    .where(alerts.c.id == row["id"])
+                    .values(clear_since_ms=None, value=condition.value, observed_ms=now, updated_ms=now)
+                )
+            return None
+        if row is None:
+            return None
+        thresholds = await self.thresholds_for(conn, condition.site)
+        hold = thresholds.hold_ms(condition.rule)
+        clear_since = row["clear_since_ms"]
+        if clear_since is None and hold > 0:
+            await conn.execute(
+                update(alerts).where(alerts.c.id == row["id"]).values(clear_since_ms=now, updated_ms=now)
+            )
+            return None
+        if clear_since is None or now - clear_since >= hold:
+            return await self._resolve_row(conn, row, SYSTEM, now)
+        return None
+
+    async def _apply_meter(
+        self, conn: AsyncConnection, condition: _Condition, thresholds: AlertThresholds, now: int
+    ) -> AlertChange | None:
+        assert self._meter_alerts is not None
+        key = (condition.target, condition.rule)
+        known = self._meter_alerts.get(key)
+        if condition.active is None:
+            return None
+        if condition.active:
+            if known is None:
+                result = await self._open(conn, condition, now)
+                if result is not None:
+                    self._meter_alerts[key] = (result.alert.id, None)
+                else:
+                    await self._load_meter_alerts(conn)
+                return result
+            if known[1] is not None:
+                await conn.execute(
+                    update(alerts).where(alerts.c.id == known[0]).values(clear_since_ms=None, updated_ms=now)
+                )
+                self._meter_alerts[key] = (known[0], None)
+            return None
+        if known is None:
+            return None
+        alert_id, clear_since = known
+        hold = thresholds.hold_ms(condition.rule)
+        if clear_since is None and hold > 0:
+            await conn.execute(
+                update(alerts).where(alerts.c.id == alert_id).values(clear_since_ms=now, updated_ms=now)
+            )
+            self._meter_alerts[key] = (alert_id, now)
+            return None
+        if clear_since is None or now - clear_since >= hold:
+            del self._meter_alerts[key]
+            row = (await conn.execute(select(alerts).where(alerts.c.id == alert_id))).mappings().first()
+            return await self._resolve_row(conn, row, SYSTEM, now) if row is not None else None
+        return None
+
+    async def _load_meter_alerts(self, conn: AsyncConnection) -> None:
+        rows = (
+            await conn.execute(
+                select(alerts.c.id, alerts.c.target, alerts.c.rule, alerts.c.clear_since_ms).where(
+                    alerts.c.state.in_(ACTIVE_STATES), alerts.c.rule.in_([r.value for r in _METER_RULES])
+                )
+            )
+        ).all()
+        self._meter_alerts = {(row.target, AlertRule(row.rule)): (row.id, row.clear_since_ms) for row in rows}
+
+    async def _load_tx_present(self, conn: AsyncConnection, agent: str, device_key: str) -> dict[int, bool]:
+        rows = (
+            await conn.execute(
+                select(channels.c.index, channels.c.tx_present)
+                .select_from(channels.join(devices, devices.c.id == channels.c.device_pk))
+                .where(
+                    devices.c.agent == agent, devices.c.device_key == device_key, devices.c.status == "online"
+                )
+            )
+        ).all()
+        present = {int(row[0]): bool(row[1]) for row in rows}
+        self._tx_present[agent, device_key] = present
+        return present
+
+    async def _open(self, conn: AsyncConnection, condition: _Condition, now: int) -> AlertChange | None:
+        values: dict[str, Any] = {
+            "site": condition.site,
+            "agent": condition.agent,
+            "device_key": condition.device_key,
+            "channel": condition.channel,
+            "target": condition.target,
+            "rule": condition.rule.value,
+            "severity": SEVERITY[condition.rule].value,
+            "state": AlertState.OPEN.value,
+            "message": condition.message,
+            "value": condition.value,
+            "opened_ms": now,
+            "observed_ms": now,
+            "updated_ms": now,
+        }
+        dialect = sqlite if conn.dialect.name == "sqlite" else postgresql
+        # Another collector may have opened the same alert: the partial unique index turns that
+        # into a no-op instead of a failed ingest transaction.
+        statement = dialect.insert(alerts).values(**values).on_conflict_do_nothing().returning(alerts.c.id)
+        alert_id = (await conn.execute(statement)).scalar()
+        if alert_id is None:
+            return None
+        alert = Alert.from_row(
+            {**values, "id": alert_id, "acknowledged_by": None, "acknowledged_ms": None}
+            | {"resolved_by": None, "resolved_ms": None}
+        )
+        log.info(
+            "alert opened",
+            extra={"alert_id": alert_id, "rule": condition.rule.value, "target": condition.target},
+        )
+        return AlertChange(ChangeKind.OPENED, alert)
+
+    async def _resolve_row(
+        self, conn: AsyncConnection, row: Mapping[Any, Any], by: str, now: int
+    ) -> AlertChange | None:
+        result = await conn.execute(
+            update(alerts)
+            .where(alerts.c.id == row["id"], alerts.c.state.in_(ACTIVE_STATES))
+            .values(state=AlertState.RESOLVED.value, resolved_by=by, resolved_ms=now, updated_ms=now)
+        )
+        if result.rowcount == 0:
+            return None  # resolved meanwhile by someone else
+        alert = Alert.from_row(
+            {
+                **row,
+                "state": AlertState.RESOLVED.value,
+                "resolved_by": by,
+                "resolved_ms": now,
+                "updated_ms": now,
+            }
+        )
+        log.info("alert resolved", extra={"alert_id": alert.id, "rule": alert.rule.value, "by": by})
+        return AlertChange(ChangeKind.RESOLVED, alert)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def get(self, alert_id: int) -> Alert:
+        """One alert, or :class:`AlertNotFoundError`."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(alerts).where(alerts.c.id == alert_id))).mappings().first()
+        if row is None:
+            raise AlertNotFoundError(alert_id)
+        return Alert.from_row(row)
+
+    async def list_alerts(
+        self,
+        *,
+        site: str | None = None,
+        states: Iterable[AlertState] | None = None,
+        agent: str | None = None,
+        limit: int = 500,
+    ) -> list[Alert]:
+        """Alerts matching the filters, newest first, in one query."""
+        query = select(alerts).order_by(alerts.c.opened_ms.desc(), alerts.c.id.desc()).limit(limit)
+        if site is not None:
+            query = query.where(alerts.c.site == site)
+        if agent is not None:
+            query = query.where(alerts.c.agent == agent)
+        if states is not None:
+            query = query.where(alerts.c.state.in_([AlertState(s).value for s in states]))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [Alert.from_row(row) for row in rows]
+
+    async def acknowledge(self, alert_id: int, by: str, *, now_ms: int | None = None) -> Alert:
+        """Acknowledge an open alert; :class:`InvalidTransitionError` if it is acknowledged or resolved."""
+        if not by:
+            raise ValueError("who acknowledges must be named")
+        now = _now_ms() if now_ms is None else now_ms
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(alerts)
+                .where(alerts.c.id == alert_id, alerts.c.state == AlertState.OPEN.value)
+                .values(
+                    state=AlertState.ACKNOWLEDGED.value,
+                    acknowledged_by=by,
+                    acknowledged_ms=now,
+                    updated_ms=now,
+                )
+            )
+            row = (await conn.execute(select(alerts).where(alerts.c.id == alert_id))).mappings().first()
+        if row is None:
+            raise AlertNotFoundError(alert_id)
+        if result.rowcount == 0:
+            raise InvalidTransitionError(alert_id, row["state"], "acknowledged")
+        alert = Alert.from_row(row)
+        self.notify([AlertChange(ChangeKind.ACKNOWLEDGED, alert)])
+        return alert
+
+    async def resolve(self, alert_id: int, by: str, *, now_ms: int | None = None) -> Alert:
+        """Resolve an open or acknowledged alert by hand; a condition still true opens a new alert."""
+        if not by:
+            raise ValueError("who resolves must be named")
+        now = _now_ms() if now_ms is None else now_ms
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(alerts)
+                .where(alerts.c.id == alert_id, alerts.c.state.in_(ACTIVE_STATES))
+                .values(state=AlertState.RESOLVED.value, resolved_by=by, resolved_ms=now, updated_ms=now)
+            )
+            row = (await conn.execute(select(alerts).where(alerts.c.id == alert_id))).mappings().first()
+        if row is None:
+            raise AlertNotFoundError(alert_id)
+        if result.rowcount == 0:
+            raise InvalidTransitionError(alert_id, row["state"], "resolved")
+        alert = Alert.from_row(row)
+        if self._meter_alerts is not None:
+            self._meter_alerts.pop((row["target"], alert.rule), None)
+        self.notify([AlertChange(ChangeKind.RESOLVED, alert)])
+        return alert
+
+    # -- notification -------------------------------------------------------------------------
+
+    def notify(self, changes: Iterable[AlertChange]) -> None:
+        """Push committed changes to live subscribers and webhooks (never blocks)."""
+        for change in changes:
+            data = {"change": change.kind.value, "alert": change.alert.to_dict()}
+            if self.hub is not None:
+                self.hub.publish_alert(change.alert.site, data)
+            if self.webhooks is not None:
+                self.webhooks.submit(f"alert.{change.kind.value}", data, alert_id=change.alert.id)

@@ -1,0 +1,329 @@
+"""HistoryService: per-channel battery, RF and audio samples, downsampled for charts.
+
+Downsampling: samples are folded in memory into one aggregate per channel per bucket
+(``bucket_s``, default 60 s) and flushed periodically with a merging upsert, so the table holds
+at most one row per channel per bucket whatever the meter rate, and several collectors writing
+the same bucket merge rather than overwrite. Each row keeps the *worst* battery (minimum percent
+and bars), the RF envelope (``rf_dbm`` the maximum and ``rf_dbm_min`` the minimum of the best
+antenna), the loudest audio (maximum ``audio_dbfs`` and ``audio_peak_dbfs``) and how many
+samples were folded. Queries re-bucket with the same aggregates. Battery is sampled when device
+state arrives (it changes rarely); charts draw it as a step.
+
+Bounds: at most ``max_pending`` aggregates wait in memory (one per channel per bucket); beyond
+that new samples are dropped and counted (``stats.dropped``). Retention: rows older than
+``retention_days`` (default 30) are deleted by :meth:`HistoryService.prune`, run by the periodic
+task next to the flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import BigInteger, case, delete, func, literal_column, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
+
+from micboard.collector.errors import InvalidHistoryQueryError
+from micboard.collector.store.schema_alerts import history_samples
+from micboard.shared.envelope import MeterBody
+from micboard.shared.model import Device
+
+log = logging.getLogger(__name__)
+
+MAX_POINTS = 10_000
+"""The most points one query may return."""
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _min(a: Any, b: Any) -> Any:
+    if a is None:
+        return b
+    return a if b is None or a <= b else b
+
+
+def _max(a: Any, b: Any) -> Any:
+    if a is None:
+        return b
+    return a if b is None or a >= b else b
+
+
+@dataclass(slots=True)
+class _Aggregate:
+    site: str
+    battery_percent: int | None = None
+    battery_bars: int | None = None
+    rf_dbm: float | None = None
+    rf_dbm_min: float | None = None
+    audio_dbfs: float | None = None
+    audio_peak_dbfs: float | None = None
+    samples: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPoint:
+    """One point of a channel's history: aggregates over ``[bucket_ms, bucket_ms + resolution)``."""
+
+    bucket_ms: int
+    battery_percent: int | None
+    battery_bars: int | None
+    rf_dbm: float | None
+    rf_dbm_min: float | None
+    audio_dbfs: float | None
+    audio_peak_dbfs: float | None
+    samples: int
+
+
+@dataclass(slots=True)
+class HistoryStats:
+    """Counters of the history service, exported as metrics."""
+
+    recorded: int = 0
+    dropped: int = 0
+    flushed_rows: int = 0
+    pruned_rows: int = 0
+    failed_flushes: int = 0
+
+
+def _least(current: ColumnElement[Any], new: ColumnElement[Any]) -> ColumnElement[Any]:
+    # LEAST/GREATEST differ between SQLite and PostgreSQL in how they treat NULL; CASE does not.
+    return case((current.is_(None), new), (new.is_(None), current), (new < current, new), else_=current)
+
+
+def _greatest(current: ColumnElement[Any], new: ColumnElement[Any]) -> ColumnElement[Any]:
+    return case((current.is_(None), new), (new.is_(None), current), (new > current, new), else_=current)
+
+
+_Key = tuple[str, str, int, int]  # agent, device_key, channel, bucket_ms
+
+
+class HistoryService:
+    """Records downsampled channel samples, answers chart queries and prunes old rows."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        bucket_s: int = 60,
+        retention_days: float = 30.0,
+        flush_interval_s: float = 10.0,
+        prune_interval_s: float = 3600.0,
+        max_pending: int = 100_000,
+    ) -> None:
+        if bucket_s < 1:
+            raise ValueError("bucket_s must be at least 1")
+        self.engine = engine
+        self.bucket_ms = bucket_s * 1000
+        self.retention_ms = int(retention_days * 86_400_000)
+        self.flush_interval_s = flush_interval_s
+        self.prune_interval_s = prune_interval_s
+        self.max_pending = max_pending
+        self.stats = HistoryStats()
+        self._pending: dict[_Key, _Aggregate] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    # -- recording (synchronous, in memory) ---------------------------------------------------
+
+    def _aggregate(
+        self, site: str, agent: str, device_key: str, channel: int, now_ms: int
+    ) -> _Aggregate | None:
+        key = (agent, device_key, channel, now_ms - now_ms % self.bucket_ms)
+        aggregate = self._pending.get(key)
+        if aggregate is None:
+            if len(self._pending) >= self.max_pending:
+                self.stats.dropped += 1
+                return None
+            aggregate = self._pending[key] = _Aggregate(site)
+        self.stats.recorded += 1
+        aggregate.samples += 1
+        return aggregate
+
+    def record_device(self, site: str, agent: str, device: Device, *, now_ms: int | None = None) -> None:
+        """Sample the battery of every channel with a transmitter reporting one."""
+        now = _now_ms() if now_ms is None else now_ms
+        for channel in device.channels:
+            tx = channel.transmitter
+            if tx is None or (tx.battery_percent is None and tx.battery_bars is None):
+                continue
+            aggregate = self._aggregate(site, agent, device.device_key, channel.index, now)
+            if aggregate is not None:
+                aggregate.battery_percent = _min(aggregate.battery_percent, tx.battery_percent)
+                aggregate.battery_bars = _min(aggregate.battery_bars, tx.battery_bars)
+
+    def record_meter(self, site: str, agent: str, meter: MeterBody, *, now_ms: int | None = None) -> None:
+        """Sample RF (best antenna) and audio levels of each metered channel."""
+        now = _now_ms() if now_ms is None else now_ms
+        for channel in meter.channels:
+            known = [v for v in channel.rf_dbm if v is not None]
+            rf = max(known) if known else None
+            if rf is None and channel.audio_dbfs is None and channel.audio_peak_dbfs is None:
+                continue
+            aggregate = self._aggregate(site, agent, meter.device_key, channel.index, now)
+            if aggregate is not None:
+                aggregate.rf_dbm = _max(aggregate.rf_dbm, rf)
+                aggregate.rf_dbm_min = _min(aggregate.rf_dbm_min, rf)
+                aggregate.audio_dbfs = _max(aggregate.audio_dbfs, channel.audio_dbfs)
+                aggregate.audio_peak_dbfs = _max(aggregate.audio_peak_dbfs, channel.audio_peak_dbfs)
+
+    @property
+    def pending(self) -> int:
+        """How many aggregates wait to be flushed."""
+        return len(self._pending)
+
+    # -- writing ------------------------------------------------------------------------------
+
+    async def flush(self) -> int:
+        """Write every pending aggregate, merging with rows already stored; returns rows written."""
+        if not self._pending:
+            return 0
+        pending, self._pending = self._pending, {}
+        rows = [
+            {
+                "agent": agent,
+                "device_key": device_key,
+                "channel": channel,
+                "bucket_ms": bucket_ms,
+                "site": agg.site,
+                "battery_percent": agg.battery_percent,
+                "battery_bars": agg.battery_bars,
+                "rf_dbm": agg.rf_dbm,
+                "rf_dbm_min": agg.rf_dbm_min,
+                "audio_dbfs": agg.audio_dbfs,
+                "audio_peak_dbfs": agg.audio_peak_dbfs,
+                "samples": agg.samples,
+            }
+            for (agent, device_key, channel, bucket_ms), agg in pending.items()
+        ]
+        dialect = sqlite if self.engine.dialect.name == "sqlite" else postgresql
+        statement = dialect.insert(history_samples)
+        new = statement.excluded
+        table = history_samples.c
+        statement = statement.on_conflict_do_update(
+            index_elements=[table.agent, table.device_key, table.channel, table.bucket_ms],
+            set_={
+                "battery_percent": _least(table.battery_percent, new.battery_percent),
+                "battery_bars": _least(table.battery_bars, new.battery_bars),
+                "rf_dbm": _greatest(table.rf_dbm, new.rf_dbm),
+                "rf_dbm_min": _least(table.rf_dbm_min, new.rf_dbm_min),
+                "audio_dbfs": _greatest(table.audio_dbfs, new.audio_dbfs),
+                "audio_peak_dbfs": _greatest(table.audio_peak_dbfs, new.audio_peak_dbfs),
+                "samples": table.samples + new.samples,
+            },
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(statement, rows)
+        self.stats.flushed_rows += len(rows)
+        return len(rows)
+
+    async def prune(self, now_ms: int | None = None) -> int:
+        """Delete rows older than the retention period; returns how many."""
+        now = _now_ms() if now_ms is None else now_ms
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                delete(history_samples).where(history_samples.c.bucket_ms < now - self.retention_ms)
+            )
+        self.stats.pruned_rows += result.rowcount
+        return result.rowcount
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def query(
+        self,
+        agent: str,
+        device_key: str,
+        channel: int,
+        *,
+        start_ms: int,
+        end_ms: int,
+        resolution_s: int | None = None,
+    ) -> list[HistoryPoint]:
+        """A channel's points in ``[start_ms, end_ms)``, at ``resolution_s`` (a bucket multiple)."""
+        resolution_ms = self.bucket_ms if resolution_s is None else resolution_s * 1000
+        if end_ms <= start_ms:
+            raise InvalidHistoryQueryError("end_ms must be after start_ms")
+        if resolution_ms < self.bucket_ms or resolution_ms % self.bucket_ms:
+            raise InvalidHistoryQueryError(
+                f"resolution_s must be a multiple of the {self.bucket_ms // 1000} s bucket"
+            )
+        if (end_ms - start_ms) // resolution_ms > MAX_POINTS:
+            raise InvalidHistoryQueryError(
+                f"the range holds more than {MAX_POINTS} points at this resolution"
+            )
+        table = history_samples.c
+        # Rendered as a literal (it is an int we computed) so that SELECT and GROUP BY are the
+        # same expression to PostgreSQL; bound parameters would differ and be refused.
+        width: ColumnElement[int] = literal_column(str(int(resolution_ms)), BigInteger)
+        bucket = ((table.bucket_ms // width) * width).label("bucket")
+        query = (
+            select(
+                bucket,
+                func.min(table.battery_percent),
+                func.min(table.battery_bars),
+                func.max(table.rf_dbm),
+                func.min(table.rf_dbm_min),
+                func.max(table.audio_dbfs),
+                func.max(table.audio_peak_dbfs),
+                func.sum(table.samples),
+            )
+            .where(
+                table.agent == agent,
+                table.device_key == device_key,
+                table.channel == channel,
+                table.bucket_ms >= start_ms,
+                table.bucket_ms < end_ms,
+            )
+            .group_by(bucket)
+            .order_by(bucket)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            HistoryPoint(
+                bucket_ms=int(row[0]),
+                battery_percent=row[1],
+                battery_bars=row[2],
+                rf_dbm=row[3],
+                rf_dbm_min=row[4],
+                audio_dbfs=row[5],
+                audio_peak_dbfs=row[6],
+                samples=int(row[7] or 0),
+            )
+            for row in rows
+        ]
+
+    # -- the periodic job ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the periodic flush and prune task (idempotent)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="history")
+
+    async def close(self) -> None:
+        """Stop the periodic task and flush what is pending."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.flush()
+
+    async def _run(self) -> None:
+        next_prune = time.monotonic()
+        while True:
+            await asyncio.sleep(self.flush_interval_s)
+            try:
+                await self.flush()
+                if time.monotonic() >= next_prune:
+                    await self.prune()
+                    next_prune = time.monotonic() + self.prune_interval_s
+            except Exception:  # the store may be briefly unavailable; try again next interval
+                self.stats.failed_flushes += 1
+                log.exception("history flush or prune failed")

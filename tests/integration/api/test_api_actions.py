@@ -1,0 +1,165 @@
+"""Alerts (list, acknowledge, resolve), groups, channel history and commands through the API."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import nats
+from nats.aio.msg import Msg
+from sqlalchemy import insert
+
+from micboard.collector.services.history import HistoryService
+from micboard.collector.store.schema_alerts import alerts
+from micboard.shared.codec import decode, encode
+from micboard.shared.envelope import CommandEvent, CommandOutcome, CommandResult, MeterBody
+from micboard.shared.model import ChannelMeter
+
+if TYPE_CHECKING:
+    from tests.integration.api.conftest import LiveApi
+
+
+async def _open_alert(
+    api: LiveApi, site: str = "venue-a", opened_ms: int | None = None, severity: str = "critical"
+) -> int:
+
+    now = opened_ms or int(time.time_ns() // 1_000_000)
+    async with api.engine.begin() as conn:
+        result = await conn.execute(
+            insert(alerts).values(
+                site=site,
+                agent="pi-a",
+                device_key="rx1",
+                channel=1,
+                target=f"pi-a/rx1/1/{now}/{severity}",
+                rule="battery_critical",
+                severity=severity,
+                state="open",
+                message="HH01 battery critical",
+                opened_ms=now,
+                observed_ms=now,
+                updated_ms=now,
+            )
+        )
+    key = result.inserted_primary_key
+    assert key is not None
+    return int(key[0])
+
+
+async def test_alert_lifecycle(api: LiveApi) -> None:
+    first = await _open_alert(api, opened_ms=1_000)
+    second = await _open_alert(api, site="venue-b", opened_ms=2_000, severity="warning")
+    _, listing = await api.get("/api/v1/alerts")
+    assert [a["id"] for a in listing["items"]] == [second, first]
+    _, listing = await api.get("/api/v1/alerts", site="venue-a", state="open")
+    assert [a["id"] for a in listing["items"]] == [first]
+    _, listing = await api.get("/api/v1/alerts", sort="-severity")
+    assert [a["id"] for a in listing["items"]] == [first, second]
+
+    status, item, _ = await api.call("POST", f"/api/v1/alerts/{first}/acknowledge", role="operator")
+    assert status == 200 and item["state"] == "acknowledged" and item["acknowledged_by"] == "test-operator"
+    assert item["acknowledged_ms"] is not None and item["message"] == "HH01 battery critical"
+    status, body, _ = await api.call("POST", f"/api/v1/alerts/{first}/acknowledge", role="operator")
+    assert status == 409 and body["code"] == "alert.invalid_transition"
+    status, item, _ = await api.call("POST", f"/api/v1/alerts/{first}/resolve", role="admin")
+    assert status == 200 and item["state"] == "resolved" and item["resolved_by"] == "test-admin"
+    status, body, _ = await api.call("POST", f"/api/v1/alerts/{first}/resolve", role="operator")
+    assert status == 409
+    _, listing = await api.get("/api/v1/alerts", state="resolved")
+    assert [a["id"] for a in listing["items"]] == [first]
+
+
+async def test_groups_persist_in_order(api: LiveApi) -> None:
+    body = {
+        "name": "Band",
+        "site": "venue-a",
+        "channels": [{"device_id": 1, "index": 2}, {"device_id": 1, "index": 1}],
+        "position": 2,
+    }
+    status, band, _ = await api.call("POST", "/api/v1/groups", role="operator", json=body)
+    assert status == 201 and band["channels"] == body["channels"] and band["position"] == 2
+    status, vox, _ = await api.call(
+        "POST", "/api/v1/groups", role="operator", json={"name": "Vox", "position": 1}
+    )
+    assert status == 201 and vox["site"] is None and vox["channels"] == []
+    _, listing = await api.get("/api/v1/groups")
+    assert [g["name"] for g in listing["items"]] == ["Vox", "Band"] and listing["total"] == 2
+    _, listing = await api.get("/api/v1/groups", site="venue-a")
+    assert [g["name"] for g in listing["items"]] == ["Band"]
+    status, changed, _ = await api.call(
+        "PUT", f"/api/v1/groups/{band['id']}", role="operator", json={**body, "name": "Band L", "position": 0}
+    )
+    assert status == 200 and changed["name"] == "Band L"
+    _, listing = await api.get("/api/v1/groups")
+    assert [g["name"] for g in listing["items"]] == ["Band L", "Vox"]
+    assert (await api.call("DELETE", f"/api/v1/groups/{vox['id']}", role="operator"))[0] == 204
+    _, listing = await api.get("/api/v1/groups")
+    assert [g["id"] for g in listing["items"]] == [band["id"]]
+
+
+async def test_channel_history(api: LiveApi) -> None:
+    await api.seed.devices("venue-a", "pi-a", [api.receiver("rx1", bars=(4, 5))])
+    history = HistoryService(api.engine)
+    start = int(time.time_ns() // 1_000_000) - 10 * 60_000
+    for minute, bars in enumerate((4, 4, 3, 2)):
+        at = start + minute * 60_000
+        history.record_device("venue-a", "pi-a", api.receiver("rx1", bars=(bars, 5)), now_ms=at)
+        meter = MeterBody(
+            device_key="rx1", channels=(ChannelMeter(index=1, rf_dbm=(-60.0, -70.0), audio_dbfs=-20.0),)
+        )
+        history.record_meter("venue-a", "pi-a", meter, now_ms=at)
+    await history.flush()
+    status, body = await api.get("/api/v1/devices/1/channels/1/history", from_ms=start - 60_000)
+    assert status == 200
+    points = body["items"]
+    assert [p["battery_bars"] for p in points] == [4, 4, 3, 2]
+    assert points[0]["rf_dbm"] == -60.0 and points[0]["audio_dbfs"] == -20.0
+    assert points == sorted(points, key=lambda p: p["ts_ms"])
+    _, coarse = await api.get(
+        "/api/v1/devices/1/channels/1/history", from_ms=start - 600_000, resolution_s=3600
+    )
+    assert 1 <= len(coarse["items"]) <= 2
+    _, empty = await api.get("/api/v1/devices/1/channels/2/history", from_ms=0, to_ms=1000)
+    assert empty == {"items": []}
+
+
+async def test_commands_reach_the_agent_and_report_its_outcome(api: LiveApi) -> None:
+    await api.seed.devices("venue-a", "pi-a", [api.receiver("rx1")])
+    status, body, _ = await api.call(
+        "POST", "/api/v1/devices/1/commands", role="operator", json={"action": "identify"}
+    )
+    assert status == 200 and body["outcome"] == "agent_unreachable"
+
+    received: list[CommandEvent] = []
+    agent = await nats.connect(api.nc.connected_url.geturl() if api.nc.connected_url else "")
+
+    async def answer(msg: Msg) -> None:
+        event = decode(msg.data)
+        assert isinstance(event, CommandEvent)
+        received.append(event)
+        outcome = CommandOutcome.OK if event.body.action.value == "rename" else CommandOutcome.NOT_SUPPORTED
+        await msg.respond(
+            encode(CommandResult(request_id=event.body.request_id, outcome=outcome, detail="done"))
+        )
+
+    await agent.subscribe("micboard.v1.venue-a.pi-a.cmd", cb=answer)
+    await agent.flush()
+    try:
+        status, body, _ = await api.call(
+            "POST",
+            "/api/v1/devices/1/commands",
+            role="operator",
+            json={"action": "rename", "channel": 1, "value": "HH01 Ada"},
+        )
+        assert status == 200 and body == {"outcome": "ok", "detail": "done"}
+        status, body, _ = await api.call(
+            "POST", "/api/v1/devices/1/commands", role="operator", json={"action": "mute", "channel": 2}
+        )
+        assert body["outcome"] == "not_supported"
+    finally:
+        await agent.close()
+    assert [(e.body.action.value, e.body.channel, e.body.value) for e in received] == [
+        ("rename", 1, "HH01 Ada"),
+        ("mute", 2, None),
+    ]
+    assert received[0].body.device_key == "rx1"

@@ -1,0 +1,157 @@
+"""Every error path answers problem+json with a stable code, never a 500 for bad input."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from tests.integration.api.conftest import LiveApi
+
+
+def assert_problem(status: int, body: Any, expected_status: int, code: str) -> None:
+    assert status == expected_status, body
+    assert body["code"] == code and body["status"] == expected_status
+    assert body["type"] == f"urn:micboard:error:{code}" and body["title"] and body["detail"]
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "fragment"),
+    [
+        ("/api/v1/devices", {"colour": "red"}, "unknown query parameters: colour"),
+        ("/api/v1/devices", {"limit": "0"}, "limit"),
+        ("/api/v1/devices", {"limit": "1001"}, "limit"),
+        ("/api/v1/devices", {"limit": "ten"}, "limit"),
+        ("/api/v1/devices", {"offset": "-1"}, "offset"),
+        ("/api/v1/devices", {"sort": "password"}, "sort"),
+        ("/api/v1/devices", {"status": "asleep"}, "status"),
+        ("/api/v1/devices", {"low_battery": "maybe"}, "low_battery"),
+        ("/api/v1/devices", {"q": "a\x00b"}, "q"),
+        ("/api/v1/channels", {"device_id": "99999999999"}, "device_id"),
+        ("/api/v1/channels", {"site": "NOT A SITE"}, "site"),
+        ("/api/v1/sites", {"worst": "terrible"}, "worst"),
+        ("/api/v1/alerts", {"state": "forgotten"}, "state"),
+        ("/api/v1/devices/1", {"x": "1"}, "unknown query parameters: x"),
+    ],
+)
+async def test_bad_query_is_400(api: LiveApi, path: str, params: dict[str, str], fragment: str) -> None:
+    status, body = await api.get(path, **params)
+    assert_problem(status, body, 400, "request.invalid_query")
+    assert fragment in body["detail"]
+
+
+async def test_repeated_query_parameter_is_400(api: LiveApi) -> None:
+    status, body, _ = await api.call("GET", "/api/v1/devices?site=a&site=b")
+    assert_problem(status, body, 400, "request.invalid_query")
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "status", "code"),
+    [
+        (b"{not json", "application/json", 400, "request.invalid_body"),
+        (b"", "application/json", 400, "request.invalid_body"),
+        (b"[]", "application/json", 400, "request.invalid_body"),
+        (b'{"name": ""}', "application/json", 400, "request.invalid_body"),
+        (b'{"name": "x", "extra": 1}', "application/json", 400, "request.invalid_body"),
+        (
+            b'{"name": "x", "channels": [{"device_id": 0, "index": 1}]}',
+            "application/json",
+            400,
+            "request.invalid_body",
+        ),
+        (b'{"name": "\\ud800"}', "application/json", 400, "request.invalid_body"),
+        (b'{"name": "x"}', "text/plain", 415, "request.unsupported_media_type"),
+        (b'{"name": "' + b"x" * 300_000 + b'"}', "application/json", 413, "request.body_too_large"),
+    ],
+)
+async def test_bad_body(api: LiveApi, data: bytes, content_type: str, status: int, code: str) -> None:
+    got, body, _ = await api.call(
+        "POST", "/api/v1/groups", role="operator", data=data, headers={"Content-Type": content_type}
+    )
+    assert_problem(got, body, status, code)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/api/v1/nothing"),
+        ("GET", "/api/v1/devices/abc"),
+        ("GET", "/api/v1/devices/-1"),
+        ("GET", "/api/v1/devices/0"),
+        ("GET", "/api/v1/devices/99999999999"),
+        ("GET", "/api/v1/devices/12345678901234567890"),
+    ],
+)
+async def test_unknown_resources_are_404(api: LiveApi, method: str, path: str) -> None:
+    status, body, _ = await api.call(method, path)
+    assert_problem(status, body, 404, "request.not_found")
+
+
+async def test_resource_not_found_codes(api: LiveApi) -> None:
+    status, body = await api.get("/api/v1/devices/42")
+    assert_problem(status, body, 404, "device.not_found")
+    status, body = await api.get("/api/v1/devices/42/channels/1/history")
+    assert_problem(status, body, 404, "device.not_found")
+    status, body, _ = await api.call(
+        "POST", "/api/v1/devices/42/commands", role="operator", json={"action": "identify"}
+    )
+    assert_problem(status, body, 404, "device.not_found")
+    status, body, _ = await api.call("POST", "/api/v1/alerts/42/acknowledge", role="operator")
+    assert_problem(status, body, 404, "alert.not_found")
+    status, body, _ = await api.call("PUT", "/api/v1/groups/42", role="operator", json={"name": "x"})
+    assert_problem(status, body, 404, "group.not_found")
+    status, body, _ = await api.call("DELETE", "/api/v1/groups/42", role="operator")
+    assert_problem(status, body, 404, "group.not_found")
+
+
+async def test_wrong_method_is_405_with_allow(api: LiveApi) -> None:
+    status, body, response = await api.call("DELETE", "/api/v1/devices")
+    assert_problem(status, body, 405, "request.method_not_allowed")
+    assert "GET" in response.headers["Allow"]
+
+
+async def test_request_ids(api: LiveApi) -> None:
+    _, _, response = await api.call("GET", "/api/v1/sites", headers={"X-Request-Id": "desk-42"})
+    assert response.headers["X-Request-Id"] == "desk-42"
+    _, _, response = await api.call("GET", "/api/v1/sites", headers={"X-Request-Id": "bad id with spaces"})
+    generated = response.headers["X-Request-Id"]
+    assert generated != "bad id with spaces" and len(generated) == 32
+    _, _, response = await api.call("GET", "/api/v1/nothing")
+    assert response.headers["X-Request-Id"]
+
+
+async def test_command_arguments_are_checked(api: LiveApi) -> None:
+    await api.seed.devices("venue-a", "pi-a", [api.receiver("rx1")])
+    for bad in (
+        {"action": "explode"},
+        {"action": "rename", "channel": 99},
+        {"action": "mute", "channel": "one"},
+    ):
+        status, body, _ = await api.call("POST", "/api/v1/devices/1/commands", role="operator", json=bad)
+        assert_problem(status, body, 400, "request.invalid_body")
+    status, body, _ = await api.call(
+        "POST", "/api/v1/devices/1/commands", role="operator", json={"action": "mute"}
+    )
+    assert_problem(status, body, 400, "command.invalid")
+    status, body, _ = await api.call(
+        "POST",
+        "/api/v1/devices/1/commands",
+        role="operator",
+        json={"action": "rename", "channel": 1, "value": "é" * 3},
+    )
+    assert_problem(status, body, 400, "command.invalid")
+    status, body, _ = await api.call(
+        "POST", "/api/v1/devices/1/commands", role="operator", json={"action": "mute", "channel": 9}
+    )
+    assert_problem(status, body, 404, "device.channel_not_found")
+
+
+async def test_history_arguments_are_checked(api: LiveApi) -> None:
+    await api.seed.devices("venue-a", "pi-a", [api.receiver("rx1")])
+    status, body = await api.get("/api/v1/devices/1/channels/1/history", from_ms=2000, to_ms=1000)
+    assert_problem(status, body, 400, "history.invalid_query")
+    status, body = await api.get("/api/v1/devices/1/channels/1/history", resolution_s=7)
+    assert_problem(status, body, 400, "history.invalid_query")
+    status, body = await api.get("/api/v1/devices/1/channels/65/history")
+    assert_problem(status, body, 404, "device.channel_not_found")

@@ -1,0 +1,243 @@
+"""Sites, agents, devices and channels: content, filters, sorting, pagination and query budget."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import event, insert
+
+from micboard.collector.store.schema_alerts import alerts, history_samples
+from micboard.shared.model import Family, Vendor
+
+if TYPE_CHECKING:
+    from tests.integration.api.conftest import LiveApi
+
+
+async def _fleet(api: LiveApi) -> None:
+    await api.seed.devices(
+        "venue-a", "pi-a", [api.receiver("rx1", bars=(5, 4)), api.receiver("rx2", bars=(3, None))]
+    )
+    await api.seed.devices(
+        "venue-b",
+        "pi-b",
+        [
+            api.receiver("ew1", model="EW-DX EM 2", vendor=Vendor.SENNHEISER, family=Family.EWDX, bars=(1,)),
+            api.receiver("ew2", model="EW-DX EM 4", vendor=Vendor.SENNHEISER, family=Family.EWDX, bars=(5,)),
+        ],
+    )
+    await api.seed.devices("venue-c", "pi-c", [api.receiver("qx1", bars=(4,), names=["Vox 1"])])
+    await api.seed.offline("venue-c", "pi-c", "qx1")
+
+
+async def _alert(api: LiveApi, site: str, severity: str, *, state: str = "open") -> int:
+    now = int(time.time_ns() // 1_000_000)
+    async with api.engine.begin() as conn:
+        result = await conn.execute(
+            insert(alerts).values(
+                site=site,
+                agent="pi-x",
+                device_key="rx",
+                channel=1,
+                target=f"pi-x/rx/1/{site}/{severity}/{state}",
+                rule="battery_critical" if severity == "critical" else "battery_low",
+                severity=severity,
+                state=state,
+                message=f"{severity} at {site}",
+                opened_ms=now,
+                observed_ms=now,
+                updated_ms=now,
+            )
+        )
+        key = result.inserted_primary_key
+    assert key is not None
+    return int(key[0])
+
+
+async def test_sites_are_counted_and_worst_first(api: LiveApi) -> None:
+    await _fleet(api)
+    await _alert(api, "venue-b", "critical")
+    await _alert(api, "venue-b", "warning", state="acknowledged")
+    await _alert(api, "venue-a", "warning", state="resolved")
+    status, body = await api.get("/api/v1/sites")
+    assert status == 200
+    assert [s["site"] for s in body["items"]] == ["venue-b", "venue-c", "venue-a"]
+    b, c, a = body["items"]
+    assert b["worst"] == "critical" and b["open_alerts"] == 2 and b["channels"] == 2
+    assert c["worst"] == "offline" and c["devices"] == {"online": 0, "offline": 1, "stale": 0}
+    assert a["worst"] == "ok" and a["devices"]["online"] == 2 and a["channels"] == 4 and a["open_alerts"] == 0
+    assert body["total"] == 3 and body["limit"] == 100 and body["offset"] == 0
+    _, by_name = await api.get("/api/v1/sites", sort="-site")
+    assert [s["site"] for s in by_name["items"]] == ["venue-c", "venue-b", "venue-a"]
+    _, only_ok = await api.get("/api/v1/sites", worst="ok")
+    assert [s["site"] for s in only_ok["items"]] == ["venue-a"]
+
+
+async def test_agents(api: LiveApi) -> None:
+    await _fleet(api)
+    _, body = await api.get("/api/v1/agents", site="venue-b")
+    assert [a["agent"] for a in body["items"]] == ["pi-b"]
+    assert body["items"][0]["version"] == "1.0" and body["items"][0]["hostname"] == "pi-b.local"
+    _, body = await api.get("/api/v1/agents", sort="-agent")
+    assert [a["agent"] for a in body["items"]] == ["pi-c", "pi-b", "pi-a"]
+
+
+async def test_device_filters_sorting_and_detail(api: LiveApi) -> None:
+    await _fleet(api)
+    _, body = await api.get("/api/v1/devices")
+    assert body["total"] == 5
+    assert [d["device_key"] for d in body["items"]] == ["rx1", "rx2", "ew1", "ew2", "qx1"]
+    _, body = await api.get("/api/v1/devices", vendor="sennheiser")
+    assert {d["device_key"] for d in body["items"]} == {"ew1", "ew2"}
+    _, body = await api.get("/api/v1/devices", status="offline")
+    assert [d["device_key"] for d in body["items"]] == ["qx1"]
+    _, body = await api.get("/api/v1/devices", q="em 4")
+    assert [d["device_key"] for d in body["items"]] == ["ew2"]
+    _, body = await api.get("/api/v1/devices", q="%")
+    assert body["items"] == []
+    _, body = await api.get("/api/v1/devices", low_battery="true")
+    assert {d["device_key"] for d in body["items"]} == {"rx2", "ew1"}
+    _, body = await api.get("/api/v1/devices", low_battery="false", site="venue-a")
+    assert [d["device_key"] for d in body["items"]] == ["rx1"]
+    _, body = await api.get("/api/v1/devices", sort="-name")
+    assert [d["name"] for d in body["items"]] == ["RX2", "RX1", "QX1", "EW2", "EW1"]
+    first = body["items"][0]
+    status, detail = await api.get(f"/api/v1/devices/{first['id']}")
+    assert status == 200
+    assert (
+        detail["channel_count"] == 2 and detail["device"]["channels"][0]["transmitter"]["battery_bars"] == 3
+    )
+    assert {k: v for k, v in detail.items() if k != "device"} == first
+
+
+async def test_pagination(api: LiveApi) -> None:
+    await _fleet(api)
+    seen = []
+    for offset in range(0, 5, 2):
+        _, page = await api.get("/api/v1/devices", limit=2, offset=offset, sort="id")
+        assert page["total"] == 5 and page["limit"] == 2 and page["offset"] == offset
+        seen += [d["id"] for d in page["items"]]
+    assert seen == sorted(seen) and len(set(seen)) == 5
+    _, past = await api.get("/api/v1/devices", limit=2, offset=50)
+    assert past["items"] == [] and past["total"] == 5
+    _, page = await api.get("/api/v1/channels", limit=1000)
+    assert page["total"] == 7 and len(page["items"]) == 7
+
+
+async def test_channels_carry_transmitter_and_battery_state(api: LiveApi) -> None:
+    await _fleet(api)
+    _, body = await api.get("/api/v1/channels", site="venue-a")
+    states = {(c["device_key"], c["index"]): c["battery_state"] for c in body["items"]}
+    assert states == {("rx1", 1): "good", ("rx1", 2): "good", ("rx2", 1): "replace", ("rx2", 2): "unknown"}
+    rx2_2 = next(c for c in body["items"] if c["device_key"] == "rx2" and c["index"] == 2)
+    assert rx2_2["tx"] is None and rx2_2["name_id"] == "HH02" and rx2_2["name_person"] == "Person2"
+    rx1_1 = body["items"][0]
+    assert rx1_1["tx"] == {
+        "model": "ULXD2",
+        "battery_bars": 5,
+        "battery_percent": 100,
+        "runtime_min": 300,
+        "battery_type": "LION",
+        "muted": False,
+    }
+    assert (
+        rx1_1["frequency_khz"] == 470_100 and rx1_1["group_channel"] == "1,1" and rx1_1["status"] == "online"
+    )
+    _, body = await api.get("/api/v1/channels", q="vox")
+    assert [(c["device_key"], c["name_id"], c["name_person"]) for c in body["items"]] == [
+        ("qx1", None, "Vox 1")
+    ]
+    _, body = await api.get("/api/v1/channels", status="offline")
+    assert [c["device_key"] for c in body["items"]] == ["qx1"]
+    _, body = await api.get("/api/v1/channels", device_id=1)
+    assert {c["device_key"] for c in body["items"]} == {"rx1"}
+    _, body = await api.get("/api/v1/channels", sort="battery_percent", site="venue-a")
+    assert [c["tx"]["battery_percent"] if c["tx"] else None for c in body["items"]] == [60, 80, 100, None]
+    _, body = await api.get("/api/v1/channels", sort="-battery_percent", site="venue-a")
+    assert [c["tx"]["battery_percent"] if c["tx"] else None for c in body["items"]] == [100, 80, 60, None]
+
+
+async def test_unknown_battery_with_a_recent_reading_is_previously_known(api: LiveApi) -> None:
+    await api.seed.devices("venue-a", "pi-a", [api.receiver("rx1", bars=(None, None))])
+    now = int(time.time_ns() // 1_000_000)
+    async with api.engine.begin() as conn:
+        await conn.execute(
+            insert(history_samples),
+            [
+                {
+                    "site": "venue-a",
+                    "agent": "pi-a",
+                    "device_key": "rx1",
+                    "channel": 1,
+                    "bucket_ms": now - 120_000,
+                    "battery_bars": 5,
+                    "samples": 1,
+                },
+                {
+                    "site": "venue-a",
+                    "agent": "pi-a",
+                    "device_key": "rx1",
+                    "channel": 1,
+                    "bucket_ms": now - 60_000,
+                    "battery_bars": 2,
+                    "samples": 1,
+                },
+                {
+                    "site": "venue-a",
+                    "agent": "pi-a",
+                    "device_key": "rx1",
+                    "channel": 2,
+                    "bucket_ms": now - 3_600_000,
+                    "battery_bars": 5,
+                    "samples": 1,
+                },
+            ],
+        )
+    _, body = await api.get("/api/v1/channels")
+    assert [c["battery_state"] for c in body["items"]] == ["previously_critical", "unknown"]
+
+
+@contextmanager
+def count_statements(api: LiveApi) -> Iterator[list[str]]:
+    statements: list[str] = []
+
+    def before(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(api.engine.sync_engine, "before_cursor_execute", before)
+    try:
+        yield statements
+    finally:
+        event.remove(api.engine.sync_engine, "before_cursor_execute", before)
+
+
+async def test_list_endpoints_keep_to_their_query_budget(api: LiveApi) -> None:
+    await _fleet(api)
+    for site in range(8):
+        devices = [api.receiver(f"d{site}-{n}", bars=(5, 4, 3, None)) for n in range(6)]
+        await api.seed.devices(f"site-{site}", f"agent-{site}", devices)
+    await _alert(api, "site-1", "critical")
+    # The token is verified once and then cached: what is counted below is the endpoint's own work.
+    assert (await api.get("/api/v1/sites"))[0] == 200
+    for path in [
+        "/api/v1/sites",
+        "/api/v1/agents",
+        "/api/v1/devices",
+        "/api/v1/channels",
+        "/api/v1/alerts",
+        "/api/v1/groups",
+    ]:
+        for limit in (1, 1000):
+            with count_statements(api) as statements:
+                status, body = await api.get(path, limit=limit)
+            assert status == 200, body
+            assert len(statements) == 1, (path, limit, statements)
+        with count_statements(api) as statements:
+            status, body = await api.get(path, limit=5, offset=100_000)
+        assert status == 200 and body["items"] == []
+        assert len(statements) <= 2, (path, statements)
+    with count_statements(api) as statements:
+        _, body = await api.get("/api/v1/channels", limit=1000)
+    assert body["total"] == 7 + 8 * 6 * 4 and len(body["items"]) == body["total"] and len(statements) == 1

@@ -1,0 +1,321 @@
+"""The live WebSocket: auth, snapshots by scope, deltas after applied events, meters, slow clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import nats
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from micboard.agent.publisher import EnvelopeFactory, JetStreamPublisher
+from micboard.collector.api import live_ws
+from micboard.collector.api.context import context_of
+from micboard.collector.app import Collector
+from micboard.collector.settings import CollectorSettings
+from micboard.shared.codec import encode
+from micboard.shared.envelope import DeviceBody, HelloBody, MeterBody, OfflineBody
+from micboard.shared.model import ChannelMeter, Device, Transmitter
+from micboard.shared.natsd import EmbeddedNats
+
+if TYPE_CHECKING:
+    from tests.integration.api.conftest import LiveApi
+
+
+@pytest.fixture
+async def sqlite_api(
+    tmp_path: Path, nats_server: EmbeddedNats, api_factory: Callable[..., AsyncIterator[LiveApi]]
+) -> AsyncIterator[LiveApi]:
+    """The API on SQLite only: live behaviour does not depend on the database."""
+    from micboard.collector.store.database import create_engine, create_schema
+
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'live.db'}")
+    await create_schema(engine)
+    async for live in api_factory(engine, nats_server.url, live_queue_messages=8):
+        yield live
+    await engine.dispose()
+
+
+async def connect(
+    api: LiveApi, role: str | None = "viewer", token: str | None = None
+) -> aiohttp.ClientWebSocketResponse:
+
+    ws = await api.http.ws_connect(f"{api.url}/api/v1/live")
+    if role is not None or token is not None:
+        await ws.send_json(
+            {"type": "auth", "token": token if token is not None else api.tokens[role or "viewer"]}
+        )
+    return ws
+
+
+async def next_of(ws: aiohttp.ClientWebSocketResponse, kind: str, timeout_s: float = 3.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        msg = await ws.receive(timeout=max(0.01, deadline - time.monotonic()))
+        assert msg.type is aiohttp.WSMsgType.TEXT, msg
+        data: dict[str, Any] = json.loads(msg.data)
+        if data["type"] == kind:
+            return data
+
+
+async def test_auth_is_required(sqlite_api: LiveApi, monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = await connect(sqlite_api, token="mbt_wrong")
+    msg = await ws.receive(timeout=3)
+    assert msg.type is aiohttp.WSMsgType.CLOSE and ws.close_code == 4401
+    ws = await sqlite_api.http.ws_connect(f"{sqlite_api.url}/api/v1/live")
+    await ws.send_json({"type": "subscribe", "scope": "fleet"})
+    await ws.receive(timeout=3)
+    assert ws.close_code == 4401
+    monkeypatch.setattr(live_ws, "AUTH_TIMEOUT_S", 0.2)
+    ws = await sqlite_api.http.ws_connect(f"{sqlite_api.url}/api/v1/live")
+    started = time.monotonic()
+    await ws.receive(timeout=3)
+    assert ws.close_code == 4401 and time.monotonic() - started < 2
+
+
+async def test_snapshots_by_scope(sqlite_api: LiveApi) -> None:
+    api = sqlite_api
+    await api.seed.devices("venue-a", "pi-a", [api.receiver("rx1"), api.receiver("rx2")])
+    await api.seed.devices("venue-b", "pi-b", [api.receiver("rx3", bars=(1,))])
+    ws = await connect(api)
+    await ws.send_json({"type": "subscribe", "scope": "fleet"})
+    snapshot = await next_of(ws, "snapshot")
+    assert len(snapshot["channels"]) == 5 and {s["site"] for s in snapshot["sites"]} == {"venue-a", "venue-b"}
+    _, listed = await api.get("/api/v1/channels")
+    assert snapshot["channels"] == listed["items"]
+
+    await ws.send_json({"type": "subscribe", "scope": "site", "site": "venue-b"})
+    snapshot = await next_of(ws, "snapshot")
+    assert [(c["device_key"], c["battery_state"]) for c in snapshot["channels"]] == [("rx3", "critical")]
+    assert [s["site"] for s in snapshot["sites"]] == ["venue-b"]
+
+    _, group, _ = await api.call(
+        "POST",
+        "/api/v1/groups",
+        role="operator",
+        json={"name": "g", "channels": [{"device_id": 2, "index": 2}, {"device_id": 3, "index": 1}]},
+    )
+    await ws.send_json({"type": "subscribe", "scope": "group", "group_id": group["id"]})
+    snapshot = await next_of(ws, "snapshot")
+    assert sorted((c["device_id"], c["index"]) for c in snapshot["channels"]) == [(2, 2), (3, 1)]
+    assert sorted(s["site"] for s in snapshot["sites"]) == ["venue-a", "venue-b"]
+
+    await ws.send_json({"type": "subscribe", "scope": "group", "group_id": 999})
+    error = await next_of(ws, "error")
+    assert error["code"] == "live.invalid_subscription"
+    await ws.send_str("not json")
+    assert (await next_of(ws, "error"))["code"] == "live.invalid_message"
+    await ws.close()
+
+
+async def test_meters_are_throttled_and_latest_wins(sqlite_api: LiveApi) -> None:
+    api = sqlite_api
+    await api.seed.devices("venue-m", "pi-m", [api.receiver("rx1")])
+    ws = await connect(api)
+    await ws.send_json({"type": "subscribe", "scope": "site", "site": "venue-m"})
+    await next_of(ws, "snapshot")
+    publisher = await nats.connect(api.nc.connected_url.geturl() if api.nc.connected_url else "")
+    factory = EnvelopeFactory("venue-m", "pi-m")
+    started = time.monotonic()
+    last = -60.0
+    for step in range(60):
+        last = -60.0 + step * 0.5
+        body = MeterBody(
+            device_key="rx1",
+            channels=(
+                ChannelMeter(
+                    index=1,
+                    rf_dbm=(-50.0, -70.0),
+                    active_antenna="A",
+                    audio_dbfs=last,
+                    audio_peak_dbfs=last + 3,
+                    link_quality_percent=90,
+                ),
+            ),
+        )
+        await publisher.publish("micboard.v1.venue-m.pi-m.meter", encode(factory.make(body)))
+        await asyncio.sleep(0.01)
+    await publisher.publish("micboard.v1.venue-m.pi-m.meter", b"\xc1 garbage")
+    await publisher.flush()
+    await publisher.close()
+    meters = []
+    with pytest.raises(TimeoutError):
+        while True:
+            meters.append(await next_of(ws, "meter", timeout_s=0.5))
+    elapsed = time.monotonic() - started
+    assert 1 <= len(meters) <= elapsed * 10 + 2, (len(meters), elapsed)
+    assert meters[-1] == {
+        "type": "meter",
+        "device_id": 1,
+        "index": 1,
+        "rf_dbm": [-50.0, -70.0],
+        "active_antenna": "A",
+        "audio_dbfs": last,
+        "audio_peak_dbfs": last + 3,
+        "link_quality_percent": 90,
+    }
+    feed = context_of(api.app).live
+    assert feed is not None and feed.stats.meters_bad >= 1 and feed.stats.meters_received >= 61
+    await ws.close()
+
+
+async def test_a_slow_client_is_dropped_and_others_keep_up(sqlite_api: LiveApi) -> None:
+    api = sqlite_api
+    await api.seed.devices("venue-s", "pi-s", [api.receiver("rx1")])
+    fast = await connect(api)
+    await fast.send_json({"type": "subscribe", "scope": "fleet"})
+    await next_of(fast, "snapshot")
+    slow = await connect(api)
+    await slow.send_json({"type": "subscribe", "scope": "fleet"})
+    # The slow client stops reading here; its socket buffers fill, then its 8-message queue.
+    received = 0
+
+    async def read_fast() -> None:
+        nonlocal received
+        while received < 300:
+            await next_of(fast, "alert", timeout_s=10)
+            received += 1
+
+    reader = asyncio.create_task(read_fast())
+    big = "x" * 65_536
+    for n in range(300):
+        alert = {
+            "id": n + 1,
+            "site": "venue-s",
+            "agent": "pi-s",
+            "device_key": "rx1",
+            "channel": 1,
+            "rule": "battery_low",
+            "severity": "warning",
+            "state": "open",
+            "message": big,
+            "opened_ms": int(time.time_ns() // 1_000_000),
+        }
+        api.hub.publish_alert("venue-s", {"change": "opened", "alert": alert})
+        # A producer no faster than a client that keeps up: the fast one never has 4 waiting.
+        while received < n - 3 and not reader.done():  # noqa: ASYNC110 - polling the reader's count
+            await asyncio.sleep(0.001)
+    await asyncio.wait_for(reader, 20)
+    assert received == 300
+    feed = context_of(api.app).live
+    assert feed is not None and feed.stats.slow_dropped == 1
+    # Once it reads again, the slow client finds what was buffered, then the close (1013).
+    while True:
+        msg = await slow.receive(timeout=15)
+        if msg.type is not aiohttp.WSMsgType.TEXT:
+            break
+    assert slow.close_code == 1013
+    await fast.close()
+
+
+async def test_reconnecting_client_gets_a_fresh_snapshot(sqlite_api: LiveApi) -> None:
+    api = sqlite_api
+    await api.seed.devices("venue-r", "pi-r", [api.receiver("rx1", bars=(5,))])
+    ws = await connect(api)
+    await ws.send_json({"type": "subscribe", "scope": "site", "site": "venue-r"})
+    assert (await next_of(ws, "snapshot"))["channels"][0]["battery_state"] == "good"
+    await ws.close()
+    await api.seed.devices("venue-r", "pi-r", [api.receiver("rx1", bars=(2,))])
+    ws = await connect(api)
+    await ws.send_json({"type": "subscribe", "scope": "site", "site": "venue-r"})
+    assert (await next_of(ws, "snapshot"))["channels"][0]["battery_state"] == "critical"
+    await ws.close()
+
+
+async def test_deltas_follow_events_applied_by_ingest(
+    nats_private: EmbeddedNats, sqlite_url: str, tmp_path: Path, make_receiver: Callable[..., Device]
+) -> None:
+    token = "mbt_live-test-token-0123456789abcdefghij"
+    settings = CollectorSettings(
+        nats_url=nats_private.url,
+        database_url=sqlite_url,
+        http_port=0,
+        state_dir=tmp_path,
+        fetch_timeout_s=0.2,
+        bootstrap_token=token,
+    )
+    collector = Collector(settings)
+    running = await collector.start()
+    nc = await nats.connect(nats_private.url)
+    try:
+        publisher = JetStreamPublisher(nc)
+        factory = EnvelopeFactory("venue-l", "pi-l")
+        device = make_receiver("rx1", bars=(5, 4))
+        await publisher.publish(factory.make(HelloBody(version="1.0")))
+        await publisher.publish(factory.make(DeviceBody(device_key="rx1", snapshot=device)))
+        async with aiohttp.ClientSession() as http:
+            deadline = time.monotonic() + 10
+            while True:
+                async with http.get(
+                    f"{running.url}/api/v1/channels", headers={"Authorization": f"Bearer {token}"}
+                ) as r:
+                    if (await r.json())["total"] == 2 or time.monotonic() > deadline:
+                        break
+                await asyncio.sleep(0.05)
+            ws = await http.ws_connect(f"{running.url}/api/v1/live")
+            await ws.send_json({"type": "auth", "token": token})
+            await ws.send_json({"type": "subscribe", "scope": "site", "site": "venue-l"})
+            snapshot = await next_of(ws, "snapshot")
+            assert [c["battery_state"] for c in snapshot["channels"]] == ["good", "good"]
+
+            sent = time.monotonic()
+            tx = Transmitter(
+                model="ULXD2",
+                battery_bars=1,
+                battery_percent=8,
+                runtime_min=10,
+                battery_type="LION",
+                muted=False,
+            )
+            await publisher.publish(
+                factory.make(
+                    DeviceBody(device_key="rx1", changes={"channels": {1: {"transmitter": tx.model_dump()}}})
+                )
+            )
+            item = (await next_of(ws, "channel", timeout_s=2))["item"]
+            assert time.monotonic() - sent < 2
+            assert (item["index"], item["battery_state"], item["tx"]["battery_percent"]) == (1, "critical", 8)
+
+            await publisher.publish(
+                factory.make(DeviceBody(device_key="rx1", changes={"channels": {2: {"transmitter": None}}}))
+            )
+            item = (await next_of(ws, "channel", timeout_s=2))["item"]
+            assert (item["index"], item["tx"]) == (2, None)
+            assert item["battery_state"] in ("unknown", "previously_good")
+
+            await publisher.publish(factory.make(OfflineBody(device_key="rx1")))
+            statuses = {(await next_of(ws, "channel", timeout_s=2))["item"]["status"] for _ in range(2)}
+            assert statuses == {"offline"}
+            site = (await next_of(ws, "site", timeout_s=2))["item"]
+            assert (site["site"], site["worst"], site["devices"]["offline"]) == ("venue-l", "offline", 1)
+            await ws.close()
+    finally:
+        await nc.close()
+        await collector.stop()
+
+
+async def test_live_needs_a_hub(engine: AsyncEngine) -> None:
+    from aiohttp import web
+
+    from micboard.collector.api.app import create_app
+    from micboard.collector.services.devices import DeviceService
+
+    app = create_app(DeviceService(engine))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{runner.addresses[0][1]}/api/v1/live") as r,
+        ):
+            assert r.status == 503 and (await r.json(content_type=None))["code"] == "service.unavailable"
+    finally:
+        await runner.cleanup()

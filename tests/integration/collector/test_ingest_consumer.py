@@ -1,0 +1,343 @@
+"""IngestConsumer against a real nats-server and real SQLite / PostgreSQL: every kind, duplicates,
+reordering, poison, an event that breaks the transaction, and two consumers on one durable."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import nats
+import pytest
+from nats.aio.client import Client
+from sqlalchemy import event, func, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from micboard.agent.publisher import EnvelopeFactory, JetStreamPublisher
+from micboard.collector.ingest import APPLY_FAILED, IngestConsumer
+from micboard.collector.settings import CollectorSettings
+from micboard.collector.store.database import create_engine
+from micboard.collector.store.schema import agents, applied_events, devices, discovered, poison_events
+from micboard.shared.codec import encode
+from micboard.shared.envelope import (
+    AnyEvent,
+    DeviceBody,
+    DeviceEvent,
+    DiscoveredBody,
+    HeartbeatBody,
+    HelloBody,
+    OfflineBody,
+)
+from micboard.shared.model import Device, Family, ReceiverChannel, Transmitter, Vendor, apply_changes
+from micboard.shared.natsd import EmbeddedNats
+from micboard.shared.subjects import build_subject
+
+
+def settings_for(server: EmbeddedNats, tmp_path: Path, **overrides: Any) -> CollectorSettings:
+    """Settings with short timers so that retries happen within a test."""
+    values: dict[str, Any] = {
+        "nats_url": server.url,
+        "state_dir": tmp_path,
+        "fetch_timeout_s": 0.2,
+        "ack_wait_s": 2.0,
+        "redelivery_backoff_s": [1.0],
+        "max_deliver": 4,
+        "retry_delay_s": 0.05,
+        "retry_max_delay_s": 0.2,
+    }
+    values.update(overrides)
+    return CollectorSettings(**values)
+
+
+def receiver(key: str, channels: int = 2) -> Device:
+    return Device(
+        device_key=key,
+        vendor=Vendor.SHURE,
+        family=Family.ULXD,
+        model="ULXD4D",
+        channels=tuple(
+            ReceiverChannel(index=i, name=f"HH0{i} Person", transmitter=Transmitter(battery_bars=5))
+            for i in range(1, channels + 1)
+        ),
+    )
+
+
+@pytest.fixture
+async def nc(nats_private: EmbeddedNats) -> AsyncIterator[Client]:
+    client = await nats.connect(nats_private.url)
+    yield client
+    await client.close()
+
+
+async def publish(nc: Client, events: Sequence[AnyEvent]) -> None:
+    publisher = JetStreamPublisher(nc)
+    for item in events:
+        await publisher.publish(item)
+
+
+async def drain(ingest: IngestConsumer, done: Callable[[], bool], timeout_s: float = 15.0) -> None:
+    """Run batches until ``done()`` holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not done():
+        assert loop.time() < deadline, f"not done in {timeout_s} s: {ingest.stats}"
+        await ingest.run_once()
+
+
+async def count(engine: AsyncEngine, table: Any) -> int:
+    async with engine.connect() as conn:
+        return int((await conn.execute(select(func.count()).select_from(table))).scalar_one())
+
+
+async def stored_device(engine: AsyncEngine, agent: str, key: str) -> dict[str, Any]:
+    async with engine.connect() as conn:
+        row = (
+            (await conn.execute(select(devices).where(devices.c.agent == agent, devices.c.device_key == key)))
+            .mappings()
+            .one()
+        )
+    return dict(row)
+
+
+async def test_every_kind_is_applied(
+    nats_private: EmbeddedNats, nc: Client, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    factory = EnvelopeFactory("venue", "pi-1")
+    events = [
+        factory.make(HelloBody(version="1.2", hostname="pi")),
+        factory.make(HeartbeatBody(uptime_s=1.0, outbox_depth=2)),
+        factory.make(DeviceBody(device_key="rx", snapshot=receiver("rx"))),
+        factory.make(DeviceBody(device_key="rx", changes={"name": "Stage left"})),
+        factory.make(OfflineBody(device_key="rx")),
+        factory.make(DiscoveredBody(source="mdns", address="10.0.0.7", port=2202, model="ULXD4D")),
+    ]
+    ingest = IngestConsumer(nc, engine, settings_for(nats_private, tmp_path))
+    await ingest.start()
+    await publish(nc, events)
+    await drain(ingest, lambda: ingest.stats.events >= len(events))
+    assert ingest.stats.outcomes == {"applied": 6}
+    row = await stored_device(engine, "pi-1", "rx")
+    assert (row["status"], row["name"], row["last_seq"]) == ("offline", "Stage left", 5)
+    async with engine.connect() as conn:
+        agent = (await conn.execute(select(agents))).mappings().one()
+        found = (await conn.execute(select(discovered))).mappings().one()
+    assert (agent["version"], agent["outbox_depth"], agent["status"]) == ("1.2", 2, "online")
+    assert (found["identity"], found["model"]) == ("10.0.0.7:2202", "ULXD4D")
+    assert await count(engine, applied_events) == 6
+
+
+async def test_duplicates_and_reordering_give_the_in_order_state(
+    nats_private: EmbeddedNats, nc: Client, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    factory = EnvelopeFactory("venue", "pi-1")
+    snapshot = factory.make(DeviceBody(device_key="rx", snapshot=receiver("rx")))
+    assert isinstance(snapshot, DeviceEvent)
+    deltas = [
+        factory.make(DeviceBody(device_key="rx", changes={"channels": {1: {"name": "HH01 Ada"}}})),
+        factory.make(DeviceBody(device_key="rx", changes={"firmware": "2.7"})),
+        factory.make(DeviceBody(device_key="rx", changes={"channels": {2: {"frequency_khz": 578_000}}})),
+        factory.make(DeviceBody(device_key="rx", changes={"channels": {1: {"name": "HH01 Grace"}}})),
+    ]
+    expected = snapshot.body.snapshot
+    assert expected is not None
+    for delta in deltas:
+        expected = apply_changes(expected, delta.body.changes or {})  # type: ignore[union-attr]
+    ingest = IngestConsumer(nc, engine, settings_for(nats_private, tmp_path, batch_size=3))
+    await ingest.start()
+    js = nc.jetstream()
+    # Newest first, and every event twice under different Msg-Ids so that NATS does not drop
+    # the copies: the database has to deduplicate and order them.
+    for item in [snapshot, *reversed(deltas), *deltas, snapshot]:
+        await js.publish(build_subject(item.site, item.agent, item.kind), encode(item))
+    await drain(ingest, lambda: ingest.stats.events >= 10)
+    assert ingest.stats.outcomes["duplicate"] == 5
+    row = await stored_device(engine, "pi-1", "rx")
+    assert Device.model_validate(row["state"]) == expected
+    assert row["last_seq"] == deltas[-1].seq
+    assert await count(engine, applied_events) == 5
+
+
+async def test_delta_before_its_snapshot_is_retried_until_it_applies(
+    nats_private: EmbeddedNats, nc: Client, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    factory = EnvelopeFactory("venue", "pi-1")
+    snapshot = factory.make(DeviceBody(device_key="rx", snapshot=receiver("rx")))
+    delta = factory.make(DeviceBody(device_key="rx", changes={"model": "ULXD4Q"}))
+    ingest = IngestConsumer(nc, engine, settings_for(nats_private, tmp_path, batch_size=1))
+    await ingest.start()
+    await publish(nc, [delta, snapshot])
+    await drain(ingest, lambda: ingest.stats.outcomes.get("applied", 0) >= 2)
+    assert ingest.stats.outcomes["deferred"] >= 1
+    assert (await stored_device(engine, "pi-1", "rx"))["model"] == "ULXD4Q"
+
+
+async def test_poison_is_terminated_kept_and_counted_without_blocking_the_batch(
+    nats_private: EmbeddedNats, nc: Client, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    factory = EnvelopeFactory("venue", "pi-1")
+    good = factory.make(HelloBody(version="1"))
+    ingest = IngestConsumer(nc, engine, settings_for(nats_private, tmp_path))
+    await ingest.start()
+    js = nc.jetstream()
+    unknown_version = msgpack.packb({**good.model_dump(mode="python"), "v": 99, "seq": 50})
+    await js.publish("micboard.v1.venue.pi-1.hello", b"\xc1not msgpack")
+    await js.publish("micboard.v1.venue.pi-1.hello", unknown_version)
+    await js.publish("micboard.v1.other.pi-1.hello", encode(good))  # site disagrees with subject
+    await publish(nc, [good])
+    await drain(ingest, lambda: ingest.stats.events >= 4)
+    assert ingest.stats.poison_by_code == {"wire.garbage": 1, "wire.unknown_version": 1, "wire.invalid": 1}
+    assert ingest.stats.outcomes == {"applied": 1}
+    async with engine.connect() as conn:
+        rows = (await conn.execute(select(poison_events).order_by(poison_events.c.id))).mappings().all()
+    assert [r["code"] for r in rows] == ["wire.garbage", "wire.unknown_version", "wire.invalid"]
+    assert rows[0]["data"] == b"\xc1not msgpack" and rows[0]["stream_seq"] == 1
+    # Terminated: nothing is redelivered.
+    await asyncio.sleep(0.3)
+    assert await ingest.run_once() == 0
+
+
+async def _refuse_device(engine: AsyncEngine, key: str) -> None:
+    """A real database trigger that fails any insert of device ``key``: a stand-in for a bad row."""
+    async with engine.begin() as conn:
+        if conn.dialect.name == "sqlite":
+            await conn.execute(
+                text(
+                    "CREATE TRIGGER refuse_device BEFORE INSERT ON devices "
+                    f"WHEN NEW.device_key = '{key}' BEGIN SELECT RAISE(ABORT, 'refused by trigger'); END"
+                )
+            )
+        else:
+            await conn.execute(
+                text(
+                    "CREATE FUNCTION refuse_device() RETURNS trigger AS $$ BEGIN "
+                    f"IF NEW.device_key = '{key}' THEN RAISE EXCEPTION 'refused by trigger'; END IF; "
+                    "RETURN NEW; END $$ LANGUAGE plpgsql"
+                )
+            )
+            await conn.execute(
+                text(
+                    "CREATE TRIGGER refuse_device BEFORE INSERT ON devices "
+                    "FOR EACH ROW EXECUTE FUNCTION refuse_device()"
+                )
+            )
+
+
+async def test_an_event_that_breaks_the_transaction_is_isolated_then_dead_lettered(
+    nats_private: EmbeddedNats, nc: Client, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    await _refuse_device(engine, "explodes")
+    factory = EnvelopeFactory("venue", "pi-1")
+    events = [factory.make(DeviceBody(device_key=f"rx-{i}", snapshot=receiver(f"rx-{i}"))) for i in range(3)]
+    events.insert(1, factory.make(DeviceBody(device_key="explodes", snapshot=receiver("explodes"))))
+    ingest = IngestConsumer(nc, engine, settings_for(nats_private, tmp_path))
+    await ingest.start()
+    await publish(nc, events)
+    await drain(ingest, lambda: ingest.stats.dead_lettered >= 1)
+    assert ingest.stats.failed_batches >= 1
+    # The good ones were applied on the first delivery, the bad one tried max_deliver times.
+    assert await count(engine, devices) == 3
+    assert ingest.stats.outcomes == {"applied": 3}
+    async with engine.connect() as conn:
+        [row] = (await conn.execute(select(poison_events))).mappings().all()
+    assert row["code"] == APPLY_FAILED and "refused by trigger" in row["reason"]
+    assert row["deliveries"] == 4 and row["subject"] == "micboard.v1.venue.pi-1.device"
+    assert await count(engine, applied_events) == 3
+
+
+async def test_two_consumers_share_the_durable_and_apply_each_event_once(
+    nats_private: EmbeddedNats, db_url: str, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    rng = random.Random(5)
+    factories = [EnvelopeFactory("venue", f"pi-{a}") for a in range(4)]
+    events: list[AnyEvent] = []
+    expected: dict[tuple[str, str], Device] = {}
+    for factory in factories:
+        events.append(factory.make(HelloBody(version="1")))
+        for d in range(3):
+            device = receiver(f"rx-{d}")
+            events.append(factory.make(DeviceBody(device_key=device.device_key, snapshot=device)))
+            expected[factory.agent, device.device_key] = device
+    for step in range(400):
+        factory = rng.choice(factories)
+        key = f"rx-{rng.randrange(3)}"
+        channel = rng.choice([1, 2])
+        changes: dict[str, Any] = rng.choice(
+            [
+                {"channels": {channel: {"transmitter": {"battery_bars": rng.randrange(6)}}}},
+                {"channels": {channel: {"name": f"HH0{channel} P{step}"}}},
+                {"firmware": f"fw-{step}"},
+                {"name": f"rx {step}"},
+            ]
+        )
+        events.append(factory.make(DeviceBody(device_key=key, changes=changes)))
+        expected[factory.agent, key] = apply_changes(expected[factory.agent, key], changes)
+    first_nc = await nats.connect(nats_private.url)
+    second_nc = await nats.connect(nats_private.url)
+    second_engine = create_engine(db_url)
+    try:
+        settings = settings_for(nats_private, tmp_path, batch_size=16)
+        consumers = [
+            IngestConsumer(first_nc, engine, settings),
+            IngestConsumer(second_nc, second_engine, settings),
+        ]
+        for consumer in consumers:
+            await consumer.start()
+        tasks = [asyncio.create_task(c.run()) for c in consumers]
+        await publish(first_nc, events)
+        deadline = asyncio.get_running_loop().time() + 30
+        while await count(engine, applied_events) < len(events):
+            assert asyncio.get_running_loop().time() < deadline
+            assert not any(t.done() for t in tasks)
+            await asyncio.sleep(0.1)
+        for consumer in consumers:
+            consumer.stop()
+        await asyncio.gather(*tasks)
+    finally:
+        await first_nc.close()
+        await second_nc.close()
+        await second_engine.dispose()
+    assert all(c.stats.events > 0 for c in consumers), "both consumers took part"
+    assert await count(engine, applied_events) == len(events)
+    for (agent, key), device in expected.items():
+        row = await stored_device(engine, agent, key)
+        assert Device.model_validate(row["state"]) == device, (agent, key)
+
+
+async def test_a_batch_costs_the_same_statements_whatever_its_size(
+    nats_private: EmbeddedNats, nc: Client, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    settings = settings_for(nats_private, tmp_path, batch_size=200)
+    ingest = IngestConsumer(nc, engine, settings)
+    await ingest.start()
+    factory = EnvelopeFactory("venue", "pi-1")
+    snapshots = [
+        factory.make(DeviceBody(device_key=f"rx-{i}", snapshot=receiver(f"rx-{i}"))) for i in range(50)
+    ]
+    await publish(nc, snapshots)
+    await drain(ingest, lambda: ingest.stats.events >= 50)
+    sizes = []
+    for n in (5, 150):
+        deltas = [
+            factory.make(
+                DeviceBody(device_key=f"rx-{i % 50}", changes={"channels": {1: {"name": f"HH01 {i}"}}})
+            )
+            for i in range(n)
+        ]
+        await publish(nc, deltas)
+        event.listen(engine.sync_engine, "before_cursor_execute", record)
+        before, batches = ingest.stats.events, ingest.stats.batches
+        await drain(ingest, lambda before=before, n=n: ingest.stats.events >= before + n)  # type: ignore[misc]
+        event.remove(engine.sync_engine, "before_cursor_execute", record)
+        assert ingest.stats.batches == batches + 1, "one fetch took the whole backlog"
+        sizes.append(len(statements))
+        statements.clear()
+    # Claim, site, stale agents, agent, devices (select, update), channels.
+    assert sizes[0] == sizes[1] <= 8, sizes
