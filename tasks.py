@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import venv
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -98,12 +99,52 @@ def task_typecheck(_args: list[str]) -> int:
     return run(PYTHON, "-m", "mypy", check=False)
 
 
+SOURCE_TREES = ("shared/src", "agent/src", "collector/src")
+
+
+def task_security(_args: list[str]) -> int:
+    """bandit over the shipped code (each accepted finding is justified inline)."""
+    ensure_venv()
+    return run(PYTHON, "-m", "bandit", "-q", "-c", "pyproject.toml", "-r", *SOURCE_TREES, check=False)
+
+
+def task_docstrings(_args: list[str]) -> int:
+    """interrogate: docstring coverage of the shipped code (settings in pyproject.toml)."""
+    ensure_venv()
+    return run(PYTHON, "-m", "interrogate", "-c", "pyproject.toml", *SOURCE_TREES, check=False)
+
+
+def _coverage_percent() -> str:
+    report = ROOT / "coverage.xml"
+    if not report.exists():
+        return "n/a"
+    head = report.read_text(encoding="utf-8")[:2000]
+    marker = 'line-rate="'
+    start = head.find(marker)
+    if start < 0:
+        return "n/a"
+    rate = float(head[start + len(marker) : head.index('"', start + len(marker))])
+    return f"{rate * 100:.1f} % of lines"
+
+
 def task_check(args: list[str]) -> int:
-    """Every quality gate: lint, types, tests with coverage."""
-    for task in (task_lint, task_typecheck):
-        if task([]) != 0:
-            return 1
-    return task_test(args)
+    """Every quality gate (lint, types, security, docstrings, tests with coverage) and one table."""
+    gates: list[tuple[str, str, TaskFn]] = [
+        ("lint", "ruff check, project rule set incl. security rules", task_lint),
+        ("types", "mypy --strict over packages, tests, bench, scripts", task_typecheck),
+        ("security", "bandit over shared/agent/collector", task_security),
+        ("docstrings", "interrogate >= 95 %", task_docstrings),
+        ("tests", "pytest, coverage gate in pyproject.toml", task_test),
+    ]
+    results = []
+    for name, what, task in gates:
+        status = task(args if task is task_test else [])
+        results.append((name, what, status))
+    print(f"\n{'gate':<11} {'check':<52} result")
+    for name, what, status in results:
+        extra = f" ({_coverage_percent()})" if name == "tests" else ""
+        print(f"{name:<11} {what:<52} {'pass' if status == 0 else 'FAIL'}{extra}")
+    return 0 if all(status == 0 for _n, _w, status in results) else 1
 
 
 def task_bench(args: list[str]) -> int:
@@ -138,12 +179,16 @@ def task_install(_args: list[str]) -> int:
     return 0
 
 
-TASKS = {
+TaskFn = Callable[[list[str]], int]
+
+TASKS: dict[str, TaskFn] = {
     "demo": task_demo,
     "test": task_test,
     "lint": task_lint,
     "typecheck": task_typecheck,
     "check": task_check,
+    "security": task_security,
+    "docstrings": task_docstrings,
     "bench": task_bench,
     "install": task_install,
 }

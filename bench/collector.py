@@ -7,7 +7,8 @@ second, a heartbeat per agent every 10 s) is published through the agent's own p
 messages are then consumed three ways, each by its own durable consumer:
 
 - bare: fetch + msgpack unpack + ack, the floor any consumer pays;
-- the real :class:`IngestConsumer` into a fresh SQLite file;
+- the real :class:`IngestConsumer`, with alert rules and history wired as in the collector,
+  into a fresh SQLite file;
 - the real :class:`IngestConsumer` into a scratch PostgreSQL database
   (``MICBOARD_TEST_PG_DSN``, default ``postgresql://postgres@127.0.0.1:5432/test``).
 
@@ -39,6 +40,8 @@ from sqlalchemy.engine import make_url
 
 from micboard.agent.publisher import EnvelopeFactory, JetStreamPublisher
 from micboard.collector.ingest import IngestConsumer, ensure_stream
+from micboard.collector.services.alerts import AlertService
+from micboard.collector.services.history import HistoryService
 from micboard.collector.settings import CollectorSettings
 from micboard.collector.store.database import create_engine
 from micboard.collector.store.migrate import upgrade
@@ -155,7 +158,9 @@ async def ingest_rate(
     engine = create_engine(url)
     try:
         await upgrade(engine)
-        ingest = IngestConsumer(nc, engine, settings)
+        # Wired as the Collector wires it: alert rules in each batch's transaction, history after it.
+        history = HistoryService(engine)
+        ingest = IngestConsumer(nc, engine, settings, alerts=AlertService(engine), history=history)
         await ingest.start()
         started = time.perf_counter()
         running = asyncio.create_task(ingest.run())
@@ -164,6 +169,7 @@ async def ingest_rate(
         elapsed = time.perf_counter() - started
         ingest.stop()
         await running
+        await history.close()
         async with engine.connect() as conn:
             applied = (await conn.execute(select(func.count()).select_from(applied_events))).scalar_one()
         if applied != total:

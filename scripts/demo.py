@@ -43,7 +43,7 @@ def port_is_free(port: int) -> bool:
 def get_json(url: str, token: str) -> Any:
     """GET ``url`` with the API token and decode its JSON body."""
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})  # noqa: S310
-    with urllib.request.urlopen(request, timeout=2) as response:  # noqa: S310  # nosec B310 - loopback URL
+    with urllib.request.urlopen(request, timeout=2) as response:  # noqa: S310  # nosec B310  # loopback URL
         return json.load(response)
 
 

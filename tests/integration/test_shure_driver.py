@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from micboard.agent.drivers.base import DeviceTarget, DriverCommand, DriverOptions
+from micboard.agent.drivers.base import CommandReply, DeviceTarget, DriverCommand, DriverOptions
 from micboard.agent.drivers.shure import SHURE_SIMULATOR_KINDS, ShureDriver, ShureSimulator
-from micboard.agent.drivers.shure.protocol import FrameReader, Rep, RepErr, Sample, Set
+from micboard.agent.drivers.shure.protocol import FrameReader, Get, Rep, RepErr, Sample, Set
 from micboard.agent.drivers.shure.simulator import MODELS
 from micboard.shared.envelope import CommandAction, CommandOutcome
 from micboard.shared.model import ChannelMeter, Device, Family, ReceiverChannel, Transmitter
@@ -22,6 +22,17 @@ FAST = DriverOptions(
     silence_timeout_s=0.5,
     connect_timeout_s=0.5,
     command_timeout_s=0.5,
+    backoff_initial_s=0.05,
+    backoff_max_s=0.2,
+)
+# The default for tests about what the device says, not about how long it takes: on a loaded
+# machine a 0.5 s command or silence timeout can fire first and turn an answer into a timeout or
+# a reconnect. Tests of the timeouts themselves pass FAST.
+PATIENT = DriverOptions(
+    meter_interval_ms=100,
+    silence_timeout_s=5.0,
+    connect_timeout_s=5.0,
+    command_timeout_s=5.0,
     backoff_initial_s=0.05,
     backoff_max_s=0.2,
 )
@@ -46,7 +57,9 @@ class Recorder:
         self.links.append((online, reason))
 
 
-async def until(predicate: Callable[[], object], within_s: float = 2.0) -> None:
+# A bound for conditions that must come true, not a measure of speed: it is generous so that a
+# loaded machine cannot fail a wait that returns in milliseconds when it is not.
+async def until(predicate: Callable[[], object], within_s: float = 10.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within_s
     while not predicate():
@@ -86,7 +99,7 @@ class Rig:
 
 @contextlib.asynccontextmanager
 async def running_driver(
-    sim: ShureSimulator, options: DriverOptions = FAST, port: int | None = None
+    sim: ShureSimulator, options: DriverOptions = PATIENT, port: int | None = None
 ) -> AsyncIterator[tuple[ShureDriver, Recorder, asyncio.Task[None]]]:
     seen = Recorder()
     target = DeviceTarget("127.0.0.1", sim.port if port is None else port, sim.family, "rack-1")
@@ -100,7 +113,7 @@ async def running_driver(
 
 
 @contextlib.asynccontextmanager
-async def rig(kind: str, options: DriverOptions = FAST, *, wait_online: bool = True) -> AsyncIterator[Rig]:
+async def rig(kind: str, options: DriverOptions = PATIENT, *, wait_online: bool = True) -> AsyncIterator[Rig]:
     sim = ShureSimulator(kind, port=0, seed=3, activity=0.0)
     await sim.start()
     try:
@@ -211,7 +224,7 @@ async def test_commands_to_an_unreachable_device_are_device_offline() -> None:
         probe.bind(("127.0.0.1", 0))
         free_port = probe.getsockname()[1]
     sim = ShureSimulator("ulxd4", port=0)
-    async with running_driver(sim, port=free_port) as (driver, seen, _task):
+    async with running_driver(sim, FAST, port=free_port) as (driver, seen, _task):
         await until(lambda: seen.links)
         assert seen.links == [(False, "connect_failed")]
         reply = await driver.execute(DriverCommand(CommandAction.IDENTIFY))
@@ -225,7 +238,7 @@ async def test_commands_to_an_unreachable_device_are_device_offline() -> None:
 
 
 async def test_silent_device_is_detected_and_comes_back() -> None:
-    async with rig("ad4d") as r:
+    async with rig("ad4d", FAST) as r:
         loop = asyncio.get_running_loop()
         r.sim.faults.silent = True
         started = loop.time()
@@ -275,19 +288,66 @@ async def test_garbage_between_messages_does_not_break_the_driver() -> None:
 
 
 async def test_rep_err_fails_commands_and_is_counted() -> None:
-    async with rig("ad4q") as r:
+    async with rig("ad4q", PATIENT) as r:
+        # The fault may also hit the metering SETs the driver sends on connect, if the simulator
+        # has not read them yet: their REP ERRs must be matched to them, not to the renames.
         r.sim.faults.rep_err = True
         reply = await r.driver.execute(DriverCommand(CommandAction.RENAME, channel=1, value="Nope"))
-        assert reply.outcome is CommandOutcome.FAILED
+        assert reply == CommandReply(CommandOutcome.FAILED, "device answered REP ERR")
         assert r.driver.stats.device_errors >= 1
         assert r.sim.channel(1).name != "Nope"
         r.sim.faults.rep_err = False
         reply = await r.driver.execute(DriverCommand(CommandAction.RENAME, channel=1, value="Yes"))
-        assert reply.outcome is CommandOutcome.OK
+        assert reply.outcome is CommandOutcome.OK, reply
+
+
+async def test_a_rep_err_fails_only_the_request_it_answers() -> None:
+    # The race behind a flaky REP ERR test, made deterministic: the full read reports
+    # METER_RATE 00000 in the same bytes that make the driver ask for metering; the device
+    # refuses that SET, but only once the first rename has been sent, and answers the rename
+    # (with REP ERR) a little later. The metering SET's REP ERR must not fail the first rename,
+    # and the first rename's REP ERR must not fail the second.
+    renames: list[str] = []
+
+    async def device(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        frames = FrameReader()
+        held = b""
+        while data := await reader.read(4096):
+            for message in frames.feed(data):
+                if isinstance(message, Get) and message.channel == 0:
+                    writer.write(b"< REP 1 CHAN_NAME {One     } >< REP 1 METER_RATE 00000 >")
+                elif isinstance(message, Get):
+                    writer.write(b"< REP ERR >")  # identity: this device tells nothing
+                elif isinstance(message, Set) and message.param == "METER_RATE":
+                    held += b"< REP ERR >"
+                elif isinstance(message, Set) and message.param == "CHAN_NAME":
+                    renames.append(message.value.rstrip())
+                    if len(renames) == 1:
+                        writer.write(held)
+                        await asyncio.sleep(0.2)
+                        writer.write(b"< REP ERR >")
+                    else:
+                        writer.write(f"< REP 1 CHAN_NAME {{{message.value}}} >".encode("ascii"))
+        writer.close()
+
+    server = await asyncio.start_server(device, "127.0.0.1", 0)
+    sim = ShureSimulator("ulxd4", port=server.sockets[0].getsockname()[1])
+    try:
+        async with running_driver(sim, PATIENT) as (driver, _seen, _task):
+            await until(lambda: driver.online)
+            first = await driver.execute(DriverCommand(CommandAction.RENAME, channel=1, value="Nope"))
+            assert first == CommandReply(CommandOutcome.FAILED, "device answered REP ERR")
+            second = await driver.execute(DriverCommand(CommandAction.RENAME, channel=1, value="Yes"))
+            assert second == CommandReply(CommandOutcome.OK)
+            assert renames == ["Nope", "Yes"]
+            assert driver.stats.device_errors == 3 + 1 + 1  # identity, metering, first rename
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_slow_device_times_out_commands() -> None:
-    async with rig("ulxd4") as r:
+    async with rig("ulxd4", FAST) as r:
         r.sim.faults.delay_s = 0.8
         reply = await r.driver.execute(DriverCommand(CommandAction.MUTE, channel=1))
         assert reply.outcome is CommandOutcome.FAILED
@@ -345,28 +405,33 @@ async def test_cancelled_driver_still_switches_metering_off() -> None:
     await sim.start()
     try:
         seen = Recorder()
-        driver = ShureDriver(DeviceTarget("127.0.0.1", sim.port, Family.ULXD, "rack-1"), seen, FAST)
+        driver = ShureDriver(DeviceTarget("127.0.0.1", sim.port, Family.ULXD, "rack-1"), seen, PATIENT)
         task = asyncio.create_task(driver.run())
         await until(lambda: driver.online)
         task.cancel()
+        # Bounded: a cancellation the driver loses (asyncio.wait_for on Python 3.11 can drop one
+        # that arrives together with a SAMPLE) must fail here, not hang the run.
         with contextlib.suppress(asyncio.CancelledError):
-            await task
+            await asyncio.wait_for(asyncio.shield(task), 5.0)
+        assert task.cancelled()
         await until(lambda: Set(2, "METER_RATE", None, "00000") in sim.received)
     finally:
         await sim.stop()
 
 
 async def test_a_quiet_device_is_probed_not_dropped() -> None:
+    # The probe is sent after half the silence timeout and must be answered in the other half:
+    # 1 s leaves a loaded machine room for that; 2.5 s of quiet still spans two timeouts.
     quiet = DriverOptions(
         meter_interval_ms=0,
-        silence_timeout_s=0.4,
+        silence_timeout_s=1.0,
         connect_timeout_s=0.5,
         command_timeout_s=0.5,
         backoff_initial_s=0.05,
         backoff_max_s=0.2,
     )
     async with rig("qlxd4", quiet) as r:
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(2.5)
         assert r.driver.online
         assert r.seen.links == [(True, "connected")]
         assert r.seen.meters == []
@@ -510,7 +575,7 @@ async def test_odd_device_output_is_counted_and_identity_gaps_do_not_block() -> 
     port = server.sockets[0].getsockname()[1]
     sim = ShureSimulator("ulxd4", port=port)
     try:
-        async with running_driver(sim) as (driver, seen, _task):
+        async with running_driver(sim, FAST) as (driver, seen, _task):
             await until(lambda: driver.online)
             assert seen.devices[-1].channels[0].name == "Odd"
             assert seen.devices[-1].model == "ULXD4"

@@ -16,6 +16,7 @@ from micboard.collector.settings import CollectorSettings
 from micboard.collector.store.database import create_engine
 from micboard.collector.store.schema import agents, devices
 from micboard.shared.envelope import DeviceBody, HeartbeatBody
+from micboard.shared.errors import ConfigError
 from micboard.shared.model import Device, Family, Vendor
 from micboard.shared.natsd import EmbeddedNats
 
@@ -78,3 +79,38 @@ async def test_notifies_systemd_and_marks_silent_agents_stale(
             except BlockingIOError:
                 break
         assert b"STOPPING=1" in messages
+
+
+async def test_bad_nats_options_fail_the_start_before_anything_runs(tmp_path: Path) -> None:
+    settings = CollectorSettings(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'micboard.db'}",
+        http_port=0,
+        state_dir=tmp_path,
+        nats_nkey_seed_file=tmp_path / "missing.nk",
+    )
+    collector = Collector(settings)
+    with pytest.raises(ConfigError, match=r"missing\.nk"):
+        await collector.start()
+    # No embedded nats-server was started (nor left running), no database file was opened.
+    assert collector.embedded is None and collector.running is None
+    assert not (tmp_path / "nats").exists() and not (tmp_path / "micboard.db").exists()
+    await collector.stop()  # idempotent after a failed start
+
+
+async def test_a_failure_late_in_the_start_stops_what_was_started(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = CollectorSettings(
+            database_url=f"sqlite+aiosqlite:///{tmp_path / 'micboard.db'}",
+            http_port=taken.getsockname()[1],
+            state_dir=tmp_path,
+            fetch_timeout_s=0.1,
+        )
+        collector = Collector(settings)
+        with pytest.raises(OSError):
+            await collector.start()
+    # The embedded nats-server, ingest, the services and the engine were all stopped again.
+    assert collector.embedded is None and collector.running is None
+    assert collector.history is None and collector.webhooks is None and collector.meters is None
+    assert not [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]

@@ -4,8 +4,9 @@ reordering, poison, an event that breaks the transaction, and two consumers on o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +15,15 @@ import nats
 import pytest
 from nats.aio.client import Client
 from sqlalchemy import event, func, select, text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from micboard.agent.publisher import EnvelopeFactory, JetStreamPublisher
 from micboard.collector.ingest import APPLY_FAILED, IngestConsumer
+from micboard.collector.services.alerts import AlertChange, AlertService, DeviceTransition
 from micboard.collector.settings import CollectorSettings
 from micboard.collector.store.database import create_engine
 from micboard.collector.store.schema import agents, applied_events, devices, discovered, poison_events
+from micboard.collector.store.schema_alerts import alerts as alerts_table
 from micboard.shared.codec import encode
 from micboard.shared.envelope import (
     AnyEvent,
@@ -78,13 +81,48 @@ async def publish(nc: Client, events: Sequence[AnyEvent]) -> None:
         await publisher.publish(item)
 
 
-async def drain(ingest: IngestConsumer, done: Callable[[], bool], timeout_s: float = 15.0) -> None:
-    """Run batches until ``done()`` holds."""
+# How long ingest may make no progress at all before a wait fails. The waits below give up on a
+# stall, not on a total: on a loaded 2-core machine the same work can take several times longer,
+# and a fixed deadline would fail a run that was slow but never stuck (pytest-timeout still caps it).
+STALL_S = 30.0
+
+
+async def drain(ingest: IngestConsumer, done: Callable[[], bool], stall_s: float = STALL_S) -> None:
+    """Run batches until ``done()`` holds; fail if no counter of ``ingest.stats`` moved for ``stall_s``."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
+
+    def counters() -> tuple[object, ...]:
+        # last_batch_ms is a duration, not progress.
+        return dataclasses.astuple(dataclasses.replace(ingest.stats, last_batch_ms=0.0))
+
+    seen = counters()
+    moved_at = loop.time()
     while not done():
-        assert loop.time() < deadline, f"not done in {timeout_s} s: {ingest.stats}"
+        now = counters()
+        if now != seen:
+            seen, moved_at = now, loop.time()
+        assert loop.time() - moved_at < stall_s, f"no progress in {stall_s} s: {ingest.stats}"
         await ingest.run_once()
+
+
+async def until_counted(
+    measure: Callable[[], Awaitable[int]],
+    target: int,
+    check: Callable[[], None] = lambda: None,
+    stall_s: float = STALL_S,
+    describe: Callable[[], object] = lambda: "",
+) -> None:
+    """Poll ``measure()`` until it reaches ``target``; fail if it did not grow for ``stall_s``."""
+    loop = asyncio.get_running_loop()
+    best = await measure()
+    moved_at = loop.time()
+    while best < target:
+        check()
+        assert loop.time() - moved_at < stall_s, f"stuck at {best} of {target} for {stall_s} s {describe()}"
+        await asyncio.sleep(0.1)
+        value = await measure()
+        if value > best:
+            best, moved_at = value, loop.time()
 
 
 async def count(engine: AsyncEngine, table: Any) -> int:
@@ -278,7 +316,13 @@ async def test_two_consumers_share_the_durable_and_apply_each_event_once(
     second_nc = await nats.connect(nats_private.url)
     second_engine = create_engine(db_url)
     try:
-        settings = settings_for(nats_private, tmp_path, batch_size=16)
+        # Each agent's events are split between the two consumers, so one often holds an event
+        # whose predecessor the other has not committed yet: it defers it (nak, redelivered after
+        # the backoff). The deferral must outlast the other consumer's batch however loaded the
+        # machine is: 4 deliveries 1 s apart (settings_for) did not, and dead-lettered events.
+        settings = settings_for(
+            nats_private, tmp_path, batch_size=16, redelivery_backoff_s=[0.5], max_deliver=120
+        )
         consumers = [
             IngestConsumer(first_nc, engine, settings),
             IngestConsumer(second_nc, second_engine, settings),
@@ -287,11 +331,16 @@ async def test_two_consumers_share_the_durable_and_apply_each_event_once(
             await consumer.start()
         tasks = [asyncio.create_task(c.run()) for c in consumers]
         await publish(first_nc, events)
-        deadline = asyncio.get_running_loop().time() + 30
-        while await count(engine, applied_events) < len(events):
-            assert asyncio.get_running_loop().time() < deadline
+
+        def consumers_alive() -> None:
             assert not any(t.done() for t in tasks)
-            await asyncio.sleep(0.1)
+
+        await until_counted(
+            lambda: count(engine, applied_events),
+            len(events),
+            consumers_alive,
+            describe=lambda: [c.stats for c in consumers],
+        )
         for consumer in consumers:
             consumer.stop()
         await asyncio.gather(*tasks)
@@ -300,6 +349,7 @@ async def test_two_consumers_share_the_durable_and_apply_each_event_once(
         await second_nc.close()
         await second_engine.dispose()
     assert all(c.stats.events > 0 for c in consumers), "both consumers took part"
+    assert [c.stats.dead_lettered for c in consumers] == [0, 0]
     assert await count(engine, applied_events) == len(events)
     for (agent, key), device in expected.items():
         row = await stored_device(engine, agent, key)
@@ -341,3 +391,37 @@ async def test_a_batch_costs_the_same_statements_whatever_its_size(
         statements.clear()
     # Claim, site, stale agents, agent, devices (select, update), channels.
     assert sizes[0] == sizes[1] <= 8, sizes
+
+
+class _AlertsFailingHalfway(AlertService):
+    """Opens its alerts, then fails: what a bug in a rule would do in the middle of a batch."""
+
+    async def evaluate_devices(
+        self, conn: AsyncConnection, changes: Sequence[DeviceTransition], *, now_ms: int | None = None
+    ) -> list[AlertChange]:
+        opened = await super().evaluate_devices(conn, changes, now_ms=now_ms)
+        assert opened, "the battery should have opened alerts before the failure"
+        raise RuntimeError("rule exploded")
+
+
+async def test_a_failing_alert_evaluation_costs_neither_the_state_nor_the_event(
+    nats_private: EmbeddedNats, nc: Client, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    low = Device(
+        device_key="rx-low",
+        vendor=Vendor.SHURE,
+        family=Family.ULXD,
+        channels=(ReceiverChannel(index=1, transmitter=Transmitter(battery_bars=1)),),
+    )
+    ingest = IngestConsumer(
+        nc, engine, settings_for(nats_private, tmp_path), alerts=_AlertsFailingHalfway(engine)
+    )
+    await ingest.start()
+    await publish(nc, [EnvelopeFactory("venue", "pi-1").make(DeviceBody(device_key="rx-low", snapshot=low))])
+    await drain(ingest, lambda: ingest.stats.events >= 1)
+    # The state committed and the event was acked; the alert rows written before the failure
+    # were rolled back with their savepoint.
+    assert ingest.stats.outcomes == {"applied": 1} and ingest.stats.alert_failures == 1
+    assert ingest.stats.failed_batches == 0
+    assert await count(engine, devices) == 1
+    assert await count(engine, alerts_table) == 0

@@ -213,3 +213,21 @@ async def test_a_batch_applies_in_order_and_deduplicates_inside_itself(engine: A
     assert [r.outcome.value for r in results] == ["applied", "applied", "duplicate", "applied", "duplicate"]
     [row] = await stored(engine)
     assert (row["status"], row["device"]["name"]) == ("offline", "rack 1")
+
+
+async def test_old_dedup_records_are_pruned_and_state_still_refuses_old_events(engine: AsyncEngine) -> None:
+    snap = DeviceEvent(**envelope(5), body=DeviceBody(device_key="dev-1", snapshot=device("HH01 New")))
+    assert await apply(engine, snap) is ApplyOutcome.APPLIED
+    async with engine.begin() as conn:
+        kept = await SynchronizationService().prune_applied(conn, older_than_ms=0)
+        pruned = await SynchronizationService().prune_applied(
+            conn, older_than_ms=time.time_ns() // 1_000_000 + 1
+        )
+    assert (kept, pruned) == (0, 1)
+    async with engine.connect() as conn:
+        assert (await conn.execute(select(func.count()).select_from(applied_events))).scalar_one() == 0
+    # The dedup record is gone, but the device's state still refuses an older event.
+    older = DeviceEvent(**envelope(4), body=DeviceBody(device_key="dev-1", snapshot=device("HH01 Old")))
+    assert await apply(engine, older) is ApplyOutcome.OUTDATED
+    [row] = await stored(engine)
+    assert row["device"]["channels"][0]["name"] == "HH01 New"

@@ -1,11 +1,10 @@
-"""systemd notifications over a real NOTIFY_SOCKET, the metrics endpoint over real HTTP, and the unit file."""
+"""The metrics endpoint over real HTTP, and the unit file."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,50 +12,10 @@ from pathlib import Path
 import pytest
 
 from micboard.agent.metrics import Metric, MetricsServer, render
-from micboard.agent.sdnotify import SystemdNotifier
 from micboard.agent.settings import load_agent_settings
 
 ROOT = Path(__file__).resolve().parents[3]
 UNIT = ROOT / "systemd" / "micboard-agent.service"
-
-
-def test_notifications_reach_the_notify_socket(tmp_path: Path) -> None:
-    path = tmp_path / "notify.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
-        server.bind(str(path))
-        server.settimeout(2)
-        notifier = SystemdNotifier(str(path))
-        assert notifier.enabled
-        assert notifier.ready(status="2 online")
-        assert server.recv(4096) == b"READY=1\nSTATUS=2 online"
-        assert notifier.watchdog() and server.recv(4096) == b"WATCHDOG=1"
-        assert notifier.status("draining") and server.recv(4096) == b"STATUS=draining"
-        assert notifier.stopping() and server.recv(4096) == b"STOPPING=1"
-    assert notifier.sent == 4
-    gone = SystemdNotifier(str(tmp_path / "missing.sock"))
-    assert not gone.ready() and gone.errors == 1  # a vanished socket is logged, never raised
-
-
-def test_abstract_socket_and_no_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
-    name = f"micboard-test-{os.getpid()}"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
-        server.bind("\0" + name)
-        server.settimeout(2)
-        assert SystemdNotifier("@" + name).watchdog()
-        assert server.recv(64) == b"WATCHDOG=1"
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    outside = SystemdNotifier()
-    assert not outside.enabled and not outside.ready() and outside.sent == 0
-
-
-def test_watchdog_interval_is_half_of_watchdog_sec(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
-    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
-    assert SystemdNotifier.watchdog_interval_s() == 15.0
-    monkeypatch.setenv("WATCHDOG_PID", "1")  # meant for another process
-    assert SystemdNotifier.watchdog_interval_s() is None
-    monkeypatch.delenv("WATCHDOG_USEC")
-    assert SystemdNotifier.watchdog_interval_s() is None
 
 
 def test_prometheus_text() -> None:

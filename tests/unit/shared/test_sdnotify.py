@@ -35,6 +35,8 @@ def test_ready_watchdog_status_stopping_reach_the_socket(manager: tuple[socket.s
     assert sock.recv(4096) == b"STATUS=ingesting"
     assert notifier.stopping()
     assert sock.recv(4096) == b"STOPPING=1"
+    assert notifier.stopping("draining")
+    assert sock.recv(4096) == b"STOPPING=1\nSTATUS=draining"
 
 
 def test_abstract_socket_address() -> None:

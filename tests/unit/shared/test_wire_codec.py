@@ -247,6 +247,8 @@ def malformed_envelopes(draw: st.DrawFn) -> bytes:
     return bytes(msgpack.packb(raw, use_bin_type=True))
 
 
+# 10,000 examples take a while under coverage on a busy machine: a generous, bounded timeout.
+@pytest.mark.timeout(900)
 @settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(malformed_envelopes())
 def test_malformed_envelopes_only_raise_wire_error(data: bytes) -> None:

@@ -43,7 +43,6 @@ from micboard.agent.metrics import Metric, MetricsServer
 from micboard.agent.natsauth import DEFAULT_NATS_URL, agent_connect_options, command_allowed
 from micboard.agent.outbox import Outbox
 from micboard.agent.publisher import EnvelopeFactory
-from micboard.agent.sdnotify import SystemdNotifier
 from micboard.agent.sender import EventSender
 from micboard.agent.settings import AgentSettings
 from micboard.agent.state import DeviceState, StateTracker
@@ -61,6 +60,7 @@ from micboard.shared.envelope import (
     MeterBody,
 )
 from micboard.shared.errors import WireError
+from micboard.shared.sdnotify import SystemdNotifier
 from micboard.shared.subjects import Kind, build_subject
 
 log = logging.getLogger(__name__)
@@ -551,7 +551,7 @@ class AgentDaemon:
         commands = Metric("micboard_agent_commands_total", "Commands answered, by outcome.", "counter")
         for outcome, count in sorted(self.stats.commands.items()):
             commands.add(count, outcome=outcome)
-        depth, size, dropped, _error = self._outbox()
+        depth, size, _dropped, _error = self._outbox()
         drivers = self.supervisor.driver_stats()
         sender = self.sender
         acked = meters = meters_dropped = nats_reconnects = 0
@@ -565,6 +565,20 @@ class AgentDaemon:
                 stats.connected,
             )
         meters_dropped += self.stats.meters_dropped + self.tracker.stats.meters_superseded
+        # Every drop of a state event by its reason: the outbox bounds, refusals, shutdown, disk.
+        drops = Metric("micboard_agent_dropped_total", "State events dropped, by reason.", "counter")
+        by_reason = {"queue": self.stats.queue_dropped}
+        if isinstance(sender, EventSender):
+            s = sender.stats
+            by_reason |= {
+                "full": s.dropped_full,
+                "age": s.dropped_age,
+                "rejected": s.dropped_rejected,
+                "closed": s.dropped_closed,
+                "io": s.dropped_io,
+            }
+        for reason, count in sorted(by_reason.items()):
+            drops.add(count, reason=reason)
 
         def single(name: str, help_text: str, kind: str, value: float) -> Metric:
             return Metric(name, help_text, kind).add(value)
@@ -580,8 +594,7 @@ class AgentDaemon:
                    "counter", meters_dropped),
             single("micboard_agent_outbox_depth", "Events waiting in the outbox.", "gauge", depth),
             single("micboard_agent_outbox_bytes", "Bytes waiting in the outbox.", "gauge", size),
-            single("micboard_agent_dropped_total", "State events dropped (outbox bounds, refusals).",
-                   "counter", dropped),
+            drops,
             single("micboard_agent_nats_connected", "1 when the NATS link is up.", "gauge", int(connected)),
             single("micboard_agent_nats_reconnects_total", "NATS reconnects.", "counter", nats_reconnects),
             single("micboard_agent_driver_reconnects_total", "Driver reconnects to devices.", "counter",

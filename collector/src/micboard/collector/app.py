@@ -1,4 +1,4 @@
-"""The collector process: NATS (embedded when none is configured), store, ingest and HTTP."""
+"""The collector process: NATS (embedded when none is configured), store, services, ingest and HTTP."""
 
 from __future__ import annotations
 
@@ -18,10 +18,12 @@ from micboard.collector.api.live_ws import publish_committed
 from micboard.collector.ingest import IngestConsumer
 from micboard.collector.live import LiveHub
 from micboard.collector.security.natsauth import collector_connect_options
-from micboard.collector.services.alerts import AlertService
+from micboard.collector.services.alerts import AlertService, AlertThresholds
 from micboard.collector.services.commands import CommandService
 from micboard.collector.services.devices import DeviceService
 from micboard.collector.services.history import HistoryService
+from micboard.collector.services.meters import MeterService
+from micboard.collector.services.webhooks import WebhookDispatcher
 from micboard.collector.settings import CollectorSettings
 from micboard.collector.store.database import create_engine
 from micboard.collector.store.migrate import prepare
@@ -50,59 +52,105 @@ class Collector:
         self.embedded: EmbeddedNats | None = None
         self.running: RunningCollector | None = None
         self._nc: Client | None = None
+        self._engine: AsyncEngine | None = None
         self._ingest_task: asyncio.Task[None] | None = None
-        # Periodic jobs (stale agents, watchdog); cancelled and awaited by stop().
+        # Periodic jobs (stale agents, alert sweep, watchdog); cancelled and awaited by stop().
         self._periodic: list[asyncio.Task[None]] = []
         self.notifier = SystemdNotifier()
         # In-process fan-out of committed changes, alerts and meters to live views.
         self.hub = LiveHub()
+        self.alerts: AlertService | None = None
+        self.history: HistoryService | None = None
+        self.webhooks: WebhookDispatcher | None = None
+        self.meters: MeterService | None = None
+
+    def alert_defaults(self) -> AlertThresholds:
+        """The alert thresholds of a site without overrides, from the settings."""
+        return AlertThresholds(
+            resolve_hold_s=self.settings.alert_resolve_hold_s,
+            clip_resolve_hold_s=self.settings.alert_clip_resolve_hold_s,
+            rf_loss_s=self.settings.alert_rf_loss_s,
+        )
 
     async def start(self) -> RunningCollector:
-        """Start NATS (if embedded), the store, ingest and the HTTP server."""
-        nats_url = self.settings.nats_url
+        """Start NATS (if embedded), the store, the services, ingest and the HTTP server.
+
+        A failure part way stops what was started, in reverse order.
+        """
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> RunningCollector:
+        settings = self.settings
+        nats_url = settings.nats_url
+        # Computed before anything is started, so that a bad option (a missing seed file, TLS
+        # required of a plaintext URL) fails with nothing to clean up. The embedded server's
+        # address is known only once it runs; its scheme is nats:// all the same.
+        connect_options = collector_connect_options(settings, nats_url or "nats://127.0.0.1")
         if nats_url is None:
-            store = self.settings.state_dir / "nats"
+            store = settings.state_dir / "nats"
             self.embedded = EmbeddedNats(store_dir=store)
             await asyncio.to_thread(self.embedded.start)
             nats_url = self.embedded.url
+            connect_options = collector_connect_options(settings, nats_url)
             log.info("embedded nats-server ready", extra={"nats": nats_url})
-        engine = create_engine(self.settings.resolved_database_url())
-        try:
-            await prepare(engine, self.settings.auto_migrate)
-        except BaseException:
-            await engine.dispose()
-            if self.embedded is not None:
-                await asyncio.to_thread(self.embedded.stop)
-                self.embedded = None
-            raise
-        self._nc = await nats.connect(
+        self._engine = engine = create_engine(settings.resolved_database_url())
+        await prepare(engine, settings.auto_migrate)
+        self._nc = nc = await nats.connect(
             servers=[nats_url], name="micboard-collector", max_reconnect_attempts=-1, reconnect_time_wait=1.0,
-            **collector_connect_options(self.settings, nats_url),
+            **connect_options,
         )  # fmt: skip
-        nc = self._nc
+        self.history = HistoryService(
+            engine,
+            bucket_s=settings.history_bucket_s,
+            retention_days=settings.history_retention_days,
+            flush_interval_s=settings.history_flush_interval_s,
+            prune_interval_s=settings.history_prune_interval_s,
+        )
+        await self.history.start()
+        self.webhooks = WebhookDispatcher(engine)
+        await self.webhooks.start()
+        self.alerts = AlertService(
+            engine, hub=self.hub, webhooks=self.webhooks, defaults=self.alert_defaults()
+        )
+        self.meters = MeterService(alerts=self.alerts, history=self.history, hub=self.hub)
+        await self.meters.start()
         ingest = IngestConsumer(
-            nc, engine, self.settings, on_committed=lambda events: publish_committed(self.hub, events)
+            nc,
+            engine,
+            settings,
+            on_committed=lambda batch: publish_committed(self.hub, batch.events, batch.restored),
+            alerts=self.alerts,
+            history=self.history,
         )
         await ingest.start()
         self._ingest_task = asyncio.create_task(ingest.run(), name="ingest")
         self._periodic.append(asyncio.create_task(self._mark_stale_agents(ingest), name="stale-agents"))
+        self._periodic.append(asyncio.create_task(self._sweep_alerts(self.alerts), name="alert-sweep"))
+        self._periodic.append(asyncio.create_task(self._prune_dedup(ingest), name="dedup-prune"))
         api = create_app(
             DeviceService(engine),
-            settings=self.settings,
+            settings=settings,
             nc=nc,
             ingest=ingest,
             hub=self.hub,
-            alerts=AlertService(engine, hub=self.hub),
-            history=HistoryService(engine),
+            alerts=self.alerts,
+            history=self.history,
             commands=CommandService(engine, nc),
+            meter_listeners=[self.meters.submit],
         )
         runner = web.AppRunner(api, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, self.settings.http_host, self.settings.http_port)
+        # Recorded before the socket opens so that stop() cleans the runner up should that fail.
+        self.running = RunningCollector("", nats_url, engine, ingest, runner)
+        site = web.TCPSite(runner, settings.http_host, settings.http_port)
         await site.start()
         port = runner.addresses[0][1]
-        url = f"http://{self.settings.http_host}:{port}"
-        self.running = RunningCollector(url, nats_url, engine, ingest, runner)
+        url = f"http://{settings.http_host}:{port}"
+        self.running.url = url
         log.info("collector ready", extra={"url": url, "nats": nats_url})
         self.notifier.ready(f"listening on {url}")
         watchdog_s = self.notifier.watchdog_interval_s()
@@ -111,14 +159,52 @@ class Collector:
         return self.running
 
     async def _mark_stale_agents(self, ingest: IngestConsumer) -> None:
-        """Every ``stale_check_interval_s``: agents silent for 3 heartbeat intervals become stale."""
+        """Every ``stale_check_interval_s``: agents silent for 3 heartbeat intervals become stale.
+
+        Their ``agent_stale`` alerts open in the same transaction, and live views are told of
+        the devices whose shown status changed.
+        """
         while True:
             await asyncio.sleep(self.settings.stale_check_interval_s)
+            now = time.time_ns() // 1_000_000
             try:
                 async with ingest.engine.begin() as conn:
-                    await ingest.sync.mark_stale_agents(conn, time.time_ns() // 1_000_000)
+                    stale = await ingest.sync.mark_stale(conn, now)
+                    changes = (
+                        await self.alerts.agents_changed(conn, stale=stale.agents, now_ms=now)
+                        if self.alerts is not None and stale.agents
+                        else []
+                    )
             except (SQLAlchemyError, OSError) as exc:
                 log.warning("stale check failed; retrying next interval", extra={"error": str(exc)})
+                continue
+            if self.alerts is not None:
+                self.alerts.notify(changes)
+            publish_committed(self.hub, (), stale.devices)
+
+    async def _prune_dedup(self, ingest: IngestConsumer) -> None:
+        """Every ``dedup_prune_interval_s``: drop dedup records past ``dedup_retention_s``."""
+        while True:
+            now = time.time_ns() // 1_000_000
+            try:
+                async with ingest.engine.begin() as conn:
+                    pruned = await ingest.sync.prune_applied(
+                        conn, now - int(self.settings.dedup_retention_s * 1000)
+                    )
+                if pruned:
+                    log.info("pruned dedup records", extra={"count": pruned})
+            except (SQLAlchemyError, OSError) as exc:
+                log.warning("dedup prune failed; retrying next interval", extra={"error": str(exc)})
+            await asyncio.sleep(self.settings.dedup_prune_interval_s)
+
+    async def _sweep_alerts(self, alerts: AlertService) -> None:
+        """Every ``alert_sweep_interval_s``: held resolutions, agent rules, aged-out batteries."""
+        while True:
+            await asyncio.sleep(self.settings.alert_sweep_interval_s)
+            try:
+                await alerts.sweep()
+            except (SQLAlchemyError, OSError) as exc:
+                log.warning("alert sweep failed; retrying next interval", extra={"error": str(exc)})
 
     async def _feed_watchdog(self, interval_s: float) -> None:
         """Ping systemd's watchdog while ingest runs; stop pinging (and be restarted) if it died."""
@@ -130,28 +216,44 @@ class Collector:
             await asyncio.sleep(interval_s)
 
     async def stop(self) -> None:
-        """Stop in reverse order: HTTP, ingest (finishing its batch), NATS, store."""
+        """Stop in reverse order: HTTP, periodic jobs, ingest (finishing its batch), meters,
+        webhooks, history (flushing), NATS, store, embedded NATS. Safe after a partial start."""
         running, self.running = self.running, None
         if running is not None:
             self.notifier.stopping()
+            # HTTP first: the live feed (and its meter subscription) stops with the application.
+            await running.runner.cleanup()
+            running.ingest.stop()
         for task in self._periodic:
             task.cancel()
         await asyncio.gather(*self._periodic, return_exceptions=True)
         self._periodic.clear()
-        if running is not None:
-            await running.runner.cleanup()
-            running.ingest.stop()
         if self._ingest_task is not None:
             try:
                 await asyncio.wait_for(self._ingest_task, timeout=self.settings.fetch_timeout_s + 5)
             except TimeoutError:
                 self._ingest_task.cancel()
+                await asyncio.gather(self._ingest_task, return_exceptions=True)
             self._ingest_task = None
+        if self.meters is not None:
+            await self.meters.close()
+            self.meters = None
+        if self.webhooks is not None:
+            await self.webhooks.close()
+            self.webhooks = None
+        if self.history is not None:
+            try:
+                await self.history.close()
+            except (SQLAlchemyError, OSError) as exc:
+                log.warning("history flush at stop failed", extra={"error": str(exc)})
+            self.history = None
+        self.alerts = None
         if self._nc is not None:
             await self._nc.close()
             self._nc = None
-        if running is not None:
-            await running.engine.dispose()
+        if self._engine is not None:
+            await self._engine.dispose()
+            self._engine = None
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
             self.embedded = None

@@ -12,6 +12,10 @@ Guarantees, as bound / policy / counter:
   dead-lettered into ``poison_events`` (``IngestStats.dead_lettered``). Failed events are nak'ed
   with a doubling delay.
 - While the database is unreachable nothing is fetched, so an outage does not use up deliveries.
+- Alert rules are evaluated inside the batch's transaction (alert rows commit with the state
+  they follow, under a savepoint so that a failing evaluation cannot cost the state:
+  ``IngestStats.alert_failures``); notifications, history samples and live updates go out only
+  after the commit.
 """
 
 from __future__ import annotations
@@ -34,14 +38,24 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolic
 from nats.js.errors import NotFoundError
 from sqlalchemy import insert, text
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from micboard.collector.services.sync import ApplyOutcome, ApplyResult, SynchronizationService
+from micboard.collector.services.alerts import AlertChange, AlertService, DeviceTransition
+from micboard.collector.services.history import HistoryService
+from micboard.collector.services.sync import (
+    ApplyOutcome,
+    ApplyResult,
+    BatchChanges,
+    DeviceChange,
+    DeviceRef,
+    SynchronizationService,
+)
 from micboard.collector.settings import CollectorSettings
 from micboard.collector.store.schema import poison_events
 from micboard.shared.codec import decode
 from micboard.shared.envelope import AnyEvent
 from micboard.shared.errors import ErrorCode, SubjectError, WireError
+from micboard.shared.model import Device
 from micboard.shared.subjects import parse_subject, stream_subjects
 
 log = logging.getLogger(__name__)
@@ -67,7 +81,18 @@ class IngestStats:
     dead_lettered: int = 0
     database_outages: int = 0
     fetch_errors: int = 0
+    alert_failures: int = 0
     last_batch_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class CommittedBatch:
+    """What one committed transaction changed: handed to ``on_committed`` for live views."""
+
+    events: Sequence[AnyEvent]  # the events it applied, in order
+    devices: Sequence[DeviceChange]  # each device it wrote, state before and after
+    restored: Sequence[DeviceRef]  # devices shown again as reported because their stale agent is back
+    alerts: Sequence[AlertChange]  # alerts it opened or resolved
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +147,10 @@ async def ensure_stream(js: JetStreamContext, settings: CollectorSettings) -> No
     """Create or update the stream and the durable consumer; safe to run at every start."""
     config = stream_config(settings)
     try:
-        await js.stream_info(settings.stream_name)
+        info = await js.stream_info(settings.stream_name)
+        # Sources are the operator's (venue leaf nodes sourcing into the central stream, see
+        # docs/DEPLOYMENT.md): an update without them would cut every venue off.
+        config.sources = info.config.sources
         await js.update_stream(config)
     except NotFoundError:
         await js.add_stream(config)
@@ -149,6 +177,31 @@ def _deliveries(msg: Msg) -> int:
     return int(msg.metadata.num_delivered)
 
 
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _transition(change: DeviceChange) -> DeviceTransition:
+    return DeviceTransition(
+        change.site,
+        change.agent,
+        change.device_key,
+        Device.model_validate(change.before) if change.before is not None else None,
+        Device.model_validate(change.after),
+        change.status_before,
+        change.status_after,
+    )
+
+
+def _battery_readings(state: dict[str, Any]) -> list[tuple[int, int | None, int | None]]:
+    readings = []
+    for channel in state["channels"]:
+        tx = channel.get("transmitter")
+        if tx is not None:
+            readings.append((channel["index"], tx.get("battery_percent"), tx.get("battery_bars")))
+    return readings
+
+
 class IngestConsumer:
     """Fetches batches from the durable consumer, applies them, acks after commit."""
 
@@ -158,7 +211,10 @@ class IngestConsumer:
         engine: AsyncEngine,
         settings: CollectorSettings,
         sync: SynchronizationService | None = None,
-        on_committed: Callable[[Sequence[AnyEvent]], None] | None = None,
+        on_committed: Callable[[CommittedBatch], None] | None = None,
+        *,
+        alerts: AlertService | None = None,
+        history: HistoryService | None = None,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
@@ -169,6 +225,9 @@ class IngestConsumer:
         # Called with the events a transaction applied, after its commit: live views learn of
         # changes only once they are durable. It must not block (it runs in the ingest loop).
         self.on_committed = on_committed
+        # Device and agent alert rules run in each batch's transaction; samples after its commit.
+        self.alerts = alerts
+        self.history = history
         self._sub: JetStreamContext.PullSubscription | None = None
         self._stopping = asyncio.Event()
         self._database_down = False
@@ -263,9 +322,10 @@ class IngestConsumer:
     async def _apply_decoded(self, batch: _Decoded) -> None:
         started = time.perf_counter()
         msgs, good, poison = batch.msgs, batch.good, batch.poison
+        events = [event for _msg, event in good]
         try:
             async with self.engine.begin() as conn:
-                results = await self.sync.apply_batch(conn, [event for _msg, event in good])
+                changes, alert_changes = await self._apply_events(conn, events)
                 if poison:
                     await conn.execute(insert(poison_events), [self._set_aside_row(p) for p in poison])
         except Exception as exc:  # noqa: BLE001 - whatever broke the transaction, nothing was applied
@@ -276,16 +336,10 @@ class IngestConsumer:
             )
             await self._isolate(good, poison)
         else:
-            self._notify_committed(
-                [
-                    event
-                    for (_msg, event), result in zip(good, results, strict=True)
-                    if result.outcome is ApplyOutcome.APPLIED
-                ]
-            )
+            self._after_commit(events, changes, alert_changes)
             for item in poison:
                 await self._terminate_poison(item)
-            for (msg, _event), result in zip(good, results, strict=True):
+            for (msg, _event), result in zip(good, changes.results, strict=True):
                 await self._settle(msg, result)
         self.stats.batches += 1
         self.stats.events += len(msgs)
@@ -313,7 +367,7 @@ class IngestConsumer:
             self.stats.isolated_events += 1
             try:
                 async with self.engine.begin() as conn:
-                    result = await self.sync.apply(conn, event)
+                    changes, alert_changes = await self._apply_events(conn, [event])
             except Exception as exc:  # noqa: BLE001 - this one event is what fails; set it apart
                 if not await self._database_reachable():
                     self._enter_outage()
@@ -322,18 +376,68 @@ class IngestConsumer:
                     return
                 await self._failed_alone(msg, f"{type(exc).__name__}: {exc}"[:2000])
             else:
-                if result.outcome is ApplyOutcome.APPLIED:
-                    self._notify_committed([event])
-                await self._settle(msg, result)
+                self._after_commit([event], changes, alert_changes)
+                await self._settle(msg, changes.results[0])
 
-    def _notify_committed(self, events: list[AnyEvent]) -> None:
-        if not events or self.on_committed is None:
+    async def _apply_events(
+        self, conn: AsyncConnection, events: list[AnyEvent]
+    ) -> tuple[BatchChanges, list[AlertChange]]:
+        """Apply ``events`` and evaluate the alert rules they touch, in the caller's transaction."""
+        changes = await self.sync.apply_batch_changes(conn, events)
+        if self.alerts is None:
+            return changes, []
+        # Most writes change nothing an alert rule decides on (a name, a battery percent that
+        # stays clear of its thresholds): those build no model and cost no query.
+        alerts = self.alerts
+        moved = [
+            c
+            for c in changes.devices
+            if alerts.needs_evaluation(c.site, c.before, c.after, c.status_before, c.status_after)
+        ]
+        if not moved and not changes.agents_back:
+            return changes, []
+        now = _now_ms()
+        try:
+            # A savepoint: should evaluation fail, the state is still committed and acked.
+            async with conn.begin_nested():
+                found = await self.alerts.evaluate_devices(conn, [_transition(c) for c in moved], now_ms=now)
+                found += await self.alerts.agents_changed(conn, back=changes.agents_back, now_ms=now)
+        except Exception:
+            # Whatever failed (a bug, a row edited by hand), the events themselves are fine.
+            self.stats.alert_failures += 1
+            log.exception("alert evaluation failed; the batch is applied without it")
+            return changes, []
+        return changes, found
+
+    def _after_commit(
+        self, events: list[AnyEvent], changes: BatchChanges, alert_changes: list[AlertChange]
+    ) -> None:
+        """Tell alerts, history and live views what the committed transaction changed (never blocks)."""
+        if self.alerts is not None and alert_changes:
+            self.alerts.notify(alert_changes)
+        if self.history is not None:
+            now = _now_ms()
+            for change in changes.devices:
+                if change.status_after == "online":
+                    self.history.record_battery(
+                        change.site,
+                        change.agent,
+                        change.device_key,
+                        _battery_readings(change.after),
+                        now_ms=now,
+                    )
+        applied = [
+            event
+            for event, result in zip(events, changes.results, strict=True)
+            if result.outcome is ApplyOutcome.APPLIED
+        ]
+        if self.on_committed is None or not (applied or changes.restored or alert_changes):
             return
         try:
-            self.on_committed(events)
+            self.on_committed(CommittedBatch(applied, changes.devices, changes.restored, alert_changes))
         except Exception:
             # A failing listener must not stop ingest: the events are committed either way.
-            log.exception("on_committed listener failed", extra={"events": len(events)})
+            log.exception("on_committed listener failed", extra={"events": len(applied)})
 
     async def _failed_alone(self, msg: Msg, reason: str) -> None:
         if _deliveries(msg) < self.settings.max_deliver:

@@ -40,6 +40,13 @@ class CollectorSettings(MicboardSettings):
     stale_check_interval_s: float = Field(
         default=5.0, gt=0, description="how often agents silent for 3 heartbeat intervals are marked stale"
     )
+    dedup_retention_s: float = Field(
+        default=8 * 24 * 3600,
+        gt=0,
+        description="how long (agent, boot, seq) records are kept; must exceed the stream max age and "
+        "the agents' outbox max age, after which no copy of an event can arrive again",
+    )
+    dedup_prune_interval_s: float = Field(default=3600.0, gt=0)
     auto_migrate: Literal["empty-sqlite", "always", "never"] = Field(
         default="empty-sqlite",
         description="migrate at start: only an empty SQLite database (the zero-step default), always, never",
@@ -53,6 +60,24 @@ class CollectorSettings(MicboardSettings):
     auth_failures_per_min: int = Field(default=10, ge=1, description="failed auth per address, then 429")
     live_queue_messages: int = Field(default=512, ge=8, description="a WebSocket client's send queue bound")
     live_meter_hz: float = Field(default=10.0, gt=0, le=50, description="meter updates per channel per s")
+
+    # Alerts and history (site overrides of the alert thresholds are stored in the database).
+    alert_resolve_hold_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="a battery or RF alert resolves after its condition stays clear this long",
+    )
+    alert_clip_resolve_hold_s: float = Field(
+        default=10.0, ge=0, description="an audio clipping alert resolves after this long without clipping"
+    )
+    alert_rf_loss_s: float = Field(default=3.0, ge=0, description="no usable RF this long opens rf_loss")
+    alert_sweep_interval_s: float = Field(
+        default=5.0, gt=0, description="how often held alerts, agents and aged-out batteries are swept"
+    )
+    history_bucket_s: int = Field(default=60, ge=1, description="one history sample per channel per bucket")
+    history_flush_interval_s: float = Field(default=10.0, gt=0, description="how often samples are written")
+    history_retention_days: float = Field(default=30.0, gt=0, description="history older than this is pruned")
+    history_prune_interval_s: float = Field(default=3600.0, gt=0)
 
     # NATS credentials and TLS (see micboard.collector.security and docs/SECURITY.md).
     nats_nkey_seed_file: Path | None = Field(default=None, description="collector NKey seed file (mode 0600)")

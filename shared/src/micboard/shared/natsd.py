@@ -11,7 +11,7 @@ import os
 import shutil
 import signal
 import socket
-import subprocess  # nosec B404 - starts the nats-server binary it resolved itself
+import subprocess  # nosec B404  # starts the nats-server binary it resolved itself
 import sys
 import sysconfig
 import tempfile

@@ -80,9 +80,9 @@ class SystemdNotifier:
         """Ping the watchdog (``WATCHDOG=1``)."""
         return self.notify("WATCHDOG=1")
 
-    def stopping(self) -> bool:
+    def stopping(self, status: str | None = None) -> bool:
         """Tell systemd the service is shutting down (``STOPPING=1``)."""
-        return self.notify("STOPPING=1")
+        return self.notify("STOPPING=1" + (f"\nSTATUS={status}" if status else ""))
 
     def status(self, text: str) -> bool:
         """Set the one-line status ``systemctl status`` shows."""

@@ -497,7 +497,7 @@ class SlpListener:
         """Ask every device on the configured interfaces to announce itself now."""
         request = SlpMessage(
             FunctionId.SRV_RQST,
-            xid=random.getrandbits(16),  # nosec B311 - SLP transaction id, not security
+            xid=random.getrandbits(16),  # nosec B311  # SLP transaction id, not security
             flags=FLAG_REQUEST_MCAST,
             service_type=ACN_SERVICE_TYPE,
             scopes="ACN-DEFAULT",

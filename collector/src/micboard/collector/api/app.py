@@ -4,6 +4,7 @@ and the dashboard, around the services of the running collector."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -15,7 +16,7 @@ from micboard.collector.api import routes_admin, routes_alerts, routes_devices, 
 from micboard.collector.api.auth import Authenticator, FailedAuthLimiter, Role, TokenStore
 from micboard.collector.api.context import CONTEXT, ApiContext, context_of
 from micboard.collector.api.errors import ApiError, ApiErrorCode, error_middleware
-from micboard.collector.api.live_ws import LiveFeed
+from micboard.collector.api.live_ws import LiveFeed, MeterListener
 from micboard.collector.api.metrics import ApiMetrics, metrics_handler
 from micboard.collector.api.models import Health
 from micboard.collector.api.openapi import build_openapi, docs_html
@@ -109,11 +110,13 @@ def create_app(
     history: HistoryService | None = None,
     commands: CommandService | None = None,
     dashboard: bool = True,
+    meter_listeners: Sequence[MeterListener] = (),
 ) -> web.Application:
     """Build the web application around the given services.
 
     With a ``hub`` the live WebSocket is served (and the hub is fed from ``on_committed``); the
-    feed starts and stops with the application.
+    feed starts and stops with the application. Its one meter subscription also feeds
+    ``meter_listeners`` (alerts and history), so meters are decoded once per process.
     """
     settings = settings or CollectorSettings()
     engine = device_service.engine
@@ -132,6 +135,7 @@ def create_app(
             queue_messages=settings.live_queue_messages,
             meter_hz=settings.live_meter_hz,
             nc=nc,
+            meter_listeners=meter_listeners,
         )
     ctx = ApiContext(
         settings=settings,

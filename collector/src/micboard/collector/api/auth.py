@@ -26,7 +26,7 @@ from micboard.collector.store.schema_api import api_tokens
 
 log = logging.getLogger(__name__)
 
-TOKEN_PREFIX = "mbt_"  # noqa: S105 - a public prefix, not a secret
+TOKEN_PREFIX = "mbt_"  # noqa: S105  # nosec B105  # a public prefix, not a secret
 #: How long a verified token is trusted without asking the database again.
 TOKEN_CACHE_S = 5.0
 #: ``last_used_ms`` is written at most this often per token, to keep reads free of writes.

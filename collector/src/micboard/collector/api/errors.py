@@ -42,7 +42,7 @@ class ApiErrorCode(StrEnum):
     UNSUPPORTED_MEDIA_TYPE = "request.unsupported_media_type"
     BODY_TOO_LARGE = "request.body_too_large"
     GROUP_NOT_FOUND = "group.not_found"
-    TOKEN_NOT_FOUND = "token.not_found"  # noqa: S105 - an error code
+    TOKEN_NOT_FOUND = "token.not_found"  # noqa: S105  # nosec B105  # an error code
     SERVICE_UNAVAILABLE = "service.unavailable"
     INTERNAL = "internal"
 

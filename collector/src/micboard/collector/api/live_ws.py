@@ -22,7 +22,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 from nats.aio.client import Client
@@ -36,10 +36,14 @@ from micboard.collector.api.models import AlertItem
 from micboard.collector.live import LiveHub, LiveMessage, Topic
 from micboard.collector.services.fleet import FleetView, PageRequest
 from micboard.collector.services.groups import GroupStore
+from micboard.collector.services.sync import DeviceRef
 from micboard.shared.codec import decode
 from micboard.shared.envelope import AnyEvent, DeviceEvent, MeterEvent, OfflineEvent
 from micboard.shared.errors import WireError
 from micboard.shared.subjects import SUBJECT_PREFIX, Kind
+
+if TYPE_CHECKING:
+    from micboard.collector.ingest import CommittedBatch
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +98,19 @@ class _Scope:
         return site in self.sites
 
 
-def publish_committed(hub: LiveHub, events: Sequence[AnyEvent]) -> None:
-    """Tell ``hub`` which devices committed ``events`` changed; ingest calls this after each commit."""
+def publish_committed(hub: LiveHub, events: Sequence[AnyEvent], restored: Iterable[DeviceRef] = ()) -> None:
+    """Tell ``hub`` which devices committed ``events`` changed; ingest calls this after each commit.
+
+    ``restored`` are devices whose shown status changed without an event of theirs (their
+    agent went stale or came back).
+    """
     for event in events:
         if isinstance(event, DeviceEvent | OfflineEvent):
             hub.publish_device(
                 event.site, event.agent, event.body.device_key, {"kind": event.kind, "seq": event.seq}
             )
+    for ref in restored:
+        hub.publish_device(ref.site, ref.agent, ref.device_key, {"kind": "status"})
 
 
 def _shown_channel(item: dict[str, Any]) -> str:
@@ -222,9 +232,9 @@ class LiveFeed:
 
     # -- sources --------------------------------------------------------------------------------
 
-    def on_committed(self, events: Sequence[AnyEvent]) -> None:
+    def on_committed(self, batch: CommittedBatch) -> None:
         """Ingest's after-commit hook: tell the hub which devices changed (never blocks)."""
-        publish_committed(self.hub, events)
+        publish_committed(self.hub, batch.events, batch.restored)
 
     def _on_device(self, message: LiveMessage) -> None:
         agent, device_key = message.data.get("agent"), message.data.get("device_key")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from pydantic import BaseModel
+
 from micboard.collector.api.auth import Role
 from micboard.collector.api.context import context_of
 from micboard.collector.api.errors import ApiError
@@ -20,9 +24,27 @@ from micboard.collector.api.models import (
 )
 from micboard.collector.api.routing import Call, RouteTable
 from micboard.collector.errors import CollectorErrorCode
-from micboard.collector.services.fleet import PageRequest
+from micboard.collector.services.fleet import Listing, PageRequest
 
 routes = RouteTable()
+
+
+class _ListingPage(BaseModel):
+    """A page whose items :class:`FleetView` built from the database's typed columns.
+
+    They already have the fields, order and types of the route's declared ``response`` page (which the
+    OpenAPI document describes), so they are serialized as they are instead of being validated again
+    item by item.
+    """
+
+    items: list[dict[str, Any]]
+    total: int
+    limit: int
+    offset: int
+
+
+def _page_of(listing: Listing, limit: int, offset: int) -> _ListingPage:
+    return _ListingPage.model_construct(items=listing.items, total=listing.total, limit=limit, offset=offset)
 
 
 @routes.route(
@@ -34,15 +56,13 @@ routes = RouteTable()
     body=NoBody,
     response=SitePage,
 )
-async def list_sites(call: Call[SiteQuery, NoBody]) -> SitePage:
+async def list_sites(call: Call[SiteQuery, NoBody]) -> _ListingPage:
     """Every site with device counts by state, channels, alerts in force and its worst condition."""
     q = call.query
     listing = await context_of(call.app).fleet.list_sites(
         PageRequest(q.limit, q.offset), sort=q.sort, worst=q.worst
     )
-    return SitePage.model_validate(
-        {"items": listing.items, "total": listing.total, "limit": q.limit, "offset": q.offset}
-    )
+    return _page_of(listing, q.limit, q.offset)
 
 
 @routes.route(
@@ -54,15 +74,13 @@ async def list_sites(call: Call[SiteQuery, NoBody]) -> SitePage:
     body=NoBody,
     response=AgentPage,
 )
-async def list_agents(call: Call[AgentQuery, NoBody]) -> AgentPage:
+async def list_agents(call: Call[AgentQuery, NoBody]) -> _ListingPage:
     """Agents with their status, version and outbox figures."""
     q = call.query
     listing = await context_of(call.app).fleet.list_agents(
         PageRequest(q.limit, q.offset), site=q.site, status=q.status, sort=q.sort
     )
-    return AgentPage.model_validate(
-        {"items": listing.items, "total": listing.total, "limit": q.limit, "offset": q.offset}
-    )
+    return _page_of(listing, q.limit, q.offset)
 
 
 @routes.route(
@@ -74,7 +92,7 @@ async def list_agents(call: Call[AgentQuery, NoBody]) -> AgentPage:
     body=NoBody,
     response=DevicePage,
 )
-async def list_devices(call: Call[DeviceQuery, NoBody]) -> DevicePage:
+async def list_devices(call: Call[DeviceQuery, NoBody]) -> _ListingPage:
     """Receivers matching the filters."""
     q = call.query
     listing = await context_of(call.app).fleet.list_devices(
@@ -86,9 +104,7 @@ async def list_devices(call: Call[DeviceQuery, NoBody]) -> DevicePage:
         low_battery=q.low_battery,
         sort=q.sort,
     )
-    return DevicePage.model_validate(
-        {"items": listing.items, "total": listing.total, "limit": q.limit, "offset": q.offset}
-    )
+    return _page_of(listing, q.limit, q.offset)
 
 
 @routes.route(
@@ -118,7 +134,7 @@ async def get_device(call: Call[NoQuery, NoBody]) -> DeviceDetail:
     body=NoBody,
     response=ChannelPage,
 )
-async def list_channels(call: Call[ChannelQuery, NoBody]) -> ChannelPage:
+async def list_channels(call: Call[ChannelQuery, NoBody]) -> _ListingPage:
     """Channels as tiles show them."""
     q = call.query
     listing = await context_of(call.app).fleet.list_channels(
@@ -129,6 +145,4 @@ async def list_channels(call: Call[ChannelQuery, NoBody]) -> ChannelPage:
         q=q.q,
         sort=q.sort,
     )
-    return ChannelPage.model_validate(
-        {"items": listing.items, "total": listing.total, "limit": q.limit, "offset": q.offset}
-    )
+    return _page_of(listing, q.limit, q.offset)

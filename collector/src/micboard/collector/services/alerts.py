@@ -142,12 +142,17 @@ class AlertThresholds(BaseModel):
 
     def battery(self, rule: AlertRule, tx: Transmitter | None) -> bool | None:
         """``True`` breached, ``False`` clear beyond the margin, ``None`` unknown or inside the margin."""
-        if tx is None or (tx.battery_bars is None and tx.battery_percent is None):
+        if tx is None:
+            return None
+        return self.battery_reading(rule, tx.battery_bars, tx.battery_percent)
+
+    def battery_reading(self, rule: AlertRule, bars: int | None, percent: int | None) -> bool | None:
+        """:meth:`battery` for a reading given as bars and percent."""
+        if bars is None and percent is None:
             return None
         critical = rule is AlertRule.BATTERY_CRITICAL
         bars_at = self.battery_critical_bars if critical else self.battery_replace_bars
         percent_at = self.battery_critical_percent if critical else self.battery_replace_percent
-        bars, percent = tx.battery_bars, tx.battery_percent
         if (bars is not None and bars <= bars_at) or (percent is not None and percent <= percent_at):
             return True
         # Not breached, so any bars are above the threshold; a percent must also clear the margin.
@@ -274,6 +279,18 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _outcomes(thresholds: AlertThresholds, tx: Mapping[str, Any]) -> tuple[Any, ...]:
+    # Each battery rule's outcome for a transmitter (JSON mode), with the value while breached
+    # (an open alert shows the latest reading).
+    bars, percent = tx.get("battery_bars"), tx.get("battery_percent")
+    if bars is None and percent is None:
+        return ()
+    value = percent if percent is not None else bars
+    low = thresholds.battery_reading(AlertRule.BATTERY_LOW, bars, percent)
+    critical = thresholds.battery_reading(AlertRule.BATTERY_CRITICAL, bars, percent)
+    return (low, critical, value if low or critical else None)
+
+
 def _battery_value(tx: Transmitter | None) -> float | None:
     if tx is None:
         return None
@@ -301,11 +318,15 @@ class AlertService:
         hub: LiveHub | None = None,
         webhooks: WebhookDispatcher | None = None,
         rules_cache_s: float = 30.0,
+        defaults: AlertThresholds | None = None,
     ) -> None:
         self.engine = engine
         self.hub = hub
         self.webhooks = webhooks
         self.rules_cache_s = rules_cache_s
+        # What a site without overrides gets (the collector's settings); overrides are merged on top.
+        self.defaults = defaults or AlertThresholds()
+        self._default_values = self.defaults.model_dump(exclude_defaults=True)
         self._rules: dict[str, tuple[AlertThresholds, float]] = {}
         # Meter-driven state kept in memory because meters are never persisted: since when each
         # channel has had no usable RF, whether each channel has a transmitter, and which meter
@@ -321,22 +342,38 @@ class AlertService:
         cached = self._rules.get(site)
         if cached is not None and time.monotonic() - cached[1] < self.rules_cache_s:
             return cached[0]
-        row = (await conn.execute(select(alert_rules.c.thresholds).where(alert_rules.c.site == site))).first()
+        await self._load_thresholds(conn, [site])
+        return self._rules[site][0]
+
+    async def _load_thresholds(self, conn: AsyncConnection, sites: Sequence[str]) -> None:
+        """Load the thresholds of ``sites`` not cached (or cached too long) in one query."""
+        moment = time.monotonic()
+        stale = sorted(
+            {s for s in sites if (c := self._rules.get(s)) is None or moment - c[1] >= self.rules_cache_s}
+        )
+        if not stale:
+            return
+        rows = await conn.execute(
+            select(alert_rules.c.site, alert_rules.c.thresholds).where(alert_rules.c.site.in_(stale))
+        )
+        stored = {row[0]: row[1] for row in rows.all()}
+        for site in stale:
+            self._rules[site] = (self._merged(site, stored.get(site) or {}), moment)
+
+    def _merged(self, site: str, overrides: Mapping[str, Any]) -> AlertThresholds:
         try:
-            thresholds = AlertThresholds.model_validate(row[0] if row is not None else {})
+            return AlertThresholds.model_validate({**self._default_values, **overrides})
         except ValidationError:
             # Stored overrides were validated on write; a row edited by hand must not stop alerts.
             log.error("invalid stored alert thresholds, using defaults", extra={"site": site})
-            thresholds = AlertThresholds()
-        self._rules[site] = (thresholds, time.monotonic())
-        return thresholds
+            return self.defaults
 
     async def set_site_thresholds(
         self, site: str, overrides: Mapping[str, Any], *, by: str | None = None
     ) -> AlertThresholds:
         """Validate and store ``site``'s overrides (replacing earlier ones); returns what is in force."""
         try:
-            thresholds = AlertThresholds.model_validate(dict(overrides))
+            thresholds = AlertThresholds.model_validate({**self._default_values, **overrides})
         except ValidationError as exc:
             raise InvalidAlertRulesError(
                 f"invalid thresholds for site {site!r}: {exc.errors()[0]['msg']}"
@@ -361,7 +398,81 @@ class AlertService:
         Touches the database only when status, transmitter presence or battery changed. Hand the
         result to :meth:`notify` after the transaction commits.
         """
+        return await self.evaluate_devices(conn, [change], now_ms=now_ms)
+
+    def needs_evaluation(
+        self,
+        site: str,
+        before: Mapping[str, Any] | None,
+        after: Mapping[str, Any],
+        status_before: str | None,
+        status_after: str,
+    ) -> bool:
+        """Whether a device write (states in JSON mode) can change an alert; cheap, no query.
+
+        ``False`` when status, transmitter presence and every battery rule's outcome are as they
+        were (a battery still clear, or still breached at the same value): evaluating would
+        find nothing to do, and a held resolution is the sweep's. Unknown sites say ``True``.
+        """
+        if before is None or status_before != status_after:
+            return True
+        cached = self._rules.get(site)
+        if cached is None:
+            return True
+        thresholds = cached[0]
+        old_channels, new_channels = before["channels"], after["channels"]
+        if len(old_channels) != len(new_channels):
+            return True
+        for old, new in zip(old_channels, new_channels, strict=True):
+            # The sync path copies a channel before writing it: the same object is unchanged.
+            if old is new:
+                continue
+            if old["index"] != new["index"]:
+                return True
+            old_tx, new_tx = old.get("transmitter"), new.get("transmitter")
+            if old_tx is new_tx:
+                continue
+            if old_tx is None or new_tx is None:
+                return True
+            if _outcomes(thresholds, old_tx) != _outcomes(thresholds, new_tx):
+                return True
+        return False
+
+    async def evaluate_devices(
+        self, conn: AsyncConnection, changes: Sequence[DeviceTransition], *, now_ms: int | None = None
+    ) -> list[AlertChange]:
+        """:meth:`evaluate_device` for the devices of a whole batch: at most one query of active alerts.
+
+        Give one transition per device (several of the same device are evaluated in order, but
+        against the alerts active before the first).
+        """
         now = _now_ms() if now_ms is None else now_ms
+        await self._load_thresholds(
+            conn, [c.site for c in changes if c.after is not None and c.status_after == "online"]
+        )
+        planned: list[tuple[DeviceTransition, list[_Condition], list[_Condition]]] = []
+        for change in changes:
+            conditions, unknown_now = self._device_conditions(change)
+            if conditions or unknown_now:
+                planned.append((change, conditions, unknown_now))
+        if not planned:
+            return []
+        active = await self._active_for_devices(conn, {(c.agent, c.device_key) for c, _, _ in planned})
+        results: list[AlertChange] = []
+        for _change, conditions, unknown_now in planned:
+            for condition in conditions:
+                result = await self._apply(conn, active, condition, now)
+                if result is not None:
+                    results.append(result)
+            for condition in unknown_now:
+                # Just turned unknown: the last valid reading was now, so "previously ..." starts here.
+                row = active.get((condition.target, condition.rule))
+                if row is not None:
+                    await conn.execute(update(alerts).where(alerts.c.id == row["id"]).values(observed_ms=now))
+        return results
+
+    def _device_conditions(self, change: DeviceTransition) -> tuple[list[_Condition], list[_Condition]]:
+        """The conditions ``change`` decides (breached or clear) and those it makes unknown."""
         before, after = change.before, change.after
         if after is not None:
             self._tx_present[change.agent, change.device_key] = {
@@ -384,7 +495,8 @@ class AlertService:
                 )
             )
         if after is not None and change.status_after == "online":
-            thresholds = await self.thresholds_for(conn, change.site)
+            cached = self._rules.get(change.site)
+            thresholds = cached[0] if cached is not None else self.defaults
             indexes = {c.index for c in after.channels} | {
                 c.index for c in (before.channels if before else ())
             }
@@ -410,63 +522,131 @@ class AlertService:
                         f"{_channel_label(new, index)} of {change.device_key}",
                     )
                     (conditions if state is not None else unknown_now).append(condition)
-        if not conditions and not unknown_now:
+        return conditions, unknown_now
+
+    async def agents_changed(
+        self,
+        conn: AsyncConnection,
+        *,
+        stale: Sequence[tuple[str, str]] = (),
+        back: Sequence[tuple[str, str]] = (),
+        now_ms: int | None = None,
+    ) -> list[AlertChange]:
+        """Open ``agent_stale`` for agents (site, agent) that went stale, resolve it for those heard again.
+
+        Runs in the caller's transaction (the one that changed the agents' status); hand the
+        result to :meth:`notify` after commit. :meth:`sweep` applies the same rule by age.
+        """
+        if not stale and not back:
             return []
-        active = await self._active_for_device(conn, change.agent, change.device_key)
-        changes: list[AlertChange] = []
-        for condition in conditions:
+        now = _now_ms() if now_ms is None else now_ms
+        names = sorted({agent for _site, agent in (*stale, *back)})
+        rows = (
+            (
+                await conn.execute(
+                    select(alerts).where(
+                        alerts.c.agent.in_(names),
+                        alerts.c.device_key.is_(None),
+                        alerts.c.rule == AlertRule.AGENT_STALE.value,
+                        alerts.c.state.in_(ACTIVE_STATES),
+                    )
+                )
+            )
+            .mappings()
+            .all()
+        )
+        active = {(row["target"], AlertRule(row["rule"])): row for row in rows}
+        results: list[AlertChange] = []
+        for (site, agent), breached in [*((s, True) for s in stale), *((b, False) for b in back)]:
+            condition = _Condition(
+                site,
+                agent,
+                None,
+                None,
+                AlertRule.AGENT_STALE,
+                breached,
+                message=f"agent {agent}: no heartbeat",
+            )
             result = await self._apply(conn, active, condition, now)
             if result is not None:
-                changes.append(result)
-        for condition in unknown_now:
-            # The reading just turned unknown: the last valid one was now, so "previously ..." starts here.
-            row = active.get((condition.target, condition.rule))
-            if row is not None:
-                await conn.execute(update(alerts).where(alerts.c.id == row["id"]).values(observed_ms=now))
-        return changes
+                results.append(result)
+        return results
 
     async def evaluate_meter(
         self, site: str, agent: str, meter: MeterBody, *, now_ms: int | None = None
     ) -> list[AlertChange]:
-        """Evaluate RF loss and clipping on one meter message; most meters touch no database."""
+        """Evaluate RF loss and clipping on one meter message; most meters touch no database.
+
+        Once the alerts in force, the device's transmitters and the site's thresholds are
+        known, a meter that changes no alert opens no transaction at all.
+        """
         now = _now_ms() if now_ms is None else now_ms
+        present = self._tx_present.get((agent, meter.device_key))
+        cached = self._rules.get(site)
+        if (
+            self._meter_alerts is not None
+            and present is not None
+            and cached is not None
+            and time.monotonic() - cached[1] < self.rules_cache_s
+        ):
+            conditions = self._meter_conditions(site, agent, meter, present, cached[0], now)
+            if not any(self._meter_would_write(c, cached[0], now) for c in conditions):
+                return []
+        changes: list[AlertChange] = []
         async with self.engine.begin() as conn:
             if self._meter_alerts is None:
                 await self._load_meter_alerts(conn)
-            present = self._tx_present.get((agent, meter.device_key))
             if present is None:
                 present = await self._load_tx_present(conn, agent, meter.device_key)
             thresholds = await self.thresholds_for(conn, site)
-            changes: list[AlertChange] = []
-            for channel in meter.channels:
-                target = _target(agent, meter.device_key, channel.index)
-                known = [v for v in channel.rf_dbm if v is not None]
-                best = max(known) if known else None
-                rf_state: bool | None
-                if not present.get(channel.index, False):
-                    self._rf_bad_since.pop(target, None)
-                    rf_state = False
+            for condition in self._meter_conditions(site, agent, meter, present, thresholds, now):
+                result = await self._apply_meter(conn, condition, thresholds, now)
+                if result is not None:
+                    changes.append(result)
+        self.notify(changes)
+        return changes
+
+    def _meter_conditions(
+        self,
+        site: str,
+        agent: str,
+        meter: MeterBody,
+        present: Mapping[int, bool],
+        thresholds: AlertThresholds,
+        now: int,
+    ) -> list[_Condition]:
+        """RF loss and clipping of each metered channel (keeps the in-memory RF timers)."""
+        conditions: list[_Condition] = []
+        for channel in meter.channels:
+            target = _target(agent, meter.device_key, channel.index)
+            known = [v for v in channel.rf_dbm if v is not None]
+            best = max(known) if known else None
+            rf_state: bool | None
+            if not present.get(channel.index, False):
+                self._rf_bad_since.pop(target, None)
+                rf_state = False
+            else:
+                usable = thresholds.rf_usable(channel.rf_dbm)
+                if usable is False:
+                    since = self._rf_bad_since.setdefault(target, now)
+                    # An alert already in force is simply still true: that restarts its clear timer.
+                    in_force = (target, AlertRule.RF_LOSS) in (self._meter_alerts or {})
+                    rf_state = True if in_force or now - since >= thresholds.rf_loss_s * 1000 else None
                 else:
-                    usable = thresholds.rf_usable(channel.rf_dbm)
-                    if usable is False:
-                        since = self._rf_bad_since.setdefault(target, now)
-                        # An alert already in force is simply still true: that restarts its clear timer.
-                        in_force = (target, AlertRule.RF_LOSS) in (self._meter_alerts or {})
-                        rf_state = True if in_force or now - since >= thresholds.rf_loss_s * 1000 else None
-                    else:
-                        self._rf_bad_since.pop(target, None)
-                        rf_state = False if usable else None
-                peak = channel.audio_peak_dbfs if channel.audio_peak_dbfs is not None else channel.audio_dbfs
-                for rule, state, value, message in (
-                    (AlertRule.RF_LOSS, rf_state, best, f"no usable RF on channel {channel.index}"),
-                    (
-                        AlertRule.AUDIO_CLIPPING,
-                        thresholds.clipping(peak),
-                        peak,
-                        f"audio clipping on channel {channel.index}",
-                    ),
-                ):
-                    condition = _Condition(
+                    self._rf_bad_since.pop(target, None)
+                    rf_state = False if usable else None
+            peak = channel.audio_peak_dbfs if channel.audio_peak_dbfs is not None else channel.audio_dbfs
+            for rule, state, value, message in (
+                (AlertRule.RF_LOSS, rf_state, best, f"no usable RF on channel {channel.index}"),
+                (
+                    AlertRule.AUDIO_CLIPPING,
+                    thresholds.clipping(peak),
+                    peak,
+                    f"audio clipping on channel {channel.index}",
+                ),
+            ):
+                conditions.append(
+                    _Condition(
                         site,
                         agent,
                         meter.device_key,
@@ -476,11 +656,21 @@ class AlertService:
                         value,
                         f"{message} of {meter.device_key}",
                     )
-                    result = await self._apply_meter(conn, condition, thresholds, now)
-                    if result is not None:
-                        changes.append(result)
-        self.notify(changes)
-        return changes
+                )
+        return conditions
+
+    def _meter_would_write(self, condition: _Condition, thresholds: AlertThresholds, now: int) -> bool:
+        """Whether :meth:`_apply_meter` would change anything for ``condition`` (mirrors it)."""
+        assert self._meter_alerts is not None
+        if condition.active is None:
+            return False
+        known = self._meter_alerts.get((condition.target, condition.rule))
+        if condition.active:
+            return known is None or known[1] is not None
+        if known is None:
+            return False
+        clear_since, hold = known[1], thresholds.hold_ms(condition.rule)
+        return clear_since is None or now - clear_since >= hold
 
     async def sweep(self, *, now_ms: int | None = None) -> list[AlertChange]:
         """Periodic job: agent stale/offline, clear-hold resolutions, aged-out unknown batteries."""
@@ -513,7 +703,8 @@ class AlertService:
         changes: list[AlertChange] = []
         for row in rows:
             thresholds = await self.thresholds_for(conn, row["site"])
-            heard_ms = row["last_heartbeat_ms"] or row["last_seen_ms"]
+            # Anything from the agent counts as heard, as for the agent's stale status in the store.
+            heard_ms = max(row["last_heartbeat_ms"] or 0, row["last_seen_ms"] or 0)
             age_s = (now - heard_ms) / 1000
             stale_after_s = thresholds.agent_stale_intervals * float(row["heartbeat_interval_s"] or 10.0)
             for rule, breached, message in (
@@ -586,15 +777,16 @@ class AlertService:
 
     # -- applying conditions ------------------------------------------------------------------
 
-    async def _active_for_device(
-        self, conn: AsyncConnection, agent: str, device_key: str
+    async def _active_for_devices(
+        self, conn: AsyncConnection, keys: set[tuple[str, str]]
     ) -> dict[tuple[str, AlertRule], Mapping[Any, Any]]:
+        # By agent (an index prefix), then filtered here: portable, and one statement per batch.
         rows = (
             (
                 await conn.execute(
                     select(alerts).where(
-                        alerts.c.agent == agent,
-                        alerts.c.device_key == device_key,
+                        alerts.c.agent.in_(sorted({agent for agent, _key in keys})),
+                        alerts.c.device_key.is_not(None),
                         alerts.c.state.in_(ACTIVE_STATES),
                     )
                 )
@@ -602,7 +794,11 @@ class AlertService:
             .mappings()
             .all()
         )
-        return {(row["target"], AlertRule(row["rule"])): row for row in rows}
+        return {
+            (row["target"], AlertRule(row["rule"])): row
+            for row in rows
+            if (row["agent"], row["device_key"]) in keys
+        }
 
     async def _apply(
         self,

@@ -12,10 +12,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     ColumnElement,
     Integer,
     Select,
+    Text,
     case,
     cast,
     exists,
@@ -78,12 +80,13 @@ class FleetView:
 
     async def _page(
         self, query: Select[Any], page: PageRequest, count_query: Select[Any]
-    ) -> tuple[list[Any], int]:
+    ) -> tuple[Sequence[Sequence[Any]], int]:
+        """Rows of ``query``'s page (positional, the total last) and the number of all matches."""
         query = query.add_columns(func.count().over().label("_total")).limit(page.limit).offset(page.offset)
         async with self.engine.connect() as conn:
-            rows = list((await conn.execute(query)).mappings().all())
+            rows = (await conn.execute(query)).all()
             if rows:
-                return rows, int(rows[0]["_total"])
+                return rows, int(rows[0][-1])
             if page.offset == 0:
                 return [], 0
             total = (await conn.execute(count_query)).scalar_one()
@@ -146,14 +149,16 @@ class FleetView:
         )
 
     @staticmethod
-    def _site_item(row: Mapping[Any, Any]) -> dict[str, Any]:
+    def _site_item(row: Sequence[Any]) -> dict[str, Any]:
+        # Positional, in the order of :meth:`_site_query`'s columns.
+        site, last_seen_ms, online, offline, stale, channel_count, open_alerts, worst_rank = row[:8]
         return {
-            "site": row["site"],
-            "devices": {"online": row["online"], "offline": row["offline"], "stale": row["stale"]},
-            "channels": row["channels"],
-            "open_alerts": row["open_alerts"],
-            "worst": WORST_NAMES[int(row["worst_rank"])],
-            "last_seen_ms": row["last_seen_ms"],
+            "site": site,
+            "devices": {"online": online, "offline": offline, "stale": stale},
+            "channels": channel_count,
+            "open_alerts": open_alerts,
+            "worst": WORST_NAMES[int(worst_rank)],
+            "last_seen_ms": last_seen_ms,
         }
 
     async def list_sites(
@@ -217,7 +222,8 @@ class FleetView:
         query = select(*columns).where(*conditions).order_by(*order)
         count = select(func.count()).select_from(agents).where(*conditions)
         rows, total = await self._page(query, page, count)
-        return Listing([{c.name: row[c.name] for c in columns} for row in rows], total)
+        names = [c.name for c in columns]
+        return Listing([dict(zip(names, row, strict=False)) for row in rows], total)
 
     # -- devices --------------------------------------------------------------------------------
 
@@ -246,9 +252,13 @@ class FleetView:
             .label("channel_count")
         )
 
-    def _device_item(self, row: Mapping[Any, Any]) -> dict[str, Any]:
-        item = {c.name: row[c.name] for c in self._DEVICE_COLUMNS}
-        item["channel_count"] = int(row["channel_count"])
+    _DEVICE_NAMES = tuple(c.name for c in _DEVICE_COLUMNS)
+
+    def _device_item(self, row: Sequence[Any]) -> dict[str, Any]:
+        """The item of a row holding :attr:`_DEVICE_COLUMNS` then the channel count."""
+        names = self._DEVICE_NAMES
+        item = dict(zip(names, row, strict=False))
+        item["channel_count"] = int(row[len(names)])
         return item
 
     async def list_devices(
@@ -302,14 +312,14 @@ class FleetView:
 
     async def get_device(self, device_id: int) -> dict[str, Any] | None:
         """A device with its full normalized state under ``device``, or ``None``."""
-        query = select(*self._DEVICE_COLUMNS, devices.c.state, self._channel_count()).where(
+        query = select(*self._DEVICE_COLUMNS, self._channel_count(), devices.c.state).where(
             devices.c.id == device_id
         )
         async with self.engine.connect() as conn:
-            row = (await conn.execute(query)).mappings().first()
+            row = (await conn.execute(query)).first()
         if row is None:
             return None
-        return {**self._device_item(row), "device": row["state"]}
+        return {**self._device_item(row), "device": row[-1]}
 
     async def device_exists(self, device_id: int) -> tuple[str, str, str] | None:
         """``(site, agent, device_key)`` of a device, or ``None``."""
@@ -337,6 +347,8 @@ class FleetView:
             .correlate(devices, channels)
             .scalar_subquery()
         )
+        # Positional: :meth:`_channel_items` unpacks the rows in this order. The state comes as
+        # text so that each device's is decoded once, not once per channel row.
         return select(
             devices.c.id.label("device_id"),
             devices.c.site,
@@ -346,7 +358,7 @@ class FleetView:
             devices.c.model,
             devices.c.status,
             devices.c.updated_ms,
-            devices.c.state,
+            cast(devices.c.state, Text).label("state"),
             channels.c.index,
             channels.c.name,
             channels.c.name_id,
@@ -362,50 +374,96 @@ class FleetView:
         ).select_from(channels.join(devices, devices.c.id == channels.c.device_pk))
 
     @staticmethod
-    def channel_item(row: Mapping[Any, Any], now_ms: int) -> dict[str, Any]:
-        """The JSON-ready channel item of a row of :meth:`_channel_select`."""
-        state = row["state"] if isinstance(row["state"], dict) else {}
-        detail: dict[str, Any] = next(
-            (c for c in state.get("channels", ()) if isinstance(c, dict) and c.get("index") == row["index"]),
-            {},
-        )
-        tx_state = detail.get("transmitter") if isinstance(detail.get("transmitter"), dict) else None
-        tx = None
-        if row["tx_present"]:
-            tx = {
-                "model": row["tx_model"],
-                "battery_bars": row["battery_bars"],
-                "battery_percent": row["battery_percent"],
-                "runtime_min": row["runtime_min"],
-                "battery_type": tx_state.get("battery_type") if tx_state else None,
-                "muted": row["tx_muted"],
-            }
-        last_bars = row["last_bars"]
-        battery_state = classify_battery(
-            row["battery_bars"],
-            last_bars=last_bars,
-            # The subquery only returns readings inside the window, so "now" stands for their time.
-            last_reading_ms=now_ms if last_bars is not None else None,
-            now_ms=now_ms,
-        )
-        return {
-            "device_id": row["device_id"],
-            "site": row["site"],
-            "agent": row["agent"],
-            "device_key": row["device_key"],
-            "device_name": row["device_name"],
-            "model": row["model"],
-            "status": row["status"],
-            "index": row["index"],
-            "name": row["name"],
-            "name_id": row["name_id"],
-            "name_person": row["name_person"],
-            "frequency_khz": row["frequency_khz"],
-            "group_channel": detail.get("group_channel"),
-            "tx": tx,
-            "battery_state": battery_state.value,
-            "updated_ms": row["updated_ms"],
-        }
+    def _channel_details(raw_state: str | None) -> dict[Any, tuple[Any, Any]]:
+        """``index -> (group_channel, battery_type)`` of the channels in a device's stored state."""
+        details: dict[Any, tuple[Any, Any]] = {}
+        state = orjson.loads(raw_state) if raw_state is not None else None
+        listed = state.get("channels") if isinstance(state, dict) else None
+        if not isinstance(listed, list):
+            return details
+        for detail in listed:
+            if not isinstance(detail, dict):
+                continue
+            index = detail.get("index")
+            # The first entry of an index wins; only numbers can equal a channel's index.
+            if not isinstance(index, int | float) or index in details:
+                continue
+            tx_state = detail.get("transmitter")
+            battery_type = tx_state.get("battery_type") if isinstance(tx_state, dict) else None
+            details[index] = (detail.get("group_channel"), battery_type)
+        return details
+
+    @classmethod
+    def _channel_items(cls, rows: Iterable[Sequence[Any]], now_ms: int) -> list[dict[str, Any]]:
+        """The JSON-ready channel items of rows of :meth:`_channel_select`."""
+        items: list[dict[str, Any]] = []
+        by_device: dict[int, dict[Any, tuple[Any, Any]]] = {}
+        for row in rows:
+            (
+                device_id,
+                site,
+                agent,
+                device_key,
+                device_name,
+                model,
+                status,
+                updated_ms,
+                raw_state,
+                index,
+                name,
+                name_id,
+                name_person,
+                frequency_khz,
+                tx_present,
+                tx_model,
+                battery_bars,
+                battery_percent,
+                runtime_min,
+                tx_muted,
+                last_bars,
+            ) = row[:21]
+            details = by_device.get(device_id)
+            if details is None:
+                details = by_device[device_id] = cls._channel_details(raw_state)
+            group_channel, battery_type = details.get(index, (None, None))
+            tx = None
+            if tx_present:
+                tx = {
+                    "model": tx_model,
+                    "battery_bars": battery_bars,
+                    "battery_percent": battery_percent,
+                    "runtime_min": runtime_min,
+                    "battery_type": battery_type,
+                    "muted": tx_muted,
+                }
+            battery_state = classify_battery(
+                battery_bars,
+                last_bars=last_bars,
+                # The subquery only returns readings inside the window, so "now" stands for their time.
+                last_reading_ms=now_ms if last_bars is not None else None,
+                now_ms=now_ms,
+            )
+            items.append(
+                {
+                    "device_id": device_id,
+                    "site": site,
+                    "agent": agent,
+                    "device_key": device_key,
+                    "device_name": device_name,
+                    "model": model,
+                    "status": status,
+                    "index": index,
+                    "name": name,
+                    "name_id": name_id,
+                    "name_person": name_person,
+                    "frequency_khz": frequency_khz,
+                    "group_channel": group_channel,
+                    "tx": tx,
+                    "battery_state": battery_state.value,
+                    "updated_ms": updated_ms,
+                }
+            )
+        return items
 
     async def list_channels(
         self,
@@ -450,7 +508,7 @@ class FleetView:
             .where(*conditions)
         )
         rows, total = await self._page(query, page, count)
-        return Listing([self.channel_item(row, now) for row in rows], total)
+        return Listing(self._channel_items(rows, now), total)
 
     async def channels_where(
         self,
@@ -476,8 +534,8 @@ class FleetView:
             query = query.where(tuple_(channels.c.device_pk, channels.c.index).in_(wanted))
         query = query.order_by(devices.c.site, devices.c.agent, devices.c.device_key, channels.c.index)
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).mappings().all()
-        return [self.channel_item(row, now) for row in rows]
+            rows = (await conn.execute(query)).all()
+        return self._channel_items(rows, now)
 
     async def device_keys(
         self, keys: Iterable[tuple[str, str]] | None = None
@@ -555,4 +613,5 @@ class FleetView:
         query = select(*self._ALERT_COLUMNS).where(*conditions).order_by(*order)
         count = select(func.count()).select_from(alerts).where(*conditions)
         rows, total = await self._page(query, page, count)
-        return Listing([{c.name: row[c.name] for c in self._ALERT_COLUMNS} for row in rows], total)
+        names = [c.name for c in self._ALERT_COLUMNS]
+        return Listing([dict(zip(names, row, strict=False)) for row in rows], total)

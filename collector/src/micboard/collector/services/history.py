@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,15 +149,39 @@ class HistoryService:
 
     def record_device(self, site: str, agent: str, device: Device, *, now_ms: int | None = None) -> None:
         """Sample the battery of every channel with a transmitter reporting one."""
+        self.record_battery(
+            site,
+            agent,
+            device.device_key,
+            [
+                (c.index, c.transmitter.battery_percent, c.transmitter.battery_bars)
+                for c in device.channels
+                if c.transmitter is not None
+            ],
+            now_ms=now_ms,
+        )
+
+    def record_battery(
+        self,
+        site: str,
+        agent: str,
+        device_key: str,
+        readings: Iterable[tuple[int, int | None, int | None]],
+        *,
+        now_ms: int | None = None,
+    ) -> None:
+        """Sample battery readings given as ``(channel, percent, bars)``; unknown readings are skipped.
+
+        The ingest path calls this with the stored JSON state, without building a :class:`Device`.
+        """
         now = _now_ms() if now_ms is None else now_ms
-        for channel in device.channels:
-            tx = channel.transmitter
-            if tx is None or (tx.battery_percent is None and tx.battery_bars is None):
+        for index, percent, bars in readings:
+            if percent is None and bars is None:
                 continue
-            aggregate = self._aggregate(site, agent, device.device_key, channel.index, now)
+            aggregate = self._aggregate(site, agent, device_key, index, now)
             if aggregate is not None:
-                aggregate.battery_percent = _min(aggregate.battery_percent, tx.battery_percent)
-                aggregate.battery_bars = _min(aggregate.battery_bars, tx.battery_bars)
+                aggregate.battery_percent = _min(aggregate.battery_percent, percent)
+                aggregate.battery_bars = _min(aggregate.battery_bars, bars)
 
     def record_meter(self, site: str, agent: str, meter: MeterBody, *, now_ms: int | None = None) -> None:
         """Sample RF (best antenna) and audio levels of each metered channel."""

@@ -75,6 +75,51 @@ class ApplyResult:
     detail: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceRef:
+    """A device by its place in the fleet."""
+
+    site: str
+    agent: str
+    device_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceChange:
+    """A device a batch wrote: its stored state (JSON mode) and reported status before and after.
+
+    ``before`` is ``None`` for a device the batch created. Several events of one device in a
+    batch make one change, from the state before the batch to the state after it.
+    """
+
+    site: str
+    agent: str
+    device_key: str
+    before: dict[str, Any] | None
+    after: dict[str, Any]
+    status_before: str | None
+    status_after: str
+
+
+@dataclass(slots=True)
+class BatchChanges:
+    """What :meth:`SynchronizationService.apply_batch_changes` did, for the caller's after-commit work."""
+
+    results: list[ApplyResult]
+    devices: list[DeviceChange] = field(default_factory=list)
+    # Agents heard again after being stale, and their devices, whose shown status changed back.
+    agents_back: list[tuple[str, str]] = field(default_factory=list)
+    restored: list[DeviceRef] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class StaleChanges:
+    """What :meth:`SynchronizationService.mark_stale` changed: agents (site, agent) and their devices."""
+
+    agents: list[tuple[str, str]]
+    devices: list[DeviceRef]
+
+
 _DUPLICATE = ApplyResult(ApplyOutcome.DUPLICATE)
 _OUTDATED = ApplyResult(ApplyOutcome.OUTDATED)
 _APPLIED = ApplyResult(ApplyOutcome.APPLIED)
@@ -129,6 +174,9 @@ class _DeviceState:
     dirty: bool = False
     replaced: bool = False  # a snapshot replaced the state: rewrite every channel row
     touched: set[int] = field(default_factory=set)  # channels a delta changed: rewrite those rows
+    # The state as loaded, never mutated (channels are copied on first write), and its status.
+    before: dict[str, Any] | None = None
+    status_before: str | None = None
 
     def version(self, path: str) -> int:
         return self.field_seq.get(path, self.base_seq)
@@ -184,9 +232,16 @@ def _delta_fields(changes: dict[str, Any]) -> Iterable[tuple[str, int | None, st
 def _set(work: _DeviceState, index: int | None, key: str, value: Any) -> None:
     if index is None:
         work.state[key] = value
-    else:
-        _channel(work.state, index)[key] = _canonical(key, value)
+        return
+    if index not in work.touched:
+        # Copy-on-write: the loaded channel dict is shared with ``before``, the alerts' baseline.
+        listed = work.state["channels"]
+        for position, channel in enumerate(listed):
+            if channel["index"] == index:
+                listed[position] = dict(channel)
+                break
         work.touched.add(index)
+    _channel(work.state, index)[key] = _canonical(key, value)
 
 
 def _channel_rows(pk: int, state: dict[str, Any], only: set[int] | None = None) -> list[dict[str, Any]]:
@@ -266,7 +321,15 @@ class SynchronizationService:
         Nothing is committed here. A :attr:`ApplyOutcome.DEFERRED` event is left unrecorded so
         that its redelivery is applied later.
         """
+        return (await self.apply_batch_changes(conn, events)).results
+
+    async def apply_batch_changes(self, conn: AsyncConnection, events: Sequence[AnyEvent]) -> BatchChanges:
+        """Like :meth:`apply_batch`, also returning each written device's state before and after.
+
+        The before/after states come from the rows the batch loads and writes anyway: no extra query.
+        """
         now = _now_ms()
+        changes = BatchChanges([])
         results: list[ApplyResult | None] = [None] * len(events)
         first_of: dict[tuple[str, str, int], int] = {}
         for i, event in enumerate(events):
@@ -279,7 +342,8 @@ class SynchronizationService:
             else:
                 first_of[key] = i
         if not first_of:
-            return [r or _DUPLICATE for r in results]
+            changes.results = [r or _DUPLICATE for r in results]
+            return changes
         # Claiming first also takes SQLite's write lock before anything is read, so two
         # writers cannot both read a device and then overwrite each other's update.
         claimed = await self._claim(conn, list(first_of), now)
@@ -291,13 +355,14 @@ class SynchronizationService:
                 results[i] = _DUPLICATE
         fresh.sort()
         if fresh:
-            await self._touch_agents(conn, [events[i] for i in fresh], now)
-            await self._apply_devices(conn, events, fresh, results, now)
+            await self._touch_agents(conn, [events[i] for i in fresh], now, changes)
+            changes.devices = await self._apply_devices(conn, events, fresh, results, now)
             await self._apply_discovered(conn, events, fresh)
             deferred = [events[i] for i in fresh if _is_deferred(results[i])]
             if deferred:
                 await self._unclaim(conn, deferred)
-        return [r or _APPLIED for r in results]
+        changes.results = [r or _APPLIED for r in results]
+        return changes
 
     async def _claim(
         self, conn: AsyncConnection, keys: list[tuple[str, str, int]], now: int
@@ -322,7 +387,9 @@ class SynchronizationService:
             )
         )
 
-    async def _touch_agents(self, conn: AsyncConnection, events: list[AnyEvent], now: int) -> None:
+    async def _touch_agents(
+        self, conn: AsyncConnection, events: list[AnyEvent], now: int, changes: BatchChanges
+    ) -> None:
         """Upsert the sites and agents of ``events``, bringing stale agents and their devices back."""
         site_seen: dict[str, int] = {}
         updates: dict[str, _AgentUpdate] = {}
@@ -357,26 +424,26 @@ class SynchronizationService:
             site_stmt,
             [{"site": s, "first_seen_ms": t, "last_seen_ms": t} for s, t in sorted(site_seen.items())],
         )
-        back = (
-            (
-                await conn.execute(
-                    update(agents)
-                    .where(agents.c.agent.in_(sorted(updates)), agents.c.status == "stale")
-                    .values(status="online")
-                    .returning(agents.c.agent)
-                )
-            )
-            .scalars()
-            .all()
-        )
-        if back:
-            # The desk sees the devices as the agent last reported them again.
+        back_rows = (
             await conn.execute(
+                update(agents)
+                .where(agents.c.agent.in_(sorted(updates)), agents.c.status == "stale")
+                .values(status="online")
+                .returning(agents.c.site, agents.c.agent)
+            )
+        ).all()
+        if back_rows:
+            back = sorted(row.agent for row in back_rows)
+            # The desk sees the devices as the agent last reported them again.
+            restored = await conn.execute(
                 update(devices)
                 .where(devices.c.agent.in_(back), devices.c.status == "stale")
                 .values(status=devices.c.reported_status)
+                .returning(devices.c.site, devices.c.agent, devices.c.device_key)
             )
-            log.info("stale agents are back", extra={"agents": ",".join(sorted(back))})
+            changes.agents_back = sorted((row.site, row.agent) for row in back_rows)
+            changes.restored = [DeviceRef(r.site, r.agent, r.device_key) for r in restored.all()]
+            log.info("stale agents are back", extra={"agents": ",".join(back)})
         by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         for agent in sorted(updates):
             upd = updates[agent]
@@ -444,13 +511,17 @@ class SynchronizationService:
                 agent=row.agent,
                 device_key=row.device_key,
                 site=row.site,
-                state=row.state,
+                # Shallow copies: writes replace values or copy a channel first (see _set), so
+                # ``before`` keeps the loaded state without a deep copy.
+                state={**row.state, "channels": list(row.state["channels"])},
                 reported_status=row.reported_status,
                 last_boot=row.last_boot,
                 last_seq=row.last_seq,
                 last_ts=row.last_ts,
                 base_seq=row.base_seq,
                 field_seq=dict(row.field_seq or {}),
+                before=row.state,
+                status_before=row.reported_status,
             )
 
     async def _apply_devices(
@@ -460,20 +531,20 @@ class SynchronizationService:
         fresh: list[int],
         results: list[ApplyResult | None],
         now: int,
-    ) -> None:
+    ) -> list[DeviceChange]:
         mine: list[tuple[int, DeviceEvent | OfflineEvent]] = []
         for i in fresh:
             event = events[i]
             if isinstance(event, DeviceEvent | OfflineEvent):
                 mine.append((i, event))
         if not mine:
-            return
+            return []
         work = await self._load_devices(conn, sorted({(e.agent, e.body.device_key) for _, e in mine}))
         for i, event in mine:
             results[i] = self._merge(work, (event.agent, event.body.device_key), event)
         dirty = [w for w in work.values() if w.dirty]
         if not dirty:
-            return
+            return []
         new = [w for w in dirty if w.pk is None]
         old = [w for w in dirty if w.pk is not None]
         if new:
@@ -498,6 +569,10 @@ class SynchronizationService:
                 json_params=("_state", "_field_seq"),
             )
         await self._write_channels(conn, dirty)
+        return [
+            DeviceChange(w.site, w.agent, w.device_key, w.before, w.state, w.status_before, w.reported_status)
+            for w in dirty
+        ]
 
     async def _write_channels(self, conn: AsyncConnection, dirty: list[_DeviceState]) -> None:
         # A snapshot rewrites the device's channel rows (channels may have gone); a delta
@@ -660,28 +735,46 @@ class SynchronizationService:
         )
         await conn.execute(stmt, [latest[k] for k in sorted(latest)])
 
+    async def prune_applied(self, conn: AsyncConnection, older_than_ms: int) -> int:
+        """Forget dedup records applied before ``older_than_ms``; returns how many went.
+
+        Only safe past the time any copy of an event can still arrive (stream retention, agent
+        outbox age): older-than-state checks on devices still refuse a late one, but hello and
+        heartbeat events would be counted again.
+        """
+        result = await conn.execute(delete(applied_events).where(applied_events.c.applied_ms < older_than_ms))
+        return int(result.rowcount or 0)
+
     async def mark_stale_agents(self, conn: AsyncConnection, now_ms: int) -> list[str]:
         """Mark agents silent for :data:`STALE_AFTER_INTERVALS` heartbeat intervals, and their devices, stale.
 
         Returns the agents that became stale now. A stale agent's devices show ``stale`` (the data
         is old), not ``offline``; any event from the agent restores what it last reported.
         """
+        return [agent for _site, agent in (await self.mark_stale(conn, now_ms)).agents]
+
+    async def mark_stale(self, conn: AsyncConnection, now_ms: int) -> StaleChanges:
+        """Like :meth:`mark_stale_agents`, also returning the sites and the devices that went stale."""
         silent = (
             agents.c.last_seen_ms + agents.c.heartbeat_interval_s * (STALE_AFTER_INTERVALS * 1000) < now_ms
         )
-        became = sorted(
-            (
-                await conn.execute(
-                    update(agents)
-                    .where(agents.c.status == "online", silent)
-                    .values(status="stale")
-                    .returning(agents.c.agent)
-                )
+        rows = (
+            await conn.execute(
+                update(agents)
+                .where(agents.c.status == "online", silent)
+                .values(status="stale")
+                .returning(agents.c.site, agents.c.agent)
             )
-            .scalars()
-            .all()
+        ).all()
+        became = sorted((row.site, row.agent) for row in rows)
+        if not became:
+            return StaleChanges([], [])
+        names = [agent for _site, agent in became]
+        stale_devices = await conn.execute(
+            update(devices)
+            .where(devices.c.agent.in_(names))
+            .values(status="stale")
+            .returning(devices.c.site, devices.c.agent, devices.c.device_key)
         )
-        if became:
-            await conn.execute(update(devices).where(devices.c.agent.in_(became)).values(status="stale"))
-            log.warning("agents went stale", extra={"agents": ",".join(became)})
-        return became
+        log.warning("agents went stale", extra={"agents": ",".join(names)})
+        return StaleChanges(became, [DeviceRef(r.site, r.agent, r.device_key) for r in stale_devices.all()])

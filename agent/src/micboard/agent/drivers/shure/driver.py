@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -28,6 +29,11 @@ _STABLE_SESSION_S = 1.0
 _METER_PARAMS = frozenset({"RSSI", "CHAN_QUALITY", "METER_RATE", "AUDIO_LEVEL", "RF_LEVEL"})
 _FORBIDDEN_NAME_CHARS = frozenset("{}<>")
 
+# Every bounded wait here uses ``asyncio.timeout()``, never ``asyncio.wait_for()``: on Python 3.11
+# ``wait_for`` returns the inner result when a cancellation arrives in the same loop iteration as
+# that result (a SAMPLE, say), and the cancellation is lost. A cancelled driver then keeps its
+# session running forever and whoever awaits it hangs.
+
 
 class _LinkDownError(Exception):
     """The connection failed before the device was read in full; retried with backoff."""
@@ -49,6 +55,38 @@ class _Waiter:
             and rep.position is None
             and rep.value.rstrip() == self.value
         )
+
+
+@dataclass(slots=True)
+class _Request:
+    """A request sent after the initial read, answered by one REP or one ``REP ERR``, in order.
+
+    ``REP ERR`` names nothing, so it is matched to the oldest request still unanswered: this
+    keeps the error of a metering SET or a probe (or a command that already timed out) from
+    failing the command sent after it.
+
+    ``sent_after`` is the number of reads handled when the request was written: only bytes read
+    later can answer it. Without that, the ``REP n METER_RATE 00000`` of the full read, handled
+    in the same read that makes the driver ask for metering, was taken for the answer to the
+    metering SET; when the device then refused that SET, its ``REP ERR`` failed the next command
+    and that command's own ``REP ERR`` failed the one after it.
+    """
+
+    channel: int | None
+    param: str
+    sent_after: int
+    waiter: _Waiter | None = None
+
+    def answered_by(self, rep: Rep, read: int) -> bool:
+        if read <= self.sent_after:
+            return False
+        if self.waiter is not None:
+            return self.waiter.matches(rep)
+        return rep.channel == self.channel and rep.param == self.param
+
+
+#: Requests remembered as unanswered; a device that never answers cannot grow the queue past it.
+_MAX_UNANSWERED = 64
 
 
 def _meter_rate(interval_ms: int) -> str:
@@ -88,6 +126,9 @@ class ShureDriver(ReceiverDriver):
         self._last_rx = 0.0
         self._writer: asyncio.StreamWriter | None = None
         self._waiters: list[_Waiter] = []
+        self._unanswered: deque[_Request] = deque(maxlen=_MAX_UNANSWERED)
+        # How many reads _handle() has taken in: orders requests against the bytes that answer them.
+        self._reads = 0
         self._command_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._running = False
@@ -140,14 +181,18 @@ class ShureDriver(ReceiverDriver):
         if writer is not None and not writer.is_closing():
             writer.write(self._meter_off_bytes())
             self._metered.clear()
+            # A device that stopped reading must not hold stop() up: every wait is bounded.
             with contextlib.suppress(OSError, TimeoutError):
-                await asyncio.wait_for(writer.drain(), self.options.command_timeout_s)
+                async with asyncio.timeout(self.options.command_timeout_s):
+                    await writer.drain()
             writer.close()
             with contextlib.suppress(OSError, TimeoutError):
-                await asyncio.wait_for(writer.wait_closed(), self.options.command_timeout_s)
+                async with asyncio.timeout(self.options.command_timeout_s):
+                    await writer.wait_closed()
         if self._running:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._done.wait(), self.options.connect_timeout_s + 1.0)
+                async with asyncio.timeout(self.options.connect_timeout_s + 1.0):
+                    await self._done.wait()
         self._online = False
 
     async def execute(self, command: DriverCommand) -> CommandReply:
@@ -211,9 +256,12 @@ class ShureDriver(ReceiverDriver):
             future: asyncio.Future[CommandReply] = asyncio.get_running_loop().create_future()
             waiter = _Waiter(channel, param, value, future)
             self._waiters.append(waiter)
+            # Stays queued after a timeout: its late answer must not be taken for the next command's.
+            self._unanswered.append(_Request(channel, param, self._reads, waiter))
             try:
                 writer.write(line.encode("ascii"))
-                return await asyncio.wait_for(future, self.options.command_timeout_s)
+                async with asyncio.timeout(self.options.command_timeout_s):
+                    return await future
             except TimeoutError:
                 return CommandReply(
                     CommandOutcome.FAILED, f"no confirmation within {self.options.command_timeout_s} s"
@@ -237,7 +285,8 @@ class ShureDriver(ReceiverDriver):
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
 
     async def _session(self) -> None:
         """One connection: returns after a healthy session ended, raises ``_LinkDownError`` otherwise."""
@@ -246,9 +295,8 @@ class ShureDriver(ReceiverDriver):
         options = self.options
         loop = asyncio.get_running_loop()
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.target.address, self.target.port), options.connect_timeout_s
-            )
+            async with asyncio.timeout(options.connect_timeout_s):
+                reader, writer = await asyncio.open_connection(self.target.address, self.target.port)
         except (OSError, TimeoutError) as exc:
             self._set_link(False, "connect_failed")
             raise _LinkDownError("connect_failed") from exc
@@ -258,6 +306,7 @@ class ShureDriver(ReceiverDriver):
             self.stats.reconnects += 1
         self._writer = writer
         self._frames.reset()
+        self._unanswered.clear()
         self._metered.clear()
         self._synced = False
         self._pending_identity = list(self.dialect.identity_params)
@@ -281,7 +330,8 @@ class ShureDriver(ReceiverDriver):
                 if not self._synced and got_bytes:
                     wake_at = min(wake_at, sync_deadline)
                 try:
-                    data = await asyncio.wait_for(reader.read(_READ_SIZE), max(wake_at - now, 0.001))
+                    async with asyncio.timeout(max(wake_at - now, 0.001)):
+                        data = await reader.read(_READ_SIZE)
                 except TimeoutError:
                     now = loop.time()
                     if not self._synced and got_bytes and now >= sync_deadline:
@@ -295,6 +345,7 @@ class ShureDriver(ReceiverDriver):
                     if not probed and now >= self._last_rx + options.silence_timeout_s / 2:
                         # A device that has nothing to report gets asked something it must answer.
                         writer.write(b"< GET DEVICE_ID >")
+                        self._unanswered.append(_Request(None, "DEVICE_ID", self._reads))
                         probed = True
                     continue
                 except OSError:
@@ -354,6 +405,7 @@ class ShureDriver(ReceiverDriver):
     # -- incoming ----------------------------------------------------------------------
 
     def _handle(self, data: bytes) -> None:
+        self._reads += 1
         frames = self._frames
         messages = frames.feed(data)
         meters: list[ChannelMeter] = []
@@ -373,8 +425,14 @@ class ShureDriver(ReceiverDriver):
                     self._pending_identity.pop(0)
                     if not self._pending_identity:
                         self._finish_sync()
-                else:
-                    self._resolve_first(CommandReply(CommandOutcome.FAILED, "device answered REP ERR"))
+                elif self._unanswered and self._unanswered[0].sent_after < self._reads:
+                    # Requests are answered in the order sent: if the oldest was written after
+                    # these bytes were read, this REP ERR answers nothing the driver tracks.
+                    waiter = self._unanswered.popleft().waiter
+                    if waiter is not None and not waiter.future.done():
+                        waiter.future.set_result(
+                            CommandReply(CommandOutcome.FAILED, "device answered REP ERR")
+                        )
             else:
                 # A device never sends GET or SET.
                 self._bad_values += 1
@@ -406,11 +464,16 @@ class ShureDriver(ReceiverDriver):
                 self._metered.add(channel)
                 rate = _meter_rate(self.options.meter_interval_ms)
                 self._write(f"< SET {channel} METER_RATE {rate} >".encode("ascii"))
+                self._unanswered.append(_Request(channel, "METER_RATE", self._reads))
             if rep.position is None and rep.param not in _METER_PARAMS:
                 self._store(raw, rep.param, rep.value)
         elif channel != 0:
             self._bad_values += 1
             return
+        for request in self._unanswered:
+            if request.answered_by(rep, self._reads):
+                self._unanswered.remove(request)
+                break
         for waiter in self._waiters:
             if not waiter.future.done() and waiter.matches(rep):
                 waiter.future.set_result(CommandReply(CommandOutcome.OK))

@@ -32,6 +32,9 @@ _MAX_WRITE_BUFFER = 1024 * 1024
 _FLASH_S = 10.0
 _BATTERY_CAPACITY_MIN = 600.0
 _RECEIVED_KEPT = 2000
+# How long stop() and drop_connections() wait for a cancelled task to end: shutdown is bounded
+# even if a task misbehaves, so a test or demo that stops the simulator cannot hang on it.
+_CLOSE_TIMEOUT_S = 5.0
 
 DCID_ULXD_SINGLE = "040688F8-FD5A-11E3-81EF-0015C5F3F612"
 DCID_ULXD_DUAL = "0406C584-FD5A-11E3-AD62-0015C5F3F612"
@@ -327,11 +330,12 @@ class ShureSimulator(ReceiverSimulator):
         tick, self._tick_task = self._tick_task, None
         if tick is not None:
             tick.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await tick
+            await _finish([tick])
         await self.drop_connections()
         if server is not None:
-            await server.wait_closed()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+                    await server.wait_closed()
 
     async def drop_connections(self) -> None:
         """Close every controller connection abruptly."""
@@ -340,9 +344,7 @@ class ShureSimulator(ReceiverSimulator):
         handlers = list(self._handlers)
         for task in handlers:
             task.cancel()
-        for task in handlers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _finish(handlers)
 
     # -- what tests and demos drive -----------------------------------------------------
 
@@ -491,7 +493,10 @@ class ShureSimulator(ReceiverSimulator):
         frames = FrameReader()
         try:
             while True:
-                data = await asyncio.wait_for(reader.read(64 * 1024), _IDLE_TIMEOUT_S)
+                # asyncio.timeout(), not wait_for(): on Python 3.11 wait_for() can lose the
+                # cancellation from drop_connections() when data arrives at the same moment.
+                async with asyncio.timeout(_IDLE_TIMEOUT_S):
+                    data = await reader.read(64 * 1024)
                 if not data:
                     break
                 errors = frames.parse_errors
@@ -503,13 +508,20 @@ class ShureSimulator(ReceiverSimulator):
                     await self._answer(controller, None)
         except (OSError, TimeoutError):
             pass
+        except asyncio.CancelledError:
+            # drop_connections() hung up on this controller: the handler ends normally, because
+            # Python 3.11's start_server() reports a cancelled connection handler as an error.
+            pass
         finally:
             self._controllers.discard(controller)
-            controller.meter_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await controller.meter_task
             writer.transport.abort()
-            self._handlers.discard(task)
+            controller.meter_task.cancel()
+            try:
+                # The same for a cancellation that arrives while the metering task winds down.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await _finish([controller.meter_task])
+            finally:
+                self._handlers.discard(task)
 
     def _write(self, controller: _Controller, payload: bytes) -> None:
         transport = controller.writer.transport
@@ -651,8 +663,12 @@ class ShureSimulator(ReceiverSimulator):
             timeout = None
             if controller.next_due:
                 timeout = max(0.0, min(controller.next_due.values()) - loop.time())
+            # asyncio.timeout(), not wait_for(): on Python 3.11 wait_for() loses a cancellation
+            # that arrives together with wake (a METER_RATE 00000 just before the hang-up), and
+            # the handler awaiting this task on close would then wait forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(controller.wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await controller.wake.wait()
             controller.wake.clear()
             now = loop.time()
             due = [n for n, at in controller.next_due.items() if at <= now]
@@ -739,6 +755,19 @@ class ShureSimulator(ReceiverSimulator):
             # Audio: speech comes in bursts.
             channel.talk = min(1.0, max(0.0, channel.talk + rnd.gauss(0.0, 0.15)))
             channel.audio_dbfs = -45.0 + 35.0 * channel.talk + rnd.gauss(0.0, 2.0)
+
+
+async def _finish(tasks: list[asyncio.Task[None]]) -> None:
+    """Wait, bounded, for cancelled tasks to end; re-raise what one of them failed with."""
+    if not tasks:
+        return
+    # asyncio.wait() neither raises the tasks' CancelledError nor swallows the caller's own.
+    done, pending = await asyncio.wait(tasks, timeout=_CLOSE_TIMEOUT_S)
+    if pending:
+        logger.warning("shure simulator tasks did not end", extra={"tasks": len(pending)})
+    for task in done:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            raise error
 
 
 def _clamp(value: float, low: int, high: int) -> int:

@@ -1,0 +1,252 @@
+"""The wired collector end to end: events through NATS and ingest to alerts, history and live views.
+
+A real nats-server, a Collector on a free HTTP port (SQLite and PostgreSQL), events published
+with the agent's own publishing code; everything is observed through the API and the WebSocket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import nats
+import pytest
+from nats.aio.client import Client
+
+from micboard.agent.publisher import EnvelopeFactory, JetStreamPublisher
+from micboard.collector.app import Collector
+from micboard.collector.settings import CollectorSettings
+from micboard.shared.envelope import DeviceBody, HeartbeatBody, HelloBody, MeterBody, OfflineBody
+from micboard.shared.model import ChannelMeter, Device, Family, ReceiverChannel, Transmitter, Vendor
+from micboard.shared.natsd import EmbeddedNats
+
+pytestmark = pytest.mark.timeout(60)
+
+TOKEN = "mbt_pipeline-test-token-0123456789abcdef"
+SITE, AGENT, KEY = "venue-p", "pi-p", "rx1"
+HOLD_S = 0.5
+
+
+def receiver() -> Device:
+    tx = Transmitter(model="ULXD2", battery_bars=5, battery_percent=100, runtime_min=600)
+    return Device(
+        device_key=KEY,
+        vendor=Vendor.SHURE,
+        family=Family.ULXD,
+        model="ULXD4D",
+        channels=(
+            ReceiverChannel(index=1, name="HH01 Fatai", transmitter=tx),
+            ReceiverChannel(index=2, name="HH02 Ana", transmitter=tx),
+        ),
+    )
+
+
+def battery(bars: int, percent: int) -> dict[str, Any]:
+    """A delta setting channel 1's transmitter battery."""
+    tx = {"model": "ULXD2", "battery_bars": bars, "battery_percent": percent, "runtime_min": percent * 6}
+    return {"channels": {1: {"transmitter": tx}}}
+
+
+@dataclass
+class Rig:
+    """A running collector, a publishing agent identity and an HTTP session with a token."""
+
+    collector: Collector
+    url: str
+    nc: Client
+    publisher: JetStreamPublisher
+    factory: EnvelopeFactory
+    http: aiohttp.ClientSession
+
+    async def publish(self, body: Any) -> None:
+        await self.publisher.publish(self.factory.make(body))
+
+    async def get(self, path: str) -> Any:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with self.http.get(f"{self.url}/api/v1{path}", headers=headers) as response:
+            assert response.status == 200, await response.text()
+            return await response.json()
+
+    async def alert(self, state: str, rule: str) -> dict[str, Any] | None:
+        body = await self.get(f"/alerts?state={state}&site={SITE}")
+        return next((a for a in body["items"] if a["rule"] == rule), None)
+
+
+async def eventually(probe: Callable[[], Awaitable[Any]], what: str, timeout_s: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = await probe()
+        if found:
+            return found
+        await asyncio.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+async def next_alert(ws: aiohttp.ClientWebSocketResponse, rule: str, state: str) -> dict[str, Any]:
+    """The next alert message on the WebSocket about ``rule`` in ``state`` (others are skipped)."""
+    deadline = time.monotonic() + 10
+    while True:
+        msg = await ws.receive(timeout=max(0.01, deadline - time.monotonic()))
+        assert msg.type is aiohttp.WSMsgType.TEXT, msg
+        data = json.loads(msg.data)
+        if data["type"] == "alert" and (data["item"]["rule"], data["item"]["state"]) == (rule, state):
+            return dict(data["item"])
+
+
+@pytest.fixture
+async def rig(nats_private: EmbeddedNats, db_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
+    settings = CollectorSettings(
+        nats_url=nats_private.url,
+        database_url=db_url,
+        auto_migrate="always",
+        http_port=0,
+        state_dir=tmp_path / "collector",
+        fetch_timeout_s=0.1,
+        bootstrap_token=TOKEN,
+        alert_resolve_hold_s=HOLD_S,
+        alert_clip_resolve_hold_s=HOLD_S,
+        alert_sweep_interval_s=0.1,
+        history_bucket_s=1,
+        history_flush_interval_s=0.1,
+    )
+    collector = Collector(settings)
+    running = await collector.start()
+    nc = await nats.connect(nats_private.url)
+    try:
+        async with aiohttp.ClientSession() as http:
+            yield Rig(collector, running.url, nc, JetStreamPublisher(nc), EnvelopeFactory(SITE, AGENT), http)
+    finally:
+        await nc.close()
+        await collector.stop()
+
+
+async def test_battery_offline_meters_reach_alerts_history_and_live(rig: Rig) -> None:
+    await rig.publish(HelloBody(version="1.0"))
+    await rig.publish(HeartbeatBody(uptime_s=1.0, interval_s=60.0))
+    await rig.publish(DeviceBody(device_key=KEY, snapshot=receiver()))
+    devices = await eventually(lambda: _devices(rig), "the device to be stored")
+    device_id = devices[0]["id"]
+
+    ws = await rig.http.ws_connect(f"{rig.url}/api/v1/live")
+    await ws.send_json({"type": "auth", "token": TOKEN})
+    await ws.send_json({"type": "subscribe", "scope": "site", "site": SITE})
+    # Alerts are pushed to subscribed clients only: the snapshot says this one is.
+    assert json.loads((await ws.receive(timeout=5)).data)["type"] == "snapshot"
+
+    # A battery dropping to 2 bars opens battery_critical: in the store and on the WebSocket.
+    await rig.publish(DeviceBody(device_key=KEY, changes=battery(2, 40)))
+    pushed = await next_alert(ws, "battery_critical", "open")
+    assert (pushed["channel"], pushed["severity"], pushed["device_key"]) == (1, "critical", KEY)
+    listed = await eventually(lambda: rig.alert("open", "battery_critical"), "battery_critical listed")
+    assert listed["id"] == pushed["id"]
+
+    # Back past the hysteresis margin: resolved by the system once the hold time passed.
+    recovered_at = time.monotonic()
+    await rig.publish(DeviceBody(device_key=KEY, changes=battery(5, 100)))
+    resolved = await next_alert(ws, "battery_critical", "resolved")
+    assert time.monotonic() - recovered_at >= HOLD_S
+    assert resolved["id"] == pushed["id"] and resolved["resolved_by"] == "system"
+    assert await rig.alert("open", "battery_critical") is None
+
+    # Meters on core NATS: RF and audio reach history, clipping opens audio_clipping.
+    meter = MeterBody(
+        device_key=KEY,
+        channels=(
+            ChannelMeter(index=1, rf_dbm=(-62.0, -70.0), audio_dbfs=-20.0, audio_peak_dbfs=-12.0),
+            ChannelMeter(index=2, rf_dbm=(-55.0, None), audio_dbfs=-3.0, audio_peak_dbfs=0.0),
+        ),
+    )
+    await rig.publish(meter)
+    clipping = await next_alert(ws, "audio_clipping", "open")
+    assert clipping["channel"] == 2
+
+    # Offline opens device_offline.
+    await rig.publish(OfflineBody(device_key=KEY))
+    offline = await next_alert(ws, "device_offline", "open")
+    assert offline["channel"] is None
+    assert await eventually(lambda: rig.alert("open", "device_offline"), "device_offline listed")
+    await ws.close()
+
+    # History: battery samples from device state, RF and audio from meters, flushed and served.
+    async def history(index: int) -> list[dict[str, Any]]:
+        body = await rig.get(f"/devices/{device_id}/channels/{index}/history")
+        return list(body["items"])
+
+    def has(field: str) -> Callable[[list[dict[str, Any]]], bool]:
+        return lambda points: any(p[field] is not None for p in points)
+
+    ch1 = await eventually(lambda: _when(history(1), has("rf_dbm")), "RF history of channel 1")
+    assert min(p["battery_bars"] for p in ch1 if p["battery_bars"] is not None) == 2
+    assert max(p["rf_dbm"] for p in ch1 if p["rf_dbm"] is not None) == -62.0
+    ch2 = await eventually(lambda: _when(history(2), has("audio_dbfs")), "audio history of channel 2")
+    assert max(p["audio_dbfs"] for p in ch2 if p["audio_dbfs"] is not None) == -3.0
+
+
+async def test_stale_agent_opens_and_clears_agent_stale_and_tells_live_views(
+    nats_private: EmbeddedNats, sqlite_url: str, tmp_path: Path
+) -> None:
+    settings = CollectorSettings(
+        nats_url=nats_private.url,
+        database_url=sqlite_url,
+        http_port=0,
+        state_dir=tmp_path / "collector",
+        fetch_timeout_s=0.1,
+        bootstrap_token=TOKEN,
+        stale_check_interval_s=0.1,
+        # The sweep would find the same by age; slow it down so the stale job is what is tested.
+        alert_sweep_interval_s=60.0,
+    )
+    collector = Collector(settings)
+    running = await collector.start()
+    nc = await nats.connect(nats_private.url)
+    try:
+        async with aiohttp.ClientSession() as http:
+            rig = Rig(collector, running.url, nc, JetStreamPublisher(nc), EnvelopeFactory(SITE, AGENT), http)
+            # Subscribed before the agent is heard of, so that no message can come before it.
+            ws = await http.ws_connect(f"{running.url}/api/v1/live")
+            await ws.send_json({"type": "auth", "token": TOKEN})
+            await ws.send_json({"type": "subscribe", "scope": "site", "site": SITE})
+            assert json.loads((await ws.receive(timeout=5)).data)["type"] == "snapshot"
+            await rig.publish(HeartbeatBody(uptime_s=1.0, interval_s=0.2))
+            await rig.publish(DeviceBody(device_key=KEY, snapshot=receiver()))
+            # Silent for three intervals: stale, with its alert, and the tiles told at once.
+            stale = await next_alert(ws, "agent_stale", "open")
+            assert stale["device_key"] is None
+            statuses = await _channel_statuses(ws, "stale")
+            assert statuses == {1: "stale", 2: "stale"}
+            # Heard again: the alert resolves in the ingest transaction and the tiles come back.
+            await rig.publish(HeartbeatBody(uptime_s=2.0, interval_s=60.0))
+            back = await next_alert(ws, "agent_stale", "resolved")
+            assert back["id"] == stale["id"]
+            assert await _channel_statuses(ws, "online") == {1: "online", 2: "online"}
+            await ws.close()
+    finally:
+        await nc.close()
+        await collector.stop()
+
+
+async def _channel_statuses(ws: aiohttp.ClientWebSocketResponse, status: str) -> dict[int, str]:
+    seen: dict[int, str] = {}
+    deadline = time.monotonic() + 10
+    while set(seen.values()) != {status} or len(seen) < 2:
+        msg = await ws.receive(timeout=max(0.01, deadline - time.monotonic()))
+        data = json.loads(msg.data)
+        if data["type"] == "channel":
+            seen[data["item"]["index"]] = data["item"]["status"]
+    return seen
+
+
+async def _devices(rig: Rig) -> list[dict[str, Any]]:
+    body = await rig.get(f"/devices?site={SITE}")
+    return list(body["items"])
+
+
+async def _when(points: Awaitable[list[dict[str, Any]]], ok: Callable[[list[dict[str, Any]]], bool]) -> Any:
+    found = await points
+    return found if ok(found) else None
