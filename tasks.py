@@ -87,6 +87,12 @@ def task_test(args: list[str]) -> int:
     return run(PYTHON, "-m", "pytest", "--cov", "--cov-report=term", "--cov-report=xml", *args, check=False)
 
 
+def task_load(args: list[str]) -> int:
+    """Run the load tests (marked ``load``), which the default suite leaves out."""
+    ensure_venv()
+    return run(PYTHON, "-m", "pytest", "-m", "load", *args, check=False)
+
+
 def task_lint(_args: list[str]) -> int:
     """ruff over the whole tree."""
     ensure_venv()
@@ -187,6 +193,7 @@ TASKS: dict[str, TaskFn] = {
     "lint": task_lint,
     "typecheck": task_typecheck,
     "check": task_check,
+    "load": task_load,
     "security": task_security,
     "docstrings": task_docstrings,
     "bench": task_bench,

@@ -348,7 +348,7 @@ async def committed_at(
     raise AssertionError("the live hub closed")
 
 
-@pytest.mark.slow
+@pytest.mark.load
 async def test_two_hundred_channels_stay_smooth(tmp_path: Path, browser_page: BrowserPage) -> None:
     from tests.browser.conftest import start_fleet, stop_fleet, wait_for_channels
 
