@@ -100,8 +100,11 @@ class AgentRunner:
                 churn = asyncio.create_task(self._churn(self.devices[0]), name="micboard-demo-churn")
             while not self._stop.is_set():
                 await self.sender.send(self.factory.make(self._heartbeat()))
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+                # arrives together with the event, and this task would never stop.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), self.settings.heartbeat_interval_s)
+                    async with asyncio.timeout(self.settings.heartbeat_interval_s):
+                        await self._stop.wait()
         finally:
             if churn is not None:
                 churn.cancel()

@@ -341,7 +341,10 @@ class EventSender:
         tasks = [*self._tasks, *self._publishes]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            # Bounded: no task may hold the shutdown past its deadline, whatever it does with the
+            # cancellation; those still running are cancelled again when the loop closes.
+            await asyncio.wait(tasks, timeout=max(0.1, (deadline - loop.time() - _NATS_CLOSE_RESERVE_S) / 2))
         self._tasks = []
         try:
             budget = max(0.1, deadline - loop.time() - _NATS_CLOSE_RESERVE_S)
@@ -437,8 +440,11 @@ class EventSender:
         delay = min(COMMIT_DELAY_S, self.outbox.fsync_interval_s or COMMIT_DELAY_S)
         next_expire = loop.time()
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives together with the event, and this task would never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ops_ready.wait(), tick)
+                async with asyncio.timeout(tick):
+                    await self._ops_ready.wait()
             if self._ops_ready.is_set():
                 await asyncio.sleep(delay)
                 self._ops_ready.clear()
@@ -541,8 +547,11 @@ class EventSender:
             timeout = 1.0
             if self._retry_at > loop.time():
                 timeout = min(timeout, self._retry_at - loop.time())
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives together with the event, and this task would never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake_pump.wait(), max(timeout, 0.01))
+                async with asyncio.timeout(max(timeout, 0.01)):
+                    await self._wake_pump.wait()
             self._wake_pump.clear()
             if not self._link_usable():
                 continue
