@@ -118,6 +118,9 @@ async def test_publishes_while_the_link_is_up(
     sender = await sender_factory(nats_private.url)
     listener = await nats.connect(nats_private.url)
     meter_sub = await listener.subscribe("micboard.v1.venue-t.pi-t.meter")
+    # Right after connecting, the first PONG can answer the connect's own PING: flush twice so
+    # the server has surely registered the subscription before the meter is published.
+    await listener.flush()
     await listener.flush()
     await eventually(lambda: sender.stats.connected, what="connected")
     await sender.send(factory.make(HelloBody(version="t")))
