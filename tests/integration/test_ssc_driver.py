@@ -74,9 +74,14 @@ async def eventually(condition: Callable[[], bool], timeout_s: float = 3.0) -> N
 
 
 @asynccontextmanager
-async def rig(kind: str = "ewdx-em2", *, seed: int = 1, time_scale: float = 1.0,
-              options: DriverOptions = FAST, **driver_kwargs: Any
-              ) -> AsyncIterator[tuple[SscSimulator, SscDriver, Recorder]]:
+async def rig(
+    kind: str = "ewdx-em2",
+    *,
+    seed: int = 1,
+    time_scale: float = 1.0,
+    options: DriverOptions = FAST,
+    **driver_kwargs: Any,
+) -> AsyncIterator[tuple[SscSimulator, SscDriver, Recorder]]:
     simulator = SscSimulator(kind, port=0, seed=seed, time_scale=time_scale)
     await simulator.start()
     recorder = Recorder()
@@ -107,7 +112,11 @@ async def test_identity_state_and_meters_of_every_kind(kind: str) -> None:
         spec = SSC_SIMULATOR_KINDS[kind]
         assert device.family is spec.family
         assert (device.model, device.serial, device.device_id, device.firmware) == (
-            spec.product, simulator.serial, simulator.device_id, spec.firmware)
+            spec.product,
+            simulator.serial,
+            simulator.device_id,
+            spec.firmware,
+        )
         assert device.name == simulator.device_name
         assert device.port == simulator.port
         assert device.channel_count == spec.channels
@@ -444,7 +453,8 @@ async def test_simulator_fills_queries_and_reports_inline_errors() -> None:
         reply = await ask({"mates": {"tx2": {"name": None}, "tx1": {"name": None}}})
         assert reply["mates"] == {"tx1": {"name": simulator.channel(1).transmitter.name}}
         assert reply["osc"]["error"] == [
-            {"mates": {"tx2": [{"desc": "failed dependency: the transmitter is off", "code": 424}]}}]
+            {"mates": {"tx2": [{"desc": "failed dependency: the transmitter is off", "code": 424}]}}
+        ]
 
 
 async def test_simulator_validates_sets() -> None:
@@ -453,16 +463,22 @@ async def test_simulator_validates_sets() -> None:
         ok = await ask(json.loads(json.dumps(sets)))
         assert ok == sets
         assert simulator.channel(1).muted and simulator.device_name == "STAGE-L"
-        bad = await ask({"rx1": {"frequency": 500_010, "gain": "6", "mute": 1, "name": "a.b", "warnings": []},
-                         "rx2": {"name": 5}, "device": {"name": "has blank", "identification": {"visual": 1}},
-                         "mates": "x"})
+        bad = await ask(
+            {
+                "rx1": {"frequency": 500_010, "gain": "6", "mute": 1, "name": "a.b", "warnings": []},
+                "rx2": {"name": 5},
+                "device": {"name": "has blank", "identification": {"visual": 1}},
+                "mates": "x",
+            }
+        )
         codes = sorted(error_code(error) for error in bad["osc"]["error"])
         assert codes == [400, 400, 400, 400, 400, 406, 406, 406, 406]
         identified = await ask({"device": {"identification": {"visual": True}}})
         assert identified == {"device": {"identification": {"visual": True}}}
         assert simulator.identify_count == 1
         assert (await ask({"device": {"identification": {"visual": None}}}))["device"]["identification"] == {
-            "visual": True}
+            "visual": True
+        }
         garbage = await ask(b"\xff{")
         assert garbage["osc"]["error"][0]["code"] == 400
         simulator.faults.rep_err = True
@@ -481,9 +497,19 @@ def error_code(tree: Any) -> int:
 
 async def test_simulator_subscriptions_push_expire_and_cancel() -> None:
     async with raw("ewdx-em4") as (simulator, ask, pushes):
-        request = {"osc": {"state": {"subscribe": [
-            {"#": {"lifetime": 0.3, "min": 20, "count": 1000}, "m": {"rx4": {"rsqi": None, "af": None}},
-             "rx1": {"name": None}}]}}}
+        request = {
+            "osc": {
+                "state": {
+                    "subscribe": [
+                        {
+                            "#": {"lifetime": 0.3, "min": 20, "count": 1000},
+                            "m": {"rx4": {"rsqi": None, "af": None}},
+                            "rx1": {"name": None},
+                        }
+                    ]
+                }
+            }
+        }
         answer = await ask(request)
         subscribed = answer["osc"]["state"]["subscribe"][0]
         assert set(subscribed["m"]["rx4"]) == {"rsqi", "af"}
@@ -509,9 +535,22 @@ async def test_simulator_subscriptions_push_expire_and_cancel() -> None:
         cancelled = await ask({"osc": {"state": {"subscribe": [{"#": {"cancel": True}}]}}})
         assert cancelled["osc"]["state"]["subscribe"] == [{"#": {"cancel": True}}]
         assert simulator.subscription_count == 0
-        refused = await ask({"osc": {"state": {"subscribe": [
-            {"#": {"lifetime": -1}, "m": {}}, {"#": {"min": 1}}, {"#": {"count": 0}}, 5,
-            {"#": {}, "m": {"rx1": {"af": -3}}}, {"#": {}, "rx9": {"name": None}}]}}})
+        refused = await ask(
+            {
+                "osc": {
+                    "state": {
+                        "subscribe": [
+                            {"#": {"lifetime": -1}, "m": {}},
+                            {"#": {"min": 1}},
+                            {"#": {"count": 0}},
+                            5,
+                            {"#": {}, "m": {"rx1": {"af": -3}}},
+                            {"#": {}, "rx9": {"name": None}},
+                        ]
+                    }
+                }
+            }
+        )
         assert [error_code(e) for e in refused["osc"]["error"]] == [400, 400, 400, 400, 400, 404]
         not_a_list = await ask({"osc": {"state": {"subscribe": {}}}})
         assert error_code(not_a_list["osc"]["error"][0]) == 400

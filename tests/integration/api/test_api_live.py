@@ -325,3 +325,22 @@ async def test_live_needs_a_hub(engine: AsyncEngine) -> None:
             assert r.status == 503 and (await r.json(content_type=None))["code"] == "service.unavailable"
     finally:
         await runner.cleanup()
+
+
+async def test_shutdown_closes_every_socket_even_before_auth(sqlite_api: LiveApi) -> None:
+    """A socket still authenticating or not yet subscribed is closed (going away) at shutdown,
+    so the HTTP runner is not left waiting on its handler."""
+    silent = await sqlite_api.http.ws_connect(f"{sqlite_api.url}/api/v1/live")
+    unsubscribed = await connect(sqlite_api)
+    subscribed = await connect(sqlite_api)
+    await subscribed.send_json({"type": "subscribe", "scope": "fleet"})
+    await next_of(subscribed, "snapshot")
+    live = context_of(sqlite_api.app).live
+    assert live is not None
+    await live.close()
+    for ws in (silent, unsubscribed, subscribed):
+        msg = await ws.receive(timeout=3)
+        while msg.type is aiohttp.WSMsgType.TEXT:
+            msg = await ws.receive(timeout=3)
+        assert msg.type is aiohttp.WSMsgType.CLOSE
+        assert ws.close_code == aiohttp.WSCloseCode.GOING_AWAY

@@ -216,21 +216,45 @@ def test_meter_maps_documented_units() -> None:
 def test_meter_without_transmitter_and_out_of_range_values() -> None:
     meter = meter_from_ssc(2, {"rssi": -107, "rsqi": 0, "divi": 0, "af": -138.5})
     assert (meter.rf_dbm, meter.link_quality_percent, meter.active_antenna, meter.audio_dbfs) == (
-        (-107.0,), 0, None, -138.5)
+        (-107.0,),
+        0,
+        None,
+        -138.5,
+    )
     junk = meter_from_ssc(2, {"rssi": "loud", "rsqi": 180, "divi": True, "af": 99})
     assert (junk.rf_dbm, junk.link_quality_percent, junk.active_antenna, junk.audio_dbfs) == (
-        (), None, None, None)
+        (),
+        None,
+        None,
+        None,
+    )
     assert meter_from_ssc(3, None).rf_dbm == ()
 
 
 def test_divi_reads_as_active_antenna() -> None:
     assert [antenna_from_divi(v) for v in (0, 1, 2, 3, True, "1", None)] == [
-        None, Antenna.A, Antenna.B, None, None, None, None]
+        None,
+        Antenna.A,
+        Antenna.B,
+        None,
+        None,
+        None,
+        None,
+    ]
 
 
 def test_battery_bars_follow_the_gauge() -> None:
     assert [battery_bars_from_percent(p) for p in (None, 0, 1, 20, 21, 55, 80, 81, 100)] == [
-        None, 0, 1, 1, 2, 3, 4, 5, 5]
+        None,
+        0,
+        1,
+        1,
+        2,
+        3,
+        4,
+        5,
+        5,
+    ]
 
 
 SAMPLE_MATE: dict[str, Any] = {
@@ -264,8 +288,13 @@ def test_unknown_battery_gauge_is_none_not_zero() -> None:
 
 
 def test_channel_maps_name_frequency_warnings_and_transmitter() -> None:
-    rx = {"name": "HH01 Ana", "frequency": 470_200, "mute": True, "gain": 12,
-          "warnings": ["AfPeak", "LowBattery"]}
+    rx = {
+        "name": "HH01 Ana",
+        "frequency": 470_200,
+        "mute": True,
+        "gain": 12,
+        "warnings": ["AfPeak", "LowBattery"],
+    }
     channel = channel_from_ssc(1, rx, SAMPLE_MATE)
     assert channel.name == "HH01 Ana"
     assert (channel.name_id, channel.name_person) == ("HH01", "Ana")
@@ -299,18 +328,27 @@ def test_device_maps_identity() -> None:
     )
     channel = channel_from_ssc(1, {"name": "VOX 1"}, None)
     device = device_from_ssc(
-        device_key="ssc:1234567890", family=Family.EWDX, address="127.0.0.1", port=45,
-        identity=message.lookup("device", "identity"), name=message.lookup("device", "name"),
+        device_key="ssc:1234567890",
+        family=Family.EWDX,
+        address="127.0.0.1",
+        port=45,
+        identity=message.lookup("device", "identity"),
+        name=message.lookup("device", "name"),
         channels=[channel],
     )
     assert device.vendor is Vendor.SENNHEISER
     assert (device.model, device.serial, device.device_id, device.firmware) == (
-        "EW-DX EM 4", "1234567890", "1234567890", "3.3.1")
+        "EW-DX EM 4",
+        "1234567890",
+        "1234567890",
+        "3.3.1",
+    )
     assert device.name == "RACK-A"
     assert device.port == 45
     assert device.channel(1) == channel
-    unknown = device_from_ssc(device_key="k", family=Family.D6000, address="h", port=70_000, identity=7,
-                              name=None, channels=[])
+    unknown = device_from_ssc(
+        device_key="k", family=Family.D6000, address="h", port=70_000, identity=7, name=None, channels=[]
+    )
     assert (unknown.model, unknown.port, unknown.name) == (None, None, None)
 
 
@@ -357,13 +395,35 @@ def test_channel_name_rules(name: str, family: Family, problem: str | None) -> N
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
-    lambda children: (st.lists(children, max_size=4)
-                      | st.dictionaries(st.text(max_size=8), children, max_size=4)),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=25,
 )
-ssc_keys = st.sampled_from(["rx1", "rx2", "m", "mates", "tx1", "osc", "xid", "error", "code", "desc",
-                            "battery", "gauge", "lifetime", "rssi", "rsqi", "divi", "af", "name", "warnings",
-                            "trim"])
+ssc_keys = st.sampled_from(
+    [
+        "rx1",
+        "rx2",
+        "m",
+        "mates",
+        "tx1",
+        "osc",
+        "xid",
+        "error",
+        "code",
+        "desc",
+        "battery",
+        "gauge",
+        "lifetime",
+        "rssi",
+        "rsqi",
+        "divi",
+        "af",
+        "name",
+        "warnings",
+        "trim",
+    ]
+)
 ssc_trees = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(ssc_keys, children, max_size=4),
@@ -395,6 +455,7 @@ def test_mapping_arbitrary_values_never_raises(first: Any, second: Any) -> None:
     channel_from_ssc(2, first, second)
     transmitter_from_ssc(second)
     parse_errors(first)
-    decoded_tree = decode_datagram(json.dumps({"osc": {"error": first, "xid": second}, "m": first},
-                                              allow_nan=True).encode())
+    decoded_tree = decode_datagram(
+        json.dumps({"osc": {"error": first, "xid": second}, "m": first}, allow_nan=True).encode()
+    )
     assert isinstance(decoded_tree, SscMessage | SscRejected)

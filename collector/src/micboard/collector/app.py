@@ -142,7 +142,8 @@ class Collector:
             commands=CommandService(engine, nc),
             meter_listeners=[self.meters.submit],
         )
-        runner = web.AppRunner(api, access_log=None)
+        # Handlers still running at shutdown get a bounded grace, not aiohttp's default minute.
+        runner = web.AppRunner(api, access_log=None, shutdown_timeout=settings.http_shutdown_timeout_s)
         await runner.setup()
         # Recorded before the socket opens so that stop() cleans the runner up should that fail.
         self.running = RunningCollector("", nats_url, engine, ingest, runner)

@@ -19,6 +19,9 @@ class CollectorSettings(MicboardSettings):
     )
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
+    http_shutdown_timeout_s: float = Field(
+        default=5.0, gt=0, le=120, description="grace for running HTTP handlers when the collector stops"
+    )
     stream_name: str = Field(default="MICBOARD", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     durable_name: str = Field(default="collector", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     stream_max_age_s: float = Field(default=7 * 24 * 3600, gt=0)

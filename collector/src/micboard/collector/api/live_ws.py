@@ -185,6 +185,9 @@ class LiveFeed:
         self.meter_listeners = list(meter_listeners)
         self.stats = LiveStats()
         self._clients: set[_Client] = set()
+        # Every open socket, subscribed or not, so that close() can end each handler: the HTTP
+        # runner waits for running handlers at shutdown.
+        self._sockets: set[web.WebSocketResponse] = set()
         self._lock = asyncio.Lock()
         self._pending = _Pending()
         self._wake = asyncio.Event()
@@ -226,9 +229,7 @@ class LiveFeed:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        for client in list(self._clients):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.ws.close(code=WSCloseCode.GOING_AWAY, message=b"shutdown"), 2)
+        await asyncio.gather(*(_close_going_away(ws) for ws in list(self._sockets)))
 
     # -- sources --------------------------------------------------------------------------------
 
@@ -468,6 +469,13 @@ class LiveFeed:
         ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=_MAX_CLIENT_MESSAGE)
         await ws.prepare(request)
         self.stats.connections += 1
+        self._sockets.add(ws)
+        try:
+            return await self._serve(request, ws)
+        finally:
+            self._sockets.discard(ws)
+
+    async def _serve(self, request: web.Request, ws: web.WebSocketResponse) -> web.WebSocketResponse:
         if not await self._authenticate(request, ws):
             return ws
         client = _Client(ws, asyncio.Queue(maxsize=self.queue_messages))
@@ -549,3 +557,10 @@ class LiveFeed:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(client.ws.close(code=CLOSE_SLOW), 1)
                 return
+
+
+async def _close_going_away(ws: web.WebSocketResponse) -> None:
+    # Bounded: a peer that never answers the close frame must not hold the shutdown up.
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(2):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"shutdown")
