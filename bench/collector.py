@@ -40,6 +40,7 @@ from sqlalchemy.engine import make_url
 
 from micboard.agent.publisher import EnvelopeFactory, JetStreamPublisher
 from micboard.collector.ingest import IngestConsumer, ensure_stream
+from micboard.collector.runtime import tune_gc
 from micboard.collector.services.alerts import AlertService
 from micboard.collector.services.history import HistoryService
 from micboard.collector.settings import CollectorSettings
@@ -199,10 +200,19 @@ async def main() -> None:
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--seconds", type=int, default=10, help="simulated seconds of fleet traffic")
     parser.add_argument("--database", choices=["sqlite", "postgres", "both"], default="both")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=CollectorSettings().batch_size)
+    parser.add_argument(
+        "--gc",
+        choices=["tuned", "default"],
+        default="tuned",
+        help="tuned: the collector's own garbage collector settings (micboard.collector.runtime); "
+        "default: CPython's",
+    )
     parser.add_argument("--in-flight", type=int, default=512, help="bound on unacknowledged publishes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.gc == "tuned":
+        tune_gc()  # as the collector does once started; it applies to the bare consumer too
     fleet = Fleet(args.sites, args.receivers, args.channels, args.seconds)
     with (
         tempfile.TemporaryDirectory(prefix="micboard-bench-") as tmp,
@@ -215,7 +225,7 @@ async def main() -> None:
         print(
             f"fleet: {fleet.sites} sites x {fleet.receivers} receivers x {fleet.channels} channels, "
             f"{fleet.seconds} s of 1 Hz deltas = {total} events; published in {seconds:.1f} s "
-            f"({total / seconds:,.0f} events/s)"
+            f"({total / seconds:,.0f} events/s); batch {args.batch_size}, gc {args.gc}"
         )
         bare = await bare_rate(nc, base, total)
         print(f"bare fetch+unpack+ack:   {bare:10,.0f} events/s")

@@ -17,6 +17,7 @@ from micboard.collector.api.app import create_app
 from micboard.collector.api.live_ws import publish_committed
 from micboard.collector.ingest import IngestConsumer
 from micboard.collector.live import LiveHub
+from micboard.collector.runtime import tune_gc
 from micboard.collector.security.natsauth import collector_connect_options
 from micboard.collector.services.alerts import AlertService, AlertThresholds
 from micboard.collector.services.commands import CommandService
@@ -152,6 +153,8 @@ class Collector:
         port = runner.addresses[0][1]
         url = f"http://{settings.http_host}:{port}"
         self.running.url = url
+        if settings.tune_gc:
+            tune_gc()
         log.info("collector ready", extra={"url": url, "nats": nats_url})
         self.notifier.ready(f"listening on {url}")
         watchdog_s = self.notifier.watchdog_interval_s()

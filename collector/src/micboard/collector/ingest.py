@@ -336,6 +336,7 @@ class IngestConsumer:
             )
             await self._isolate(good, poison)
         else:
+            self.sync.committed(changes)
             self._after_commit(events, changes, alert_changes)
             for item in poison:
                 await self._terminate_poison(item)
@@ -376,6 +377,7 @@ class IngestConsumer:
                     return
                 await self._failed_alone(msg, f"{type(exc).__name__}: {exc}"[:2000])
             else:
+                self.sync.committed(changes)
                 self._after_commit([event], changes, alert_changes)
                 await self._settle(msg, changes.results[0])
 

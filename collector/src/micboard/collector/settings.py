@@ -54,7 +54,12 @@ class CollectorSettings(MicboardSettings):
         default="empty-sqlite",
         description="migrate at start: only an empty SQLite database (the zero-step default), always, never",
     )
-    batch_size: int = Field(default=256, ge=1, le=10_000)
+    batch_size: int = Field(
+        default=1000, ge=1, le=10_000, description="events per fetch and per database transaction"
+    )
+    tune_gc: bool = Field(
+        default=True, description="collect young objects less often (see micboard.collector.runtime)"
+    )
     fetch_timeout_s: float = Field(default=1.0, gt=0)
     bootstrap_token: SecretStr | None = Field(
         default=None,

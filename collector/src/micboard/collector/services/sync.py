@@ -11,6 +11,8 @@ the fields no newer event has set, so applying the same events in any order give
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -35,6 +37,9 @@ from micboard.shared.envelope import (
 )
 from micboard.shared.model import ReceiverChannel, Transmitter, split_channel_name
 
+# A channel's name is split for every row written, and names rarely change.
+_split_name = functools.lru_cache(maxsize=65_536)(split_channel_name)
+
 log = logging.getLogger(__name__)
 
 #: An agent is stale once nothing arrived from it for this many heartbeat intervals.
@@ -46,14 +51,27 @@ _STORED = (HelloEvent, HeartbeatEvent, DeviceEvent, OfflineEvent, DiscoveredEven
 _CHANNEL_DEFAULTS: dict[str, Any] = ReceiverChannel(index=1).model_dump(mode="json")
 _TRANSMITTER_DEFAULTS: dict[str, Any] = Transmitter().model_dump(mode="json")
 _STATUS = "status"
-_TOUCH_RESOLUTION_MS = 1000
+_TOUCH_RESOLUTION_MS = 5000  # staleness counts in heartbeat intervals (10 s), which are always written
 _WORK_COLUMNS = [
     devices.c[name]
     for name in (
         "id", "agent", "device_key", "site", "state", "reported_status",
-        "last_boot", "last_seq", "last_ts", "base_seq", "field_seq",
+        "last_boot", "last_seq", "last_ts", "base_seq", "field_seq", "revision",
     )
 ]  # fmt: skip
+# ``WHERE true``: SQLite's parser needs it between an INSERT's SELECT and its upsert clause.
+_CLAIM_SQLITE = (
+    "INSERT INTO applied_events (agent, boot, seq, applied_ms) "
+    "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), ? "
+    "FROM json_each(?) WHERE true ON CONFLICT DO NOTHING RETURNING agent, boot, seq"
+)
+_CLAIM_POSTGRESQL = (
+    "INSERT INTO applied_events (agent, boot, seq, applied_ms) "
+    "SELECT k.agent, k.boot, k.seq, $4 FROM unnest($1::varchar[], $2::varchar[], $3::bigint[]) "
+    "AS k(agent, boot, seq) ON CONFLICT DO NOTHING RETURNING agent, boot, seq"
+)
+#: Devices whose state a service keeps in memory between batches (about 2 KB each).
+DEFAULT_DEVICE_CACHE = 50_000
 
 
 class ApplyOutcome(StrEnum):
@@ -101,6 +119,42 @@ class DeviceChange:
     status_after: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    """A device row as committed, kept between batches; valid while ``revision`` matches the row."""
+
+    pk: int
+    revision: int
+    site: str
+    state: dict[str, Any]
+    reported_status: str
+    last_boot: str
+    last_seq: int
+    last_ts: int
+    base_seq: int
+    field_seq: dict[str, int]
+
+    def work(self) -> _DeviceState:
+        """A working copy: the state and versions may change, the cached ones do not."""
+        return _DeviceState(
+            pk=self.pk, agent="", device_key="", site=self.site,
+            # Shallow copies: writes replace values or copy a channel first (see _set).
+            state={**self.state, "channels": list(self.state["channels"])},
+            reported_status=self.reported_status, last_boot=self.last_boot, last_seq=self.last_seq,
+            last_ts=self.last_ts, base_seq=self.base_seq, field_seq=dict(self.field_seq),
+            revision=self.revision, before=self.state, status_before=self.reported_status,
+        )  # fmt: skip
+
+
+@dataclass(slots=True)
+class _Memo:
+    """What a batch wrote, remembered by :meth:`SynchronizationService.committed` once it commits."""
+
+    sites: dict[str, int] = field(default_factory=dict)
+    agents: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    devices: dict[tuple[str, str], _Cached] = field(default_factory=dict)
+
+
 @dataclass(slots=True)
 class BatchChanges:
     """What :meth:`SynchronizationService.apply_batch_changes` did, for the caller's after-commit work."""
@@ -110,6 +164,8 @@ class BatchChanges:
     # Agents heard again after being stale, and their devices, whose shown status changed back.
     agents_back: list[tuple[str, str]] = field(default_factory=list)
     restored: list[DeviceRef] = field(default_factory=list)
+    # For SynchronizationService.committed: only a committed batch may be remembered.
+    memo: _Memo = field(default_factory=_Memo, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +227,7 @@ class _DeviceState:
     last_ts: int
     base_seq: int
     field_seq: dict[str, int]
+    revision: int = 0
     dirty: bool = False
     replaced: bool = False  # a snapshot replaced the state: rewrite every channel row
     touched: set[int] = field(default_factory=set)  # channels a delta changed: rewrite those rows
@@ -250,7 +307,7 @@ def _channel_rows(pk: int, state: dict[str, Any], only: set[int] | None = None) 
         if only is not None and channel["index"] not in only:
             continue
         tx = channel.get("transmitter")
-        name_id, name_person = split_channel_name(channel.get("name"))
+        name_id, name_person = _split_name(channel.get("name"))
         rows.append(
             {
                 "device_pk": pk,
@@ -292,17 +349,46 @@ def _device_columns(work: _DeviceState, now: int) -> dict[str, Any]:
         # Versions at or below the base say nothing the base does not; keep the map small.
         "field_seq": {p: s for p, s in work.field_seq.items() if s > work.base_seq},
         "updated_ms": now,
+        "revision": work.revision,
     }
 
 
 class SynchronizationService:
     """Applies hello, heartbeat, device, offline and discovered events inside a caller's transaction."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, device_cache: int = DEFAULT_DEVICE_CACHE) -> None:
         # Built statements by (dialect, name): building an upsert (its ``excluded`` columns above
         # all) costs more than running it, and the compiled form is cached by SQLAlchemy anyway.
         self._statements: dict[tuple[str, str], Any] = {}
         self._device_pks: dict[tuple[str, str], int] = {}
+        # What committed batches wrote (see committed()): a batch then reads back only the
+        # revisions of its devices instead of their whole state, and skips rewriting sites and
+        # agents it touched less than a second ago. Filled only by callers that report commits.
+        self.device_cache = device_cache
+        self._devices: dict[tuple[str, str], _Cached] = {}
+        self._sites_touched: dict[str, int] = {}
+        self._agents_touched: dict[str, tuple[str, str, int]] = {}
+
+    def committed(self, changes: BatchChanges) -> None:
+        """Remember what a batch wrote, once its transaction has committed.
+
+        Optional: a caller that never reports commits gets the same results, reading each
+        batch's devices from the database. Never call it for a rolled-back transaction.
+        """
+        memo = changes.memo
+        self._sites_touched.update(memo.sites)
+        self._agents_touched.update(memo.agents)
+        cache = self._devices
+        for key, cached in memo.devices.items():
+            cache.pop(key, None)  # re-inserted last: the oldest entries are evicted first
+            cache[key] = cached
+        excess = len(cache) - self.device_cache
+        if excess > 0:
+            for key in list(itertools.islice(cache, excess)):
+                del cache[key]
+        for touched in (self._sites_touched, self._agents_touched):
+            if len(touched) > self.device_cache:
+                touched.clear()  # a fleet this size re-learns them within a second
 
     def _statement(self, conn: AsyncConnection, name: str, build: Callable[[Any], Any], table: Table) -> Any:
         key = (conn.dialect.name, name)
@@ -356,7 +442,7 @@ class SynchronizationService:
         fresh.sort()
         if fresh:
             await self._touch_agents(conn, [events[i] for i in fresh], now, changes)
-            changes.devices = await self._apply_devices(conn, events, fresh, results, now)
+            changes.devices = await self._apply_devices(conn, events, fresh, results, now, changes.memo)
             await self._apply_discovered(conn, events, fresh)
             deferred = [events[i] for i in fresh if _is_deferred(results[i])]
             if deferred:
@@ -367,17 +453,18 @@ class SynchronizationService:
     async def _claim(
         self, conn: AsyncConnection, keys: list[tuple[str, str, int]], now: int
     ) -> set[tuple[str, str, int]]:
-        stmt = self._statement(
-            conn,
-            "claim",
-            lambda ins: ins.on_conflict_do_nothing().returning(
-                applied_events.c.agent, applied_events.c.boot, applied_events.c.seq
-            ),
-            applied_events,
-        )
-        rows = [{"agent": a, "boot": b, "seq": s, "applied_ms": now} for a, b, s in keys]
-        result = await conn.execute(stmt, rows)
-        return {(r[0], r[1], r[2]) for r in result.all()}
+        # One statement and one parameter per column whatever the batch size: the keys travel
+        # as arrays (PostgreSQL) or one JSON text (SQLite) instead of a bound row per event,
+        # whose per-row parameter processing cost more than the insert itself.
+        if conn.dialect.name == "postgresql":
+            result = await conn.exec_driver_sql(
+                _CLAIM_POSTGRESQL,
+                ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys], now),
+            )
+        else:
+            result = await conn.exec_driver_sql(_CLAIM_SQLITE, (now, orjson.dumps(keys).decode()))
+        rows: Sequence[Any] = result.all()
+        return {(r[0], r[1], r[2]) for r in rows}
 
     async def _unclaim(self, conn: AsyncConnection, events: list[AnyEvent]) -> None:
         keys = [(e.agent, e.boot, e.seq) for e in events]
@@ -391,10 +478,10 @@ class SynchronizationService:
         self, conn: AsyncConnection, events: list[AnyEvent], now: int, changes: BatchChanges
     ) -> None:
         """Upsert the sites and agents of ``events``, bringing stale agents and their devices back."""
-        site_seen: dict[str, int] = {}
+        site_seen: set[str] = set()
         updates: dict[str, _AgentUpdate] = {}
         for event in events:
-            site_seen[event.site] = now
+            site_seen.add(event.site)
             upd = updates.get(event.agent)
             if upd is None:
                 upd = updates[event.agent] = _AgentUpdate(event.site, event.boot, event.ts)
@@ -420,10 +507,16 @@ class SynchronizationService:
             ),
             sites,
         )
-        await conn.execute(
-            site_stmt,
-            [{"site": s, "first_seen_ms": t, "last_seen_ms": t} for s, t in sorted(site_seen.items())],
-        )
+        # A site this collector marked seen less than the resolution ago would not be written.
+        due = [
+            s
+            for s in sorted(site_seen)
+            if now - self._sites_touched.get(s, -_TOUCH_RESOLUTION_MS) >= _TOUCH_RESOLUTION_MS
+        ]
+        if due:
+            rows = [{"site": s, "first_seen_ms": now, "last_seen_ms": now} for s in due]
+            await conn.execute(site_stmt, rows)
+            changes.memo.sites.update(dict.fromkeys(due, now))
         back_rows = (
             await conn.execute(
                 update(agents)
@@ -447,6 +540,17 @@ class SynchronizationService:
         by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         for agent in sorted(updates):
             upd = updates[agent]
+            touched = self._agents_touched.get(agent)
+            if (
+                not upd.values
+                and touched is not None
+                and touched[:2] == (upd.site, upd.boot)
+                and now - touched[2] < _TOUCH_RESOLUTION_MS
+            ):
+                # Written as online with this site and boot just now: only ``last_seen_ms`` would
+                # move, by less than its resolution (a stale agent was brought back above).
+                continue
+            changes.memo.agents[agent] = (upd.site, upd.boot, now)
             row = {
                 "agent": agent,
                 "site": upd.site,
@@ -470,19 +574,39 @@ class SynchronizationService:
             await conn.execute(stmt, rows)
 
     async def _load_devices(
-        self, conn: AsyncConnection, pairs: list[tuple[str, str]]
+        self, conn: AsyncConnection, pairs: list[tuple[str, str]], memo: _Memo
     ) -> dict[tuple[str, str], _DeviceState]:
         # Known devices are fetched by primary key: a lookup by (agent, device_key) row values
         # is not an index search on SQLite. A cached id is only a hint (the row is checked).
         found: dict[tuple[str, str], _DeviceState] = {}
         wanted = set(pairs)
-        hinted = sorted(pk for pair in pairs if (pk := self._device_pks.get(pair)) is not None)
-        if hinted:
-            await self._select_devices(conn, devices.c.id.in_(hinted), wanted, found)
+        by_pk = {pk: pair for pair in pairs if (pk := self._device_pks.get(pair)) is not None}
+        if by_pk:
+            # One light statement: the revision of every known device (locking the rows on
+            # PostgreSQL, in id order). A cached state whose revision still matches is used as is.
+            query = (
+                select(devices.c.id, devices.c.agent, devices.c.device_key, devices.c.revision)
+                .where(devices.c.id.in_(sorted(by_pk)))
+                .order_by(devices.c.id)
+                .with_for_update()
+            )
+            reload: list[int] = []
+            for row in (await conn.execute(query)).all():
+                pair = (row.agent, row.device_key)
+                if by_pk.get(row.id) != pair:
+                    continue  # the id was reused for another device: look it up by key below
+                cached = self._devices.get(pair)
+                if cached is not None and cached.pk == row.id and cached.revision == row.revision:
+                    work = found[pair] = cached.work()
+                    work.agent, work.device_key = pair
+                else:
+                    reload.append(row.id)
+            if reload:
+                await self._select_devices(conn, devices.c.id.in_(reload), wanted, found, memo)
         missing = [pair for pair in pairs if pair not in found]
         if missing:
             await self._select_devices(
-                conn, tuple_(devices.c.agent, devices.c.device_key).in_(missing), wanted, found
+                conn, tuple_(devices.c.agent, devices.c.device_key).in_(missing), wanted, found, memo
             )
         return found
 
@@ -492,6 +616,7 @@ class SynchronizationService:
         where: Any,
         wanted: set[tuple[str, str]],
         found: dict[tuple[str, str], _DeviceState],
+        memo: _Memo,
     ) -> None:
         query = (
             select(*_WORK_COLUMNS)
@@ -506,23 +631,13 @@ class SynchronizationService:
             if key not in wanted:
                 continue
             self._device_pks[key] = row.id
-            found[key] = _DeviceState(
-                pk=row.id,
-                agent=row.agent,
-                device_key=row.device_key,
-                site=row.site,
-                # Shallow copies: writes replace values or copy a channel first (see _set), so
-                # ``before`` keeps the loaded state without a deep copy.
-                state={**row.state, "channels": list(row.state["channels"])},
-                reported_status=row.reported_status,
-                last_boot=row.last_boot,
-                last_seq=row.last_seq,
-                last_ts=row.last_ts,
-                base_seq=row.base_seq,
-                field_seq=dict(row.field_seq or {}),
-                before=row.state,
-                status_before=row.reported_status,
-            )
+            cached = memo.devices[key] = _Cached(
+                pk=row.id, revision=row.revision, site=row.site, state=row.state,
+                reported_status=row.reported_status, last_boot=row.last_boot, last_seq=row.last_seq,
+                last_ts=row.last_ts, base_seq=row.base_seq, field_seq=dict(row.field_seq or {}),
+            )  # fmt: skip
+            work = found[key] = cached.work()
+            work.agent, work.device_key = key
 
     async def _apply_devices(
         self,
@@ -531,6 +646,7 @@ class SynchronizationService:
         fresh: list[int],
         results: list[ApplyResult | None],
         now: int,
+        memo: _Memo,
     ) -> list[DeviceChange]:
         mine: list[tuple[int, DeviceEvent | OfflineEvent]] = []
         for i in fresh:
@@ -539,7 +655,7 @@ class SynchronizationService:
                 mine.append((i, event))
         if not mine:
             return []
-        work = await self._load_devices(conn, sorted({(e.agent, e.body.device_key) for _, e in mine}))
+        work = await self._load_devices(conn, sorted({(e.agent, e.body.device_key) for _, e in mine}), memo)
         for i, event in mine:
             results[i] = self._merge(work, (event.agent, event.body.device_key), event)
         dirty = [w for w in work.values() if w.dirty]
@@ -547,6 +663,10 @@ class SynchronizationService:
             return []
         new = [w for w in dirty if w.pk is None]
         old = [w for w in dirty if w.pk is not None]
+        for w in old:
+            # Safe without compare-and-set: the rows are locked (PostgreSQL) or the database
+            # is (SQLite, since the claim) until commit.
+            w.revision += 1
         if new:
             rows = [{"agent": w.agent, "device_key": w.device_key, **_device_columns(w, now)} for w in new]
             inserted = await conn.execute(
@@ -569,6 +689,14 @@ class SynchronizationService:
                 json_params=("_state", "_field_seq"),
             )
         await self._write_channels(conn, dirty)
+        for w in dirty:
+            if w.pk is not None:
+                memo.devices[w.agent, w.device_key] = _Cached(
+                    pk=w.pk, revision=w.revision, site=w.site, state=w.state,
+                    reported_status=w.reported_status, last_boot=w.last_boot, last_seq=w.last_seq,
+                    last_ts=w.last_ts, base_seq=w.base_seq,
+                    field_seq={p: s for p, s in w.field_seq.items() if s > w.base_seq},  # as stored
+                )  # fmt: skip
         return [
             DeviceChange(w.site, w.agent, w.device_key, w.before, w.state, w.status_before, w.reported_status)
             for w in dirty

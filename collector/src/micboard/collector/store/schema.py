@@ -81,6 +81,9 @@ devices = Table(
     Column("base_seq", BigInteger, nullable=False, default=0),
     Column("field_seq", JSON, nullable=False, default=dict),
     Column("updated_ms", BigInteger, nullable=False),
+    # Bumped by every write of the columns above: a collector keeping a device's state in memory
+    # between batches checks it before trusting its copy (another collector may have written).
+    Column("revision", BigInteger, nullable=False, default=0, server_default="0"),
     UniqueConstraint("agent", "device_key", name="uq_devices_agent_key"),
     Index("ix_devices_site_status", "site", "status"),
 )
