@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -158,11 +159,15 @@ async def ensure_stream(js: JetStreamContext, settings: CollectorSettings) -> No
     await js.add_consumer(settings.stream_name, consumer_config(settings))
 
 
+# Every agent sends on a handful of subjects: parse each once (errors are not cached).
+_parse_subject = functools.lru_cache(maxsize=65_536)(parse_subject)
+
+
 def check_event(msg: Msg) -> AnyEvent:
     """Decode ``msg`` and check that its envelope agrees with the subject it arrived on."""
     event = decode(msg.data)
     try:
-        subject = parse_subject(msg.subject)
+        subject = _parse_subject(msg.subject)
     except SubjectError as exc:
         raise WireError(ErrorCode.WIRE_INVALID, str(exc)) from None
     if (subject.site, subject.agent, subject.kind.value) != (event.site, event.agent, event.kind):

@@ -187,7 +187,7 @@ def _now_ms() -> int:
 
 def _agent_changed(ins: Any, columns: tuple[str, ...]) -> Any:
     # Rewriting every agent row of every batch only to move ``last_seen_ms`` by milliseconds
-    # costs more than the rest of the batch; a second of resolution is plenty for staleness.
+    # costs more than the rest of the batch; five seconds of resolution are plenty for staleness.
     changed = agents.c.last_seen_ms < ins.excluded.last_seen_ms - _TOUCH_RESOLUTION_MS
     changed = or_(changed, agents.c.status != ins.excluded.status, agents.c.boot != ins.excluded.boot)
     if "version" in columns or "last_heartbeat_ms" in columns:
@@ -346,8 +346,7 @@ def _device_columns(work: _DeviceState, now: int) -> dict[str, Any]:
         "last_seq": work.last_seq,
         "last_ts": work.last_ts,
         "base_seq": work.base_seq,
-        # Versions at or below the base say nothing the base does not; keep the map small.
-        "field_seq": {p: s for p, s in work.field_seq.items() if s > work.base_seq},
+        "field_seq": work.field_seq,
         "updated_ms": now,
         "revision": work.revision,
     }
@@ -661,6 +660,9 @@ class SynchronizationService:
         dirty = [w for w in work.values() if w.dirty]
         if not dirty:
             return []
+        for w in dirty:
+            # Versions at or below the base say nothing the base does not; keep the map small.
+            w.field_seq = {p: s for p, s in w.field_seq.items() if s > w.base_seq}
         new = [w for w in dirty if w.pk is None]
         old = [w for w in dirty if w.pk is not None]
         for w in old:
@@ -677,6 +679,12 @@ class SynchronizationService:
             for w in new:
                 w.pk = self._device_pks[w.agent, w.device_key] = ids[w.agent, w.device_key]
         if old:
+            rows = []
+            for w in old:
+                row = {f"_{c}": v for c, v in _device_columns(w, now).items()}
+                row["_pk"] = w.pk
+                row["_state"], row["_field_seq"] = _json_text(row["_state"]), _json_text(row["_field_seq"])
+                rows.append(row)
             await self._executemany(
                 conn,
                 "devices:update",
@@ -685,8 +693,7 @@ class SynchronizationService:
                     .where(devices.c.id == bindparam("_pk"))
                     .values({c: bindparam(f"_{c}") for c in _device_columns(old[0], now)})
                 ),
-                [{"_pk": w.pk, **{f"_{c}": v for c, v in _device_columns(w, now).items()}} for w in old],
-                json_params=("_state", "_field_seq"),
+                rows,
             )
         await self._write_channels(conn, dirty)
         for w in dirty:
@@ -694,8 +701,7 @@ class SynchronizationService:
                 memo.devices[w.agent, w.device_key] = _Cached(
                     pk=w.pk, revision=w.revision, site=w.site, state=w.state,
                     reported_status=w.reported_status, last_boot=w.last_boot, last_seq=w.last_seq,
-                    last_ts=w.last_ts, base_seq=w.base_seq,
-                    field_seq={p: s for p, s in w.field_seq.items() if s > w.base_seq},  # as stored
+                    last_ts=w.last_ts, base_seq=w.base_seq, field_seq=w.field_seq,
                 )  # fmt: skip
         return [
             DeviceChange(w.site, w.agent, w.device_key, w.before, w.state, w.status_before, w.reported_status)
@@ -734,13 +740,12 @@ class SynchronizationService:
         name: str,
         build: Callable[[], Any],
         rows: list[dict[str, Any]],
-        json_params: tuple[str, ...] = (),
     ) -> None:
         """Run a hot statement for many rows straight through the driver.
 
         SQLAlchemy's per-row parameter processing costs more than the database's work for the
         few statements every event pays for, so they are compiled once per dialect and their
-        rows handed to the driver as tuples (JSON values serialized here).
+        rows handed to the driver as tuples (JSON values serialized by the caller).
         """
         key = (conn.dialect.name, name)
         prepared = self._statements.get(key)
@@ -753,8 +758,6 @@ class SynchronizationService:
             getter = itemgetter(*names) if len(names) > 1 else lambda row: (row[names[0]],)
             prepared = self._statements[key] = (str(compiled), getter)
         sql, getter = prepared
-        if json_params:
-            rows = [{**row, **{p: _json_text(row[p]) for p in json_params}} for row in rows]
         await conn.exec_driver_sql(sql, [getter(row) for row in rows])
 
     @staticmethod
