@@ -289,11 +289,13 @@ class AgentDaemon:
         sub, self._cmd_sub = self._cmd_sub, None
         if sub is not None:
             with contextlib.suppress(NatsError, TimeoutError, OSError):
-                await asyncio.wait_for(sub.unsubscribe(), 0.5)
+                async with asyncio.timeout(0.5):
+                    await sub.unsubscribe()
         await self._cancel_commands()
         # What the drivers reported last is in the queue: let the publishing task hand it over.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._queue.join(), max(0.1, (deadline - loop.time()) / 3))
+            async with asyncio.timeout(max(0.1, (deadline - loop.time()) / 3)):
+                await self._queue.join()
         for name in ("publish", "meters"):
             await self._cancel(name)
         self.stats.queue_dropped += self._queue.qsize()

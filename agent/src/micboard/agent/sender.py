@@ -348,13 +348,15 @@ class EventSender:
         self._tasks = []
         try:
             budget = max(0.1, deadline - loop.time() - _NATS_CLOSE_RESERVE_S)
-            await asyncio.wait_for(self._flush_and_close_outbox(), budget)
+            async with asyncio.timeout(budget):
+                await self._flush_and_close_outbox()
         except TimeoutError:
             log.error("outbox not closed within the shutdown deadline", extra={"path": str(self.outbox.path)})
         nc, self._nc, self._js = self._nc, None, None
         if nc is not None:
             try:
-                await asyncio.wait_for(nc.close(), max(0.05, deadline - loop.time()))
+                async with asyncio.timeout(max(0.05, deadline - loop.time())):
+                    await nc.close()
             except (TimeoutError, NatsError, OSError) as exc:
                 log.warning("NATS connection not closed cleanly", extra={"error": str(exc)})
         if self._executor is not None:

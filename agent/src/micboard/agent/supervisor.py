@@ -251,7 +251,8 @@ class DeviceSupervisor:
                     extra={"device_key": supervised.key, "crashes": supervised.crashes},
                 )
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(driver.stop(), self.stop_timeout_s)
+                    async with asyncio.timeout(self.stop_timeout_s):
+                        await driver.stop()
                 self.link_changed(supervised.key, False, "driver_crashed")
             if loop.time() - started >= _HEALTHY_RUN_S:
                 delay = self.restart_initial_s
@@ -266,7 +267,8 @@ class DeviceSupervisor:
         driver = supervised.driver
         if driver is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(driver.stop(), self.stop_timeout_s)
+                async with asyncio.timeout(self.stop_timeout_s):
+                    await driver.stop()
         if task is not None:
             if not task.done():
                 task.cancel()
