@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from micboard.collector import preflight
+from micboard.collector import admin_commands, preflight
 from micboard.collector.api import token_commands
 from micboard.collector.app import Collector
 from micboard.collector.security import commands as security_commands
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     security_commands.register(sub)
     token_commands.register(sub)
+    admin_commands.register(sub)
     return parser
 
 

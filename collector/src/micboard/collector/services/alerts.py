@@ -37,7 +37,7 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -387,6 +387,19 @@ class AlertService:
                 await conn.execute(update(alert_rules).where(alert_rules.c.site == site).values(**values))
         self._rules[site] = (thresholds, time.monotonic())
         return thresholds
+
+    async def site_overrides(self) -> dict[str, dict[str, Any]]:
+        """Every site's stored overrides, by site."""
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(select(alert_rules.c.site, alert_rules.c.thresholds))).all()
+        return {row[0]: dict(row[1] or {}) for row in rows}
+
+    async def clear_site_thresholds(self, site: str) -> bool:
+        """Drop ``site``'s overrides (the defaults apply again); returns whether it had any."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(delete(alert_rules).where(alert_rules.c.site == site))
+        self._rules.pop(site, None)
+        return bool(result.rowcount)
 
     # -- evaluation ---------------------------------------------------------------------------
 
