@@ -4,6 +4,11 @@ A batch costs a fixed handful of statements whatever its size: one insert claims
 ``(agent, boot, seq)`` of every event (duplicates fall out of it), one upsert each for sites,
 agents and discovered answers, one locking select of the devices concerned, then bulk writes.
 
+A service whose caller reports commits (:meth:`SynchronizationService.committed`, as ingest
+does) keeps the devices it wrote in memory: the locking select then reads only their
+``revision``, and the whole state only of a device another collector wrote meanwhile. Sites and
+agents it marked seen less than five seconds ago are not rewritten.
+
 Events may arrive out of order (several collectors share one consumer, redeliveries come late).
 Device state therefore keeps a version per field within a boot: an older event only fills in
 the fields no newer event has set, so applying the same events in any order gives the same state.
