@@ -22,8 +22,9 @@ by the real :class:`AlertService` as ingest does. The real :class:`Collector` th
    measured from the time the delta was due to be published. A delta a client never saw by the
    end of ``--drain-seconds`` (after ingest caught up, at most 60 s) is lost. The same messages
    are then fanned out by a bare aiohttp WebSocket server in this process (no NATS, no store:
-   one ``json.dumps`` per delta, per-client queue and writer, clients indexed by site) to the
-   same client mix; a bare client whose queue is full misses that message.
+   one ``orjson.dumps`` per delta, as the collector serializes, per-client queue and writer,
+   clients indexed by site) to the same client mix; a bare client whose queue is full misses
+   that message.
 
 The clients run in a separate process so that their work does not queue behind the servers';
 timestamps on both sides are ``time.monotonic_ns()`` (one system-wide clock on Linux).
@@ -53,6 +54,7 @@ from typing import Any
 
 import aiohttp
 import nats
+import orjson
 from aiohttp import WSMsgType, web
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -88,10 +90,10 @@ SEED_BATCH = 500
 HEARTBEAT_S = 60.0
 BIG_SITE = "arena-main"
 BIG_SITE_CLIENTS = 40
-CHANNEL_PREFIX = '{"type": "channel"'
-SNAPSHOT_PREFIX = '{"type": "snapshot"'
-SITE_PREFIX = '{"type": "site"'
-RUNTIME = re.compile(r'"runtime_min": (\d+)')
+CHANNEL_PREFIX = '{"type":"channel"'
+SNAPSHOT_PREFIX = '{"type":"snapshot"'
+SITE_PREFIX = '{"type":"site"'
+RUNTIME = re.compile(r'"runtime_min":(\d+)')
 CLOSE_SLOW = 1013
 
 
@@ -673,7 +675,7 @@ def encoded(deltas: Deltas) -> list[tuple[str, bytes, str]]:
 @dataclass(eq=False, slots=True)
 class _BareClient:
     ws: web.WebSocketResponse
-    queue: asyncio.Queue[str]
+    queue: asyncio.Queue[bytes]
 
 
 class BareFanOut:
@@ -698,7 +700,9 @@ class BareFanOut:
                 if data.get("type") != "subscribe":
                     continue
                 joined = self.fleet if data["scope"] == "fleet" else self.by_site[data["site"]]
-                await ws.send_str(json.dumps({"type": "snapshot", "channels": [], "sites": []}))
+                await ws.send_frame(
+                    orjson.dumps({"type": "snapshot", "channels": [], "sites": []}), WSMsgType.TEXT
+                )
                 joined.add(client)
                 writer = asyncio.create_task(self._write(client))
         finally:
@@ -711,7 +715,7 @@ class BareFanOut:
     @staticmethod
     async def _write(client: _BareClient) -> None:
         while True:
-            await client.ws.send_str(await client.queue.get())
+            await client.ws.send_frame(await client.queue.get(), WSMsgType.TEXT)
 
     def send(self, first: int, end: int) -> None:
         """Build each due delta's channel message once and queue it for every client that wants it."""
@@ -722,7 +726,7 @@ class BareFanOut:
             tx = self.deltas.transmitters[m]
             template = self.templates[k]
             item = {**template, "tx": {**template["tx"], **tx}, "updated_ms": now}
-            text = json.dumps({"type": "channel", "item": item})
+            text = orjson.dumps({"type": "channel", "item": item})
             for client in (*self.fleet, *self.by_site.get(ref.site, ())):
                 if client.queue.full():
                     continue  # counted as lost by the analysis, as a dropped client would be
@@ -936,7 +940,7 @@ async def bench_live(
         f"            live feed: {stats.messages:,} messages queued, {stats.slow_dropped} slow clients "
         f"dropped, {stats.resyncs} resyncs, {stats.snapshots} snapshots"
     )
-    print("  bare: in-process schedule -> one json.dumps per delta -> per-client queue -> WebSocket")
+    print("  bare: in-process schedule -> one orjson.dumps per delta -> per-client queue -> WebSocket")
     bare = BareFanOut(templates, deltas)
     app = web.Application()
     app.router.add_get("/live", bare.handle)

@@ -355,10 +355,10 @@ async def test_two_hundred_channels_stay_smooth(tmp_path: Path, browser_page: Br
     from micboard.collector.live import Topic
 
     # Every tile still gets live meters, but at 2 Hz rather than 5: the browser draws them once
-    # per animation frame either way, while 1,000 meter frames a second (one WebSocket message
-    # per channel and reading) are enough, on a loaded 2-core machine where the simulators, the
-    # agent and the collector share this one process, to starve the collector's writer, have
-    # the page dropped as a slow client and timed on its reconnect instead of on its drawing.
+    # per animation frame either way, and on a loaded 2-core machine the simulators, the agent
+    # and the collector share this one process. (Meters reach the page as one `meters` message
+    # per tick; when they were one WebSocket message per channel and reading, 1,000 frames a
+    # second could starve the collector's writer and get the page dropped as a slow client.)
     live = await start_fleet(tmp_path / "fleet", simulators=50, meter_rate_hz=2.0, meter_interval_ms=500)
     try:
         await wait_for_channels(live, 200, timeout_s=40)

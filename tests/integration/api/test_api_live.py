@@ -114,45 +114,66 @@ async def test_snapshots_by_scope(sqlite_api: LiveApi) -> None:
     await ws.close()
 
 
-async def test_meters_are_throttled_and_latest_wins(sqlite_api: LiveApi) -> None:
+def _reading(index: int, audio: float) -> ChannelMeter:
+    return ChannelMeter(
+        index=index,
+        rf_dbm=(-50.0, -70.0),
+        active_antenna="A",
+        audio_dbfs=audio,
+        audio_peak_dbfs=audio + 3,
+        link_quality_percent=90,
+    )
+
+
+async def test_meters_come_batched_per_tick_and_latest_wins(sqlite_api: LiveApi) -> None:
     api = sqlite_api
-    await api.seed.devices("venue-m", "pi-m", [api.receiver("rx1")])
-    ws = await connect(api)
-    await ws.send_json({"type": "subscribe", "scope": "site", "site": "venue-m"})
-    await next_of(ws, "snapshot")
+    await api.seed.devices("venue-m", "pi-m", [api.receiver("rx1"), api.receiver("rx2")])
+    await api.seed.devices("venue-n", "pi-n", [api.receiver("rx3")])
+    site = await connect(api)
+    await site.send_json({"type": "subscribe", "scope": "site", "site": "venue-m"})
+    ids = {c["device_key"]: c["device_id"] for c in (await next_of(site, "snapshot"))["channels"]}
+    fleet = await connect(api)
+    await fleet.send_json({"type": "subscribe", "scope": "fleet"})
+    ids |= {c["device_key"]: c["device_id"] for c in (await next_of(fleet, "snapshot"))["channels"]}
     publisher = await nats.connect(api.nc.connected_url.geturl() if api.nc.connected_url else "")
-    factory = EnvelopeFactory("venue-m", "pi-m")
+    factories = {"pi-m": EnvelopeFactory("venue-m", "pi-m"), "pi-n": EnvelopeFactory("venue-n", "pi-n")}
     started = time.monotonic()
     last = -60.0
     for step in range(60):
         last = -60.0 + step * 0.5
-        body = MeterBody(
-            device_key="rx1",
-            channels=(
-                ChannelMeter(
-                    index=1,
-                    rf_dbm=(-50.0, -70.0),
-                    active_antenna="A",
-                    audio_dbfs=last,
-                    audio_peak_dbfs=last + 3,
-                    link_quality_percent=90,
-                ),
-            ),
-        )
-        await publisher.publish("micboard.v1.venue-m.pi-m.meter", encode(factory.make(body)))
+        for agent, key, indexes in (("pi-m", "rx1", (1, 2)), ("pi-m", "rx2", (1,)), ("pi-n", "rx3", (1, 2))):
+            body = MeterBody(device_key=key, channels=tuple(_reading(i, last) for i in indexes))
+            site_name = "venue-m" if agent == "pi-m" else "venue-n"
+            await publisher.publish(
+                f"micboard.v1.{site_name}.{agent}.meter", encode(factories[agent].make(body))
+            )
         await asyncio.sleep(0.01)
     await publisher.publish("micboard.v1.venue-m.pi-m.meter", b"\xc1 garbage")
     await publisher.flush()
     await publisher.close()
-    meters = []
-    with pytest.raises(TimeoutError):
-        while True:
-            meters.append(await next_of(ws, "meter", timeout_s=0.5))
+
+    async def drain(ws: aiohttp.ClientWebSocketResponse) -> list[dict[str, Any]]:
+        batches = []
+        with pytest.raises(TimeoutError):
+            while True:
+                batches.append(await next_of(ws, "meters", timeout_s=0.5))
+        return batches
+
+    by_site, by_fleet = await drain(site), await drain(fleet)
     elapsed = time.monotonic() - started
-    assert 1 <= len(meters) <= elapsed * 10 + 2, (len(meters), elapsed)
-    assert meters[-1] == {
-        "type": "meter",
-        "device_id": 1,
+    for batches in (by_site, by_fleet):
+        # One message per tick (10 Hz), however many channels moved in it; each channel once.
+        assert 1 <= len(batches) <= elapsed * 10 + 2, (len(batches), elapsed)
+        for batch in batches:
+            keys = [(m["device_id"], m["index"]) for m in batch["items"]]
+            assert len(keys) == len(set(keys))
+    site_keys = {(m["device_id"], m["index"]) for b in by_site for m in b["items"]}
+    fleet_keys = {(m["device_id"], m["index"]) for b in by_fleet for m in b["items"]}
+    assert site_keys == {(ids["rx1"], 1), (ids["rx1"], 2), (ids["rx2"], 1)}
+    assert fleet_keys == site_keys | {(ids["rx3"], 1), (ids["rx3"], 2)}
+    latest = {(m["device_id"], m["index"]): m for b in by_fleet for m in b["items"]}
+    assert latest[(ids["rx2"], 1)] == {
+        "device_id": ids["rx2"],
         "index": 1,
         "rf_dbm": [-50.0, -70.0],
         "active_antenna": "A",
@@ -160,9 +181,76 @@ async def test_meters_are_throttled_and_latest_wins(sqlite_api: LiveApi) -> None
         "audio_peak_dbfs": last + 3,
         "link_quality_percent": 90,
     }
+    assert all(m["audio_dbfs"] == last for m in latest.values())
     feed = context_of(api.app).live
-    assert feed is not None and feed.stats.meters_bad >= 1 and feed.stats.meters_received >= 61
-    await ws.close()
+    assert feed is not None and feed.stats.meters_bad >= 1 and feed.stats.meters_received >= 181
+    await site.close()
+    await fleet.close()
+
+
+async def test_subscribers_of_one_scope_share_one_snapshot(sqlite_api: LiveApi) -> None:
+    api = sqlite_api
+    await api.seed.devices("venue-a", "pi-a", [api.receiver("rx1", bars=(5, 4)), api.receiver("rx2")])
+    await api.seed.devices("venue-b", "pi-b", [api.receiver("rx3")])
+    feed = context_of(api.app).live
+    assert feed is not None
+    built = feed.stats.snapshots
+
+    async def subscribe(scope: dict[str, Any]) -> tuple[aiohttp.ClientWebSocketResponse, dict[str, Any]]:
+        ws = await connect(api)
+        await ws.send_json({"type": "subscribe", **scope})
+        return ws, await next_of(ws, "snapshot")
+
+    # While the feed is busy (a flush or another snapshot holds its lock, as under load), eight
+    # clients ask for the fleet: they wait in line and get one snapshot, read and serialized once.
+    async with feed._lock, asyncio.timeout(10):
+        tasks = [asyncio.create_task(subscribe({"scope": "fleet"})) for _ in range(8)]
+        while sum(len(waiting) for waiting in feed._joining.values()) < 8:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    joined = await asyncio.gather(*tasks)
+    assert feed.stats.snapshots == built + 1 and feed.stats.snapshots_shared == 7
+    assert all(snapshot == joined[0][1] for _, snapshot in joined)
+    _, listed = await api.get("/api/v1/channels")
+    assert joined[0][1]["channels"] == listed["items"]
+
+    # A change: every client hears of it once, and the next subscriber's snapshot shows it.
+    await api.seed.devices("venue-a", "pi-a", [api.receiver("rx1", bars=(1, 4))])
+    api.hub.publish_device("venue-a", "pi-a", "rx1", {"kind": "device", "seq": 99})
+    for ws, _ in joined:
+        item = (await next_of(ws, "channel"))["item"]
+        assert (item["device_key"], item["index"], item["battery_state"]) == ("rx1", 1, "critical")
+    built = feed.stats.snapshots
+    late, snapshot = await subscribe({"scope": "fleet"})
+    assert feed.stats.snapshots == built + 1
+    assert [c["battery_state"] for c in snapshot["channels"] if c["device_key"] == "rx1"] == [
+        "critical",
+        "good",
+    ]
+    for ws in [late, *(ws for ws, _ in joined)]:
+        await ws.close()
+
+
+async def test_a_snapshot_tells_subscribed_clients_what_it_read_first(sqlite_api: LiveApi) -> None:
+    """A change committed but not flushed yet when another scope's snapshot reads it reaches the
+    clients already subscribed right away (it used to be lost: the flush found it already known)."""
+    api = sqlite_api
+    await api.seed.devices("venue-a", "pi-a", [api.receiver("rx1", bars=(5, 4))])
+    fleet = await connect(api)
+    await fleet.send_json({"type": "subscribe", "scope": "fleet"})
+    await next_of(fleet, "snapshot")
+    await api.seed.devices("venue-a", "pi-a", [api.receiver("rx1", bars=(2, 4))])
+    site = await connect(api)
+    await site.send_json({"type": "subscribe", "scope": "site", "site": "venue-a"})
+    snapshot = await next_of(site, "snapshot")
+    assert [c["battery_state"] for c in snapshot["channels"]] == ["critical", "good"]
+    item = (await next_of(fleet, "channel"))["item"]
+    assert (item["index"], item["battery_state"]) == (1, "critical")
+    # The flush of that change comes later and finds nothing new to send.
+    api.hub.publish_device("venue-a", "pi-a", "rx1", {"kind": "device", "seq": 99})
+    for ws in (fleet, site):
+        with pytest.raises(TimeoutError):
+            await next_of(ws, "channel", timeout_s=0.5)
+        await ws.close()
 
 
 async def test_a_slow_client_is_dropped_and_others_keep_up(sqlite_api: LiveApi) -> None:

@@ -2,28 +2,37 @@
 
 Sources: the ingest path reports committed events (:meth:`LiveFeed.on_committed`) to the
 :class:`LiveHub`, alerts reach the hub from the AlertService, and meters come straight from core
-NATS. The feed reads the changed channels from the store once per batch and sends each message,
-serialized once, to every client whose subscription wants it.
+NATS. The feed reads the changed channels from the store once per flush (however many events
+changed them: a channel changed twice between flushes is sent once, as it is now), serializes each
+message once, and hands the same bytes to the clients whose subscription wants it; clients are
+indexed by scope, so a delta costs only its interested clients.
 
 Guarantees (bound, policy, counter):
-- Each client has a send queue of ``live_queue_messages`` messages. Fan-out never waits for a
-  client: a client whose queue is full is dropped (close 1013) and counted in
-  ``stats.slow_dropped``; it gets a fresh snapshot when it reconnects.
-- Meters: at most ``live_meter_hz`` messages per channel per second; the latest reading wins.
-- A snapshot and the deltas after it are ordered: both are taken under one lock, so a client
-  never receives a delta older than its snapshot.
+- Each client has a send queue of ``live_queue_messages`` sends: a snapshot, an alert, a meters
+  tick, or all the channel and site messages of one flush (a flush after an ingest batch of
+  hundreds of devices is one burst, not hundreds of sends). Fan-out never waits for a client: a
+  client whose queue is full is dropped (close 1013) and counted in ``stats.slow_dropped``; it
+  gets a fresh snapshot when it reconnects.
+- Meters: one ``meters`` message per client per tick (``live_meter_hz`` ticks per second), with
+  the latest reading of each channel in its scope that changed since the last tick.
+- A snapshot and the deltas after it are ordered: snapshots are built and clients join the
+  fan-out under the lock the deltas are computed under, so a client never receives a delta older
+  than its snapshot. Clients waiting to subscribe to one scope share one snapshot, read, serialized
+  and joined at once (counted in ``stats.snapshots_shared``); a later subscriber gets a fresh one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import itertools
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -58,6 +67,7 @@ _MAX_CLIENT_MESSAGE = 4096
 _SNAPSHOT_SITES = 100_000
 
 MeterListener = Callable[[MeterEvent], None]
+ChannelKey = tuple[int, int]
 
 
 @dataclass(slots=True)
@@ -70,6 +80,7 @@ class LiveStats:
     auth_failed: int = 0
     messages: int = 0
     snapshots: int = 0
+    snapshots_shared: int = 0
     resyncs: int = 0
     meters_received: int = 0
     meters_bad: int = 0
@@ -80,15 +91,20 @@ class LiveStats:
 class _Scope:
     kind: str  # "fleet" | "site" | "group"
     site: str | None = None
-    pairs: frozenset[tuple[int, int]] | None = None
+    pairs: frozenset[ChannelKey] | None = None
     sites: frozenset[str] = frozenset()
 
-    def wants_channel(self, site: str, device_id: int, index: int) -> bool:
+    @property
+    def key(self) -> Hashable:
+        """What makes two subscriptions see the same thing (and so share a snapshot)."""
+        return (self.kind, self.site, self.pairs)
+
+    def wants_channel(self, site: str, key: ChannelKey) -> bool:
         if self.kind == "fleet":
             return True
         if self.kind == "site":
             return site == self.site
-        return self.pairs is not None and (device_id, index) in self.pairs
+        return self.pairs is not None and key in self.pairs
 
     def wants_site(self, site: str) -> bool:
         if self.kind == "fleet":
@@ -113,44 +129,44 @@ def publish_committed(hub: LiveHub, events: Sequence[AnyEvent], restored: Iterab
         hub.publish_device(ref.site, ref.agent, ref.device_key, {"kind": "status"})
 
 
-def _shown_channel(item: dict[str, Any]) -> str:
-    # updated_ms is the device's: it moves when any channel of the device changes, so comparing
-    # without it sends only the channels that changed.
-    return json.dumps({k: v for k, v in item.items() if k != "updated_ms"})
+def _shown(item: dict[str, Any], moving: str) -> bytes:
+    # ``moving`` changes without anything shown changing (a channel's updated_ms is its device's;
+    # a site's last_seen_ms follows heartbeats): comparing without it sends only real news.
+    return orjson.dumps({k: v for k, v in item.items() if k != moving})
 
 
-def _channel_filter(site: str, device_id: int, index: int) -> Callable[[_Scope], bool]:
-    return lambda scope: scope.wants_channel(site, device_id, index)
+def _message(kind: str, item: dict[str, Any]) -> bytes:
+    return orjson.dumps({"type": kind, "item": item})
 
 
-def _site_filter(site: str) -> Callable[[_Scope], bool]:
-    return lambda scope: scope.wants_site(site)
-
-
-_SLOW = object()
+def _meters_message(parts: Sequence[bytes]) -> bytes:
+    # The readings are serialized once each; a client's message only joins the ones it wants.
+    return b'{"type":"meters","items":[' + b",".join(parts) + b"]}"
 
 
 @dataclass(eq=False, slots=True)
 class _Client:
     ws: web.WebSocketResponse
-    queue: asyncio.Queue[object]
+    limit: int
     scope: _Scope | None = None
     slow: bool = False
+    gone: bool = False
+    pending: deque[list[bytes]] = field(default_factory=deque)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def offer(self, text: str) -> bool:
-        """Queue ``text`` without waiting; on a full queue mark the client slow (it will be closed)."""
+    def offer(self, frames: list[bytes]) -> bool:
+        """Queue one send of ``frames`` without waiting; on a full queue mark the client slow."""
         if self.slow:
             return False
-        try:
-            self.queue.put_nowait(text)
-        except asyncio.QueueFull:
+        if len(self.pending) >= self.limit:
             self.slow = True
-            # Make room for the one message that tells the writer to close: what was queued is
-            # stale anyway, and the client resynchronizes with a snapshot when it reconnects.
-            while not self.queue.empty():
-                self.queue.get_nowait()
-            self.queue.put_nowait(_SLOW)
+            # What was queued is stale anyway: the client resynchronizes with a snapshot when it
+            # reconnects. The writer sees ``slow`` and closes with 1013.
+            self.pending.clear()
+            self.ready.set()
             return False
+        self.pending.append(frames)
+        self.ready.set()
         return True
 
 
@@ -158,6 +174,12 @@ class _Client:
 class _Pending:
     devices: set[tuple[str, str]] = field(default_factory=set)
     sites: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    data: bytes
+    sites: frozenset[str]
 
 
 class LiveFeed:
@@ -184,17 +206,25 @@ class LiveFeed:
         self.nc = nc
         self.meter_listeners = list(meter_listeners)
         self.stats = LiveStats()
-        self._clients: set[_Client] = set()
+        # Subscribed clients, indexed by what they want: a message only visits its audience.
+        self._fleet_clients: set[_Client] = set()
+        self._site_clients: dict[str, set[_Client]] = {}
+        self._group_clients: set[_Client] = set()
         # Every open socket, subscribed or not, so that close() can end each handler: the HTTP
         # runner waits for running handlers at shutdown.
         self._sockets: set[web.WebSocketResponse] = set()
         self._lock = asyncio.Lock()
         self._pending = _Pending()
         self._wake = asyncio.Event()
-        self._channel_cache: dict[tuple[int, int], str] = {}
-        self._site_cache: dict[str, str] = {}
+        # What the subscribed clients were last shown, to send only what changed.
+        self._channel_cache: dict[ChannelKey, bytes] = {}
+        self._site_cache: dict[str, bytes] = {}
+        # Clients waiting for a snapshot, by scope: whoever gets the lock serves them all at once.
+        self._joining: dict[Hashable, list[_Client]] = {}
         self._keys: dict[tuple[str, str], tuple[int, str]] = {}
-        self._meters: dict[tuple[int, int], tuple[str, dict[str, Any]]] = {}
+        self._meters: dict[ChannelKey, tuple[str, bytes]] = {}
+        # While a flush runs: what each client gets from it, queued as one send at its end.
+        self._burst: dict[_Client, list[bytes]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._hub_sub = hub.subscribe(max_queue=_HUB_QUEUE, topics=frozenset({Topic.DEVICE, Topic.ALERT}))
         self._hub_dropped = 0
@@ -231,6 +261,89 @@ class LiveFeed:
         self._tasks = []
         await asyncio.gather(*(_close_going_away(ws) for ws in list(self._sockets)))
 
+    # -- clients by scope -----------------------------------------------------------------------
+
+    @property
+    def _subscribed(self) -> int:
+        return (
+            len(self._fleet_clients)
+            + sum(len(clients) for clients in self._site_clients.values())
+            + len(self._group_clients)
+        )
+
+    def _join(self, client: _Client, scope: _Scope) -> None:
+        client.scope = scope
+        if scope.kind == "fleet":
+            self._fleet_clients.add(client)
+        elif scope.kind == "site":
+            self._site_clients.setdefault(scope.site or "", set()).add(client)
+        else:
+            self._group_clients.add(client)
+        self.stats.clients = self._subscribed
+
+    def _leave(self, client: _Client) -> bool:
+        """Take ``client`` out of the fan-out; returns whether it was in."""
+        scope = client.scope
+        if scope is None:
+            return False
+        client.scope = None
+        if scope.kind == "fleet":
+            found = client in self._fleet_clients
+            self._fleet_clients.discard(client)
+        elif scope.kind == "site":
+            clients = self._site_clients.get(scope.site or "", set())
+            found = client in clients
+            clients.discard(client)
+            if not clients:
+                self._site_clients.pop(scope.site or "", None)
+        else:
+            found = client in self._group_clients
+            self._group_clients.discard(client)
+        self.stats.clients = self._subscribed
+        return found
+
+    def _audience(self, site: str, channel: ChannelKey | None = None) -> list[_Client]:
+        """The clients that want a message about ``site`` (about its ``channel``, if given)."""
+        audience = [*self._fleet_clients, *self._site_clients.get(site, ())]
+        for client in self._group_clients:
+            scope = client.scope
+            if scope is None:
+                continue
+            if scope.wants_channel(site, channel) if channel is not None else scope.wants_site(site):
+                audience.append(client)
+        return audience
+
+    def _deliver(self, data: bytes, clients: Iterable[_Client]) -> None:
+        if self._burst is not None:
+            for client in clients:
+                self._burst.setdefault(client, []).append(data)
+            return
+        for client in clients:
+            self._offer(client, [data])
+
+    def _offer(self, client: _Client, frames: list[bytes]) -> None:
+        if client.offer(frames):
+            self.stats.messages += len(frames)
+        elif client.slow:
+            self._drop(client)
+
+    @contextlib.contextmanager
+    def _bursting(self) -> Iterator[None]:
+        """Collect what is delivered meanwhile into one send per client (a flush's changes)."""
+        self._burst = {}
+        try:
+            yield
+        finally:
+            burst, self._burst = self._burst, None
+            for client, frames in burst.items():
+                if client.scope is not None:
+                    self._offer(client, frames)
+
+    def _drop(self, client: _Client) -> None:
+        if self._leave(client):
+            self.stats.slow_dropped += 1
+            log.info("live client too slow, dropped", extra={"queue": self.queue_messages})
+
     # -- sources --------------------------------------------------------------------------------
 
     def on_committed(self, batch: CommittedBatch) -> None:
@@ -251,7 +364,7 @@ class LiveFeed:
         except ValidationError:
             log.warning("alert message not understood", extra={"site": message.site})
             return
-        self._fan_out(json.dumps({"type": "alert", "item": item}), _site_filter(message.site))
+        self._deliver(_message("alert", item), self._audience(message.site))
         self._pending.sites.add(message.site)
         self._wake.set()
 
@@ -277,27 +390,30 @@ class LiveFeed:
                 await asyncio.sleep(0.5)
 
     async def _flush(self) -> None:
-        pending, self._pending = self._pending, _Pending()
         async with self._lock:
+            # Taken under the lock: what changed while a snapshot was being built waits for this
+            # flush, and reading it after the snapshot's read is what keeps them ordered.
+            pending, self._pending = self._pending, _Pending()
             if self._hub_sub.dropped != self._hub_dropped:
                 # The hub dropped changes: deltas cannot be trusted, so everyone gets a snapshot.
                 self._hub_dropped = self._hub_sub.dropped
                 await self._resync_all()
                 return
-            if not self._clients:
+            if not self._subscribed:
                 # Nobody to tell; forget the caches so that the next subscriber starts clean.
                 self._channel_cache.clear()
                 self._site_cache.clear()
                 await self._learn_keys(pending.devices)
                 return
-            if pending.devices:
-                items = await self.fleet.channels_where(device_keys=pending.devices)
-                for item in items:
-                    self._keys[(item["agent"], item["device_key"])] = (item["device_id"], item["site"])
-                    self._send_channel(item)
-                await self._learn_keys(pending.devices - {(i["agent"], i["device_key"]) for i in items})
-            if pending.sites:
-                await self._send_sites(only=pending.sites)
+            with self._bursting():
+                if pending.devices:
+                    items = await self.fleet.channels_where(device_keys=pending.devices)
+                    for item in items:
+                        self._keys[(item["agent"], item["device_key"])] = (item["device_id"], item["site"])
+                        self._send_channel(item)
+                    await self._learn_keys(pending.devices - {(i["agent"], i["device_key"]) for i in items})
+                if pending.sites:
+                    await self._send_sites(only=pending.sites)
 
     async def _learn_keys(self, keys: set[tuple[str, str]]) -> None:
         if keys:
@@ -305,35 +421,40 @@ class LiveFeed:
 
     def _send_channel(self, item: dict[str, Any]) -> None:
         key = (int(item["device_id"]), int(item["index"]))
-        shown = _shown_channel(item)
+        shown = _shown(item, "updated_ms")
         if self._channel_cache.get(key) == shown:
             return
         self._channel_cache[key] = shown
-        text = json.dumps({"type": "channel", "item": item})
+        audience = self._audience(str(item["site"]), key)
+        if audience:
+            self._deliver(_message("channel", item), audience)
+
+    def _send_site(self, item: dict[str, Any]) -> None:
         site = str(item["site"])
-        self._fan_out(text, _channel_filter(site, key[0], key[1]))
+        shown = _shown(item, "last_seen_ms")
+        if self._site_cache.get(site) == shown:
+            return
+        self._site_cache[site] = shown
+        audience = self._audience(site)
+        if audience:
+            self._deliver(_message("site", item), audience)
 
     async def _send_sites(self, only: Iterable[str] | None = None) -> None:
         listing = await self.fleet.list_sites(PageRequest(_SNAPSHOT_SITES, 0), only=only)
         for item in listing.items:
-            site = str(item["site"])
-            # last_seen_ms moves with every heartbeat; only a change of what a site shows is news.
-            shown = json.dumps({k: v for k, v in item.items() if k != "last_seen_ms"})
-            if self._site_cache.get(site) == shown:
-                continue
-            self._site_cache[site] = shown
-            self._fan_out(json.dumps({"type": "site", "item": item}), _site_filter(site))
+            self._send_site(item)
 
     async def _site_loop(self) -> None:
         # Stale devices and agents change without an event (a sweep marks them); refresh sites
         # now and then so that the fleet view follows.
         while True:
             await asyncio.sleep(SITE_REFRESH_S)
-            if not self._clients:
+            if not self._subscribed:
                 continue
             try:
                 async with self._lock:
-                    await self._send_sites()
+                    with self._bursting():
+                        await self._send_sites()
             except Exception:
                 log.exception("live site refresh failed")
 
@@ -361,54 +482,56 @@ class LiveFeed:
             # Not stored yet (its snapshot may still be in flight): nothing to show it on.
             self.stats.meters_bad += 1
             return
+        if not self._subscribed:
+            return
         device_id, site = known
         for meter in event.body.channels:
+            # Serialized as it arrives: a reading is sent at most once per tick whoever wants it.
             self._meters[(device_id, meter.index)] = (
                 site,
-                {
-                    "type": "meter",
-                    "device_id": device_id,
-                    "index": meter.index,
-                    "rf_dbm": list(meter.rf_dbm),
-                    "active_antenna": meter.active_antenna.value if meter.active_antenna else None,
-                    "audio_dbfs": meter.audio_dbfs,
-                    "audio_peak_dbfs": meter.audio_peak_dbfs,
-                    "link_quality_percent": meter.link_quality_percent,
-                },
+                orjson.dumps(
+                    {
+                        "device_id": device_id,
+                        "index": meter.index,
+                        "rf_dbm": list(meter.rf_dbm),
+                        "active_antenna": meter.active_antenna.value if meter.active_antenna else None,
+                        "audio_dbfs": meter.audio_dbfs,
+                        "audio_peak_dbfs": meter.audio_peak_dbfs,
+                        "link_quality_percent": meter.link_quality_percent,
+                    }
+                ),
             )
 
     async def _meter_loop(self) -> None:
         while True:
             await asyncio.sleep(self.meter_interval_s)
             meters, self._meters = self._meters, {}
-            if not self._clients:
-                continue
-            for (device_id, index), (site, payload) in meters.items():
-                self.stats.meters_sent += 1
-                self._fan_out(
-                    json.dumps(payload),
-                    _channel_filter(site, device_id, index),
-                )
+            if meters and self._subscribed:
+                self._send_meters(meters)
 
-    # -- clients --------------------------------------------------------------------------------
+    def _send_meters(self, meters: dict[ChannelKey, tuple[str, bytes]]) -> None:
+        """One ``meters`` message per client: fleet clients share one, a site's clients another."""
+        by_site: dict[str, list[bytes]] = {}
+        for site, part in meters.values():
+            by_site.setdefault(site, []).append(part)
+        self.stats.meters_sent += len(meters)
+        if self._fleet_clients:
+            everything = [part for parts in by_site.values() for part in parts]
+            self._deliver(_meters_message(everything), list(self._fleet_clients))
+        for site, clients in list(self._site_clients.items()):
+            parts = by_site.get(site)
+            if parts:
+                self._deliver(_meters_message(parts), list(clients))
+        for client in list(self._group_clients):
+            pairs = client.scope.pairs if client.scope is not None else None
+            wanted = [part for key, (_, part) in meters.items() if pairs and key in pairs]
+            if wanted:
+                self._deliver(_meters_message(wanted), (client,))
 
-    def _fan_out(self, text: str, wanted: Callable[[_Scope], bool]) -> None:
-        for client in list(self._clients):
-            if client.scope is None or not wanted(client.scope):
-                continue
-            if client.offer(text):
-                self.stats.messages += 1
-            elif client.slow:
-                self._drop(client)
+    # -- snapshots ------------------------------------------------------------------------------
 
-    def _drop(self, client: _Client) -> None:
-        if client in self._clients:
-            self._clients.discard(client)
-            self.stats.clients = len(self._clients)
-            self.stats.slow_dropped += 1
-            log.info("live client too slow, dropped", extra={"queue": self.queue_messages})
-
-    async def _snapshot(self, scope: _Scope) -> str:
+    async def _snapshot(self, scope: _Scope) -> _Snapshot:
+        """The serialized snapshot of ``scope``, read now; under the lock."""
         if scope.kind == "fleet":
             channels = await self.fleet.channels_where()
             sites = (await self.fleet.list_sites(PageRequest(_SNAPSHOT_SITES, 0))).items
@@ -417,24 +540,55 @@ class LiveFeed:
             sites = (await self.fleet.list_sites(PageRequest(1, 0), only=[scope.site or ""])).items
         else:
             channels = await self.fleet.channels_where(pairs=scope.pairs or ())
-            scope.sites = frozenset(str(c["site"]) for c in channels)
-            sites = (await self.fleet.list_sites(PageRequest(_SNAPSHOT_SITES, 0), only=scope.sites)).items
+            wanted = frozenset(str(c["site"]) for c in channels)
+            sites = (await self.fleet.list_sites(PageRequest(_SNAPSHOT_SITES, 0), only=wanted)).items
+        # What the snapshot read may be newer than what the subscribed clients were shown (a
+        # change committed since the last flush): tell them now, so that the caches stay what
+        # every client was last shown (else that flush would find the change known and drop it).
         for item in channels:
-            key = (int(item["device_id"]), int(item["index"]))
-            self._channel_cache[key] = _shown_channel(item)
             self._keys[(item["agent"], item["device_key"])] = (item["device_id"], item["site"])
+            self._send_channel(item)
         for item in sites:
-            self._site_cache[str(item["site"])] = json.dumps(
-                {k: v for k, v in item.items() if k != "last_seen_ms"}
-            )
+            self._send_site(item)
+        snapshot = _Snapshot(
+            orjson.dumps({"type": "snapshot", "channels": channels, "sites": sites}),
+            frozenset(str(c["site"]) for c in channels),
+        )
         self.stats.snapshots += 1
-        return json.dumps({"type": "snapshot", "channels": channels, "sites": sites})
+        return snapshot
+
+    async def _serve_snapshot(self, scope: _Scope, clients: Sequence[_Client]) -> None:
+        """Send ``scope``'s snapshot to ``clients`` and join them to the fan-out; under the lock."""
+        clients = [client for client in clients if not client.gone]
+        if not clients:
+            return
+        with self._bursting():
+            snapshot = await self._snapshot(scope)
+        self.stats.snapshots_shared += len(clients) - 1
+        if scope.kind == "group":
+            scope.sites = snapshot.sites
+        for client in clients:
+            self._leave(client)
+            if client.offer([snapshot.data]):
+                self._join(client, scope)
+            else:
+                self.stats.slow_dropped += 1
 
     async def _resync_all(self) -> None:
         self.stats.resyncs += 1
-        for client in list(self._clients):
-            if client.scope is not None and not client.offer(await self._snapshot(client.scope)):
-                self._drop(client)
+        # The caches cannot be trusted either: start from what the store holds now.
+        self._channel_cache.clear()
+        self._site_cache.clear()
+        by_scope: dict[Hashable, tuple[_Scope, list[_Client]]] = {}
+        for client in [*self._fleet_clients, *self._group_clients]:
+            if client.scope is not None:
+                by_scope.setdefault(client.scope.key, (client.scope, []))[1].append(client)
+        for site_clients in self._site_clients.values():
+            for client in site_clients:
+                if client.scope is not None:
+                    by_scope.setdefault(client.scope.key, (client.scope, []))[1].append(client)
+        for scope, clients in by_scope.values():
+            await self._serve_snapshot(scope, clients)
 
     async def _subscribe(self, client: _Client, request: dict[str, Any]) -> str | None:
         """Apply a subscribe request; returns an error text, or ``None`` once the snapshot is queued."""
@@ -450,16 +604,15 @@ class LiveFeed:
             scope = _Scope("group", pairs=frozenset((c["device_id"], c["index"]) for c in group.channels))
         else:
             return "subscribe needs scope 'fleet', 'site' with 'site', or 'group' with an integer 'group_id'"
+        # Wait in line with whoever else wants this scope: the first of them to get the lock
+        # builds one snapshot for all. Snapshot first, then join the fan-out, both under the lock
+        # deltas are computed under: nothing reaches a client before its snapshot, and no delta
+        # is computed between the two.
+        self._joining.setdefault(scope.key, []).append(client)
         async with self._lock:
-            # Snapshot first, then join the fan-out: nothing reaches the client before its snapshot,
-            # and no delta is computed between the two (deltas are computed under this lock).
-            snapshot = await self._snapshot(scope)
-            client.scope = scope
-            if client.offer(snapshot):
-                self._clients.add(client)
-                self.stats.clients = len(self._clients)
-            else:
-                self.stats.slow_dropped += 1
+            waiting = self._joining.pop(scope.key, None)
+            if waiting is not None:
+                await self._serve_snapshot(scope, waiting)
         return None
 
     # -- the WebSocket --------------------------------------------------------------------------
@@ -478,15 +631,15 @@ class LiveFeed:
     async def _serve(self, request: web.Request, ws: web.WebSocketResponse) -> web.WebSocketResponse:
         if not await self._authenticate(request, ws):
             return ws
-        client = _Client(ws, asyncio.Queue(maxsize=self.queue_messages))
+        client = _Client(ws, self.queue_messages)
         writer = asyncio.create_task(self._write(client), name="live-writer")
         try:
             async for msg in ws:
                 if msg.type is not WSMsgType.TEXT:
                     continue
                 try:
-                    data = json.loads(msg.data)
-                except ValueError:
+                    data = orjson.loads(msg.data)
+                except orjson.JSONDecodeError:
                     data = None
                 if not isinstance(data, dict) or data.get("type") != "subscribe":
                     self._reply_error(
@@ -499,8 +652,8 @@ class LiveFeed:
                 if client.slow:
                     break
         finally:
-            self._clients.discard(client)
-            self.stats.clients = len(self._clients)
+            client.gone = True
+            self._leave(client)
             if client.slow:
                 # Let the writer deliver the close frame (1013) before giving up on the client.
                 with contextlib.suppress(asyncio.CancelledError, TimeoutError):
@@ -514,7 +667,7 @@ class LiveFeed:
         return ws
 
     def _reply_error(self, client: _Client, code: str, detail: str) -> None:
-        if not client.offer(json.dumps({"type": "error", "code": code, "detail": detail})):
+        if not client.offer([orjson.dumps({"type": "error", "code": code, "detail": detail})]):
             self._drop(client)
 
     async def _authenticate(self, request: web.Request, ws: web.WebSocketResponse) -> bool:
@@ -525,8 +678,8 @@ class LiveFeed:
         token = None
         if msg is not None and msg.type is WSMsgType.TEXT:
             try:
-                data = json.loads(msg.data)
-            except ValueError:
+                data = orjson.loads(msg.data)
+            except orjson.JSONDecodeError:
                 data = None
             if isinstance(data, dict) and data.get("type") == "auth" and isinstance(data.get("token"), str):
                 token = data["token"]
@@ -540,22 +693,33 @@ class LiveFeed:
         return True
 
     async def _write(self, client: _Client) -> None:
+        # One wake-up per burst, not per message: everything queued meanwhile goes out in a row.
+        # The timeout restarts with each message sent: a client that reads slowly but steadily
+        # keeps up; one that stopped reading for the whole timeout is given up.
+        ws = client.ws
         while True:
-            item = await client.queue.get()
-            if item is _SLOW:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(
-                        client.ws.close(code=CLOSE_SLOW, message=b"slow consumer"), SEND_TIMEOUT_S
-                    )
-                return
-            assert isinstance(item, str)
+            await client.ready.wait()
+            client.ready.clear()
             try:
-                await asyncio.wait_for(client.ws.send_str(item), SEND_TIMEOUT_S)
+                async with asyncio.timeout(SEND_TIMEOUT_S) as deadline:
+                    while client.pending and not client.slow:
+                        frames = client.pending.popleft()
+                        # Marked slow while sending: the rest is stale, the close comes next.
+                        for frame in itertools.takewhile(lambda _: not client.slow, frames):
+                            # Already UTF-8 JSON: a text frame, not encoded again per client.
+                            await ws.send_frame(frame, WSMsgType.TEXT)
+                            deadline.reschedule(asyncio.get_running_loop().time() + SEND_TIMEOUT_S)
             except (ConnectionError, TimeoutError, RuntimeError):
                 # A peer that went away or stopped reading for the whole timeout: give it up.
                 client.slow = True
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(client.ws.close(code=CLOSE_SLOW), 1)
+                    await asyncio.wait_for(ws.close(code=CLOSE_SLOW), 1)
+                return
+            if client.slow:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        ws.close(code=CLOSE_SLOW, message=b"slow consumer"), SEND_TIMEOUT_S
+                    )
                 return
 
 

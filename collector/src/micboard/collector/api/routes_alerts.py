@@ -6,7 +6,7 @@ from micboard.collector.api.auth import Role
 from micboard.collector.api.context import context_of
 from micboard.collector.api.errors import ApiError, ApiErrorCode
 from micboard.collector.api.models import AlertItem, AlertPage, AlertQuery, NoBody, NoQuery
-from micboard.collector.api.routing import Call, RouteTable
+from micboard.collector.api.routing import Call, JsonBody, RouteTable
 from micboard.collector.services.alerts import AlertService
 from micboard.collector.services.fleet import PageRequest
 
@@ -23,15 +23,13 @@ routes = RouteTable()
     response=AlertPage,
     tag="alerts",
 )
-async def list_alerts(call: Call[AlertQuery, NoBody]) -> AlertPage:
+async def list_alerts(call: Call[AlertQuery, NoBody]) -> JsonBody:
     """Alerts matching the filters."""
     q = call.query
     listing = await context_of(call.app).fleet.list_alerts(
         PageRequest(q.limit, q.offset), state=q.state, site=q.site, severity=q.severity, sort=q.sort
     )
-    return AlertPage.model_validate(
-        {"items": listing.items, "total": listing.total, "limit": q.limit, "offset": q.offset}
-    )
+    return JsonBody.page(listing.items, listing.total, q.limit, q.offset)
 
 
 def _service(call: Call[NoQuery, NoBody]) -> AlertService:

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from pydantic import BaseModel
-
 from micboard.collector.api.auth import Role
 from micboard.collector.api.context import context_of
 from micboard.collector.api.errors import ApiError
@@ -22,29 +18,11 @@ from micboard.collector.api.models import (
     SitePage,
     SiteQuery,
 )
-from micboard.collector.api.routing import Call, RouteTable
+from micboard.collector.api.routing import Call, JsonBody, RouteTable
 from micboard.collector.errors import CollectorErrorCode
-from micboard.collector.services.fleet import Listing, PageRequest
+from micboard.collector.services.fleet import PageRequest
 
 routes = RouteTable()
-
-
-class _ListingPage(BaseModel):
-    """A page whose items :class:`FleetView` built from the database's typed columns.
-
-    They already have the fields, order and types of the route's declared ``response`` page (which the
-    OpenAPI document describes), so they are serialized as they are instead of being validated again
-    item by item.
-    """
-
-    items: list[dict[str, Any]]
-    total: int
-    limit: int
-    offset: int
-
-
-def _page_of(listing: Listing, limit: int, offset: int) -> _ListingPage:
-    return _ListingPage.model_construct(items=listing.items, total=listing.total, limit=limit, offset=offset)
 
 
 @routes.route(
@@ -56,13 +34,13 @@ def _page_of(listing: Listing, limit: int, offset: int) -> _ListingPage:
     body=NoBody,
     response=SitePage,
 )
-async def list_sites(call: Call[SiteQuery, NoBody]) -> _ListingPage:
+async def list_sites(call: Call[SiteQuery, NoBody]) -> JsonBody:
     """Every site with device counts by state, channels, alerts in force and its worst condition."""
     q = call.query
     listing = await context_of(call.app).fleet.list_sites(
         PageRequest(q.limit, q.offset), sort=q.sort, worst=q.worst
     )
-    return _page_of(listing, q.limit, q.offset)
+    return JsonBody.page(listing.items, listing.total, q.limit, q.offset)
 
 
 @routes.route(
@@ -74,13 +52,13 @@ async def list_sites(call: Call[SiteQuery, NoBody]) -> _ListingPage:
     body=NoBody,
     response=AgentPage,
 )
-async def list_agents(call: Call[AgentQuery, NoBody]) -> _ListingPage:
+async def list_agents(call: Call[AgentQuery, NoBody]) -> JsonBody:
     """Agents with their status, version and outbox figures."""
     q = call.query
     listing = await context_of(call.app).fleet.list_agents(
         PageRequest(q.limit, q.offset), site=q.site, status=q.status, sort=q.sort
     )
-    return _page_of(listing, q.limit, q.offset)
+    return JsonBody.page(listing.items, listing.total, q.limit, q.offset)
 
 
 @routes.route(
@@ -92,7 +70,7 @@ async def list_agents(call: Call[AgentQuery, NoBody]) -> _ListingPage:
     body=NoBody,
     response=DevicePage,
 )
-async def list_devices(call: Call[DeviceQuery, NoBody]) -> _ListingPage:
+async def list_devices(call: Call[DeviceQuery, NoBody]) -> JsonBody:
     """Receivers matching the filters."""
     q = call.query
     listing = await context_of(call.app).fleet.list_devices(
@@ -104,7 +82,7 @@ async def list_devices(call: Call[DeviceQuery, NoBody]) -> _ListingPage:
         low_battery=q.low_battery,
         sort=q.sort,
     )
-    return _page_of(listing, q.limit, q.offset)
+    return JsonBody.page(listing.items, listing.total, q.limit, q.offset)
 
 
 @routes.route(
@@ -134,7 +112,7 @@ async def get_device(call: Call[NoQuery, NoBody]) -> DeviceDetail:
     body=NoBody,
     response=ChannelPage,
 )
-async def list_channels(call: Call[ChannelQuery, NoBody]) -> _ListingPage:
+async def list_channels(call: Call[ChannelQuery, NoBody]) -> JsonBody:
     """Channels as tiles show them."""
     q = call.query
     listing = await context_of(call.app).fleet.list_channels(
@@ -145,4 +123,4 @@ async def list_channels(call: Call[ChannelQuery, NoBody]) -> _ListingPage:
         q=q.q,
         sort=q.sort,
     )
-    return _page_of(listing, q.limit, q.offset)
+    return JsonBody.page(listing.items, listing.total, q.limit, q.offset)

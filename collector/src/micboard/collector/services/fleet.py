@@ -7,27 +7,33 @@ that the API and the WebSocket show the same thing.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
+    FromClause,
     Integer,
     Select,
+    Subquery,
     Text,
+    bindparam,
     case,
     cast,
     exists,
     func,
-    literal,
+    null,
     or_,
     select,
     tuple_,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.elements import NamedColumn
 
 from micboard.collector.battery import PREVIOUS_READING_WINDOW_MS, classify_battery
 from micboard.collector.store.schema import agents, channels, devices, sites
@@ -37,6 +43,8 @@ from micboard.collector.store.schema_alerts import ACTIVE_STATES, alerts, histor
 WORST_NAMES = {4: "critical", 3: "warning", 2: "offline", 1: "stale", 0: "ok"}
 #: Transmitters at or below this many bars count as a low battery ("replace" or worse).
 LOW_BATTERY_BARS = 3
+#: Bound of the parsed channel details kept per device (about a fleet's devices).
+_MAX_CACHED_DEVICES = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,17 +67,93 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _order(sort: str, columns: Mapping[str, Sequence[ColumnElement[Any]]]) -> list[ColumnElement[Any]]:
+@dataclass(frozen=True, slots=True)
+class _SortKey:
+    """One key of a listing's order: an expression and its direction."""
+
+    expr: ColumnElement[Any]
+    descending: bool = False
+    nulls_last: bool = False
+
+
+def _order(sort: str, columns: Mapping[str, Sequence[ColumnElement[Any]]]) -> list[_SortKey]:
     descending = sort.startswith("-")
     keys = columns[sort.lstrip("-")]
-    ordered: list[ColumnElement[Any]] = []
-    for i, column in enumerate(keys):
-        # Only the first key follows the direction; the rest are stable tie-breakers.
-        if i == 0:
-            ordered.append(column.desc().nulls_last() if descending else column.asc().nulls_last())
-        else:
-            ordered.append(column.asc())
-    return ordered
+    # Only the first key follows the direction; the rest are stable tie-breakers. NULLS LAST only
+    # where a NULL can be: on SQLite it keeps the sort from using an index.
+    return [
+        _SortKey(column, descending=descending, nulls_last=getattr(column, "nullable", True))
+        if i == 0
+        else _SortKey(column)
+        for i, column in enumerate(keys)
+    ]
+
+
+def _clauses(keys: Sequence[_SortKey], exprs: Sequence[ColumnElement[Any]]) -> list[ColumnElement[Any]]:
+    """``ORDER BY`` clauses of ``keys`` applied to ``exprs`` (the keys' own, or the page's copies)."""
+    clauses: list[ColumnElement[Any]] = []
+    for key, expr in zip(keys, exprs, strict=True):
+        clause = expr.desc() if key.descending else expr.asc()
+        clauses.append(clause.nulls_last() if key.nulls_last else clause)
+    return clauses
+
+
+def _page_query(
+    columns: Sequence[ColumnElement[Any]],
+    conditions: Sequence[ColumnElement[bool]],
+    keys: Sequence[_SortKey],
+    *,
+    paged: bool = True,
+    source: FromClause | None = None,
+    extras: Callable[[Subquery], Sequence[ColumnElement[Any]]] | None = None,
+    count: Select[Any] | None = None,
+) -> Select[Any]:
+    """``columns`` of the rows matching ``conditions`` in ``keys`` order, cut to the page first.
+
+    ``paged`` cuts ``LIMIT :limit OFFSET :offset``; like every value of a listing, they are bind
+    parameters, so that a listing's statement is built once per shape and reused (building one
+    cost as much as running it).
+
+    The outer query adds ``extras`` (built on the page's columns, so computed only for the rows
+    returned) and, with ``count``, the number of all matches as a last ``_total`` column, counted
+    once. The page is sorted again outside: a subquery's order need not survive the outer query.
+    """
+    names = [column.name for column in columns if isinstance(column, NamedColumn)]
+    if len(names) != len(columns):
+        raise TypeError("page columns must be named (columns or labels)")
+    inner = select(*columns, *(key.expr.label(f"_k{i}") for i, key in enumerate(keys)))
+    if source is not None:
+        inner = inner.select_from(source)
+    inner = inner.where(*conditions).order_by(*_clauses(keys, [key.expr for key in keys]))
+    if paged:
+        inner = inner.limit(bindparam("limit", type_=Integer)).offset(bindparam("offset", type_=Integer))
+    cut = inner.subquery("page")
+    outer: list[ColumnElement[Any]] = [cut.c[name] for name in names]
+    if extras is not None:
+        outer += extras(cut)
+    if count is not None:
+        outer.append(count.scalar_subquery().label("_total"))
+    return select(*outer).order_by(*_clauses(keys, [cut.c[f"_k{i}"] for i in range(len(keys))]))
+
+
+def _like(text: str) -> str:
+    """``text`` escaped for ``LIKE ... ESCAPE '/'`` (as SQLAlchemy's ``autoescape`` does for literals)."""
+    return text.replace("/", "//").replace("%", "/%").replace("_", "/_")
+
+
+def _contains(column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
+    """Case-insensitive substring match of bind parameter ``name`` (given through :func:`_like`)."""
+    return column.icontains(bindparam(name), escape="/")
+
+
+@functools.lru_cache(maxsize=64)
+def _battery_state(bars: int | None, last_bars: int | None) -> str:
+    # A channel's state depends only on these two (the reading lookup only returns readings inside
+    # the window, so "now" stands for their time): classify each pair once, not once per row.
+    now_ms = 0
+    return classify_battery(
+        bars, last_bars=last_bars, last_reading_ms=now_ms if last_bars is not None else None, now_ms=now_ms
+    ).value
 
 
 class FleetView:
@@ -77,24 +161,48 @@ class FleetView:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        # device id -> (stored state text, what _channel_details read from it): a device's state
+        # changes far less often than it is listed, and comparing the text is cheaper than parsing it.
+        self._details: dict[int, tuple[str, dict[Any, tuple[Any, Any]]]] = {}
+        # A listing's (query, count) statements by shape (which filters, which order): bounded by
+        # the API's filter and sort combinations.
+        self._statements: dict[Hashable, tuple[Select[Any], Select[Any]]] = {}
+
+    def _statement(
+        self, shape: Hashable, build: Callable[[], tuple[Select[Any], Select[Any]]]
+    ) -> tuple[Select[Any], Select[Any]]:
+        found = self._statements.get(shape)
+        if found is None:
+            found = self._statements[shape] = build()
+        return found
 
     async def _page(
-        self, query: Select[Any], page: PageRequest, count_query: Select[Any]
+        self, statements: tuple[Select[Any], Select[Any]], page: PageRequest, binds: Mapping[str, Any]
     ) -> tuple[Sequence[Sequence[Any]], int]:
-        """Rows of ``query``'s page (positional, the total last) and the number of all matches."""
-        query = query.add_columns(func.count().over().label("_total")).limit(page.limit).offset(page.offset)
+        """Rows of a :func:`_page_query` with its count (the total last) and the number of all matches."""
+        query, count = statements
+        params = {**binds, "limit": page.limit, "offset": page.offset}
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
+            rows = (await conn.execute(query, params)).all()
             if rows:
                 return rows, int(rows[0][-1])
             if page.offset == 0:
                 return [], 0
-            total = (await conn.execute(count_query)).scalar_one()
+            total = (await conn.execute(count, params)).scalar_one()
         return [], int(total)
 
     # -- sites ----------------------------------------------------------------------------------
 
-    def _site_query(self) -> Select[Any]:
+    def _site_query(self, only: bool = False) -> Select[Any]:
+        """Every site's summary; with ``only``, of the sites in bind parameter ``only`` alone.
+
+        The filter goes into each aggregate, not around the result: the live feed asks for the few
+        sites a flush touched, and aggregating the whole fleet for them cost most of a flush.
+        """
+
+        def within(column: ColumnElement[Any]) -> list[ColumnElement[bool]]:
+            return [column.in_(bindparam("only", expanding=True))] if only else []
+
         dev = (
             select(
                 devices.c.site.label("site"),
@@ -102,12 +210,14 @@ class FleetView:
                 func.sum(case((devices.c.status == "offline", 1), else_=0)).label("offline"),
                 func.sum(case((devices.c.status == "stale", 1), else_=0)).label("stale"),
             )
+            .where(*within(devices.c.site))
             .group_by(devices.c.site)
             .subquery("dev")
         )
         chan = (
             select(devices.c.site.label("site"), func.count().label("channels"))
             .select_from(channels.join(devices, devices.c.id == channels.c.device_pk))
+            .where(*within(devices.c.site))
             .group_by(devices.c.site)
             .subquery("chan")
         )
@@ -120,7 +230,7 @@ class FleetView:
                 func.count().label("open_alerts"),
                 func.max(severity_rank).label("severity"),
             )
-            .where(alerts.c.state.in_(ACTIVE_STATES))
+            .where(alerts.c.state.in_(ACTIVE_STATES), *within(alerts.c.site))
             .group_by(alerts.c.site)
             .subquery("al")
         )
@@ -133,7 +243,7 @@ class FleetView:
             (stale > 0, 1),
             else_=0,
         ).label("worst_rank")
-        return select(
+        query = select(
             sites.c.site,
             sites.c.last_seen_ms,
             cast(func.coalesce(dev.c.online, 0), Integer).label("online"),
@@ -147,6 +257,7 @@ class FleetView:
             .outerjoin(chan, chan.c.site == sites.c.site)
             .outerjoin(al, al.c.site == sites.c.site)
         )
+        return query.where(*within(sites.c.site))
 
     @staticmethod
     def _site_item(row: Sequence[Any]) -> dict[str, Any]:
@@ -170,59 +281,79 @@ class FleetView:
         only: Iterable[str] | None = None,
     ) -> Listing:
         """Sites with device counts by state, channel count and open alerts; worst first by default."""
-        inner = self._site_query().subquery("s")
-        query = select(inner)
+        binds: dict[str, Any] = {}
         if worst is not None:
-            rank = {name: rank for rank, name in WORST_NAMES.items()}[worst]
-            query = query.where(inner.c.worst_rank == rank)
+            binds["worst_rank"] = {name: rank for rank, name in WORST_NAMES.items()}[worst]
         if only is not None:
-            query = query.where(inner.c.site.in_(list(only)))
-        orders: dict[str, list[ColumnElement[Any]]] = {
-            "worst": [inner.c.worst_rank.desc(), inner.c.site],
-            "-worst": [inner.c.worst_rank.asc(), inner.c.site],
-            "site": [inner.c.site.asc()],
-            "-site": [inner.c.site.desc()],
-            "last_seen_ms": [inner.c.last_seen_ms.asc(), inner.c.site],
-            "-last_seen_ms": [inner.c.last_seen_ms.desc(), inner.c.site],
-        }
-        order = orders[sort]
-        count = select(func.count()).select_from(query.subquery())
-        rows, total = await self._page(query.order_by(*order), page, count)
+            binds["only"] = list(only)
+        statements = self._statement(
+            ("sites", frozenset(binds), sort), lambda: self._sites_statements(binds, sort)
+        )
+        rows, total = await self._page(statements, page, binds)
         return Listing([self._site_item(row) for row in rows], total)
 
+    def _sites_statements(self, binds: Mapping[str, Any], sort: str) -> tuple[Select[Any], Select[Any]]:
+        inner = self._site_query(only="only" in binds).subquery("s")
+        conditions: list[ColumnElement[bool]] = []
+        if "worst_rank" in binds:
+            conditions.append(inner.c.worst_rank == bindparam("worst_rank"))
+        by_site = _SortKey(inner.c.site)
+        orders: dict[str, list[_SortKey]] = {
+            "worst": [_SortKey(inner.c.worst_rank, descending=True), by_site],
+            "-worst": [_SortKey(inner.c.worst_rank), by_site],
+            "site": [by_site],
+            "-site": [_SortKey(inner.c.site, descending=True)],
+            "last_seen_ms": [_SortKey(inner.c.last_seen_ms), by_site],
+            "-last_seen_ms": [_SortKey(inner.c.last_seen_ms, descending=True), by_site],
+        }
+        if "worst_rank" in binds:
+            count = select(func.count()).select_from(select(inner).where(*conditions).subquery())
+        else:
+            # Without a filter on the computed rank, the sites table alone says how many there are.
+            count = select(func.count()).select_from(sites)
+            if "only" in binds:
+                count = count.where(sites.c.site.in_(bindparam("only", expanding=True)))
+        query = _page_query(list(inner.c), conditions, orders[sort], source=inner, count=count)
+        return query, count
+
     # -- agents ---------------------------------------------------------------------------------
+
+    _AGENT_COLUMNS = (
+        agents.c.agent,
+        agents.c.site,
+        agents.c.status,
+        agents.c.version,
+        agents.c.hostname,
+        agents.c.last_seen_ms,
+        agents.c.outbox_depth,
+        agents.c.dropped,
+    )
+    # Plain str: orjson takes no str subclass as a key.
+    _AGENT_NAMES = tuple(str(c.name) for c in _AGENT_COLUMNS)
 
     async def list_agents(
         self, page: PageRequest, *, site: str | None = None, status: str | None = None, sort: str = "site"
     ) -> Listing:
         """Agents with their last heartbeat's outbox figures."""
-        conditions: list[ColumnElement[bool]] = []
-        if site is not None:
-            conditions.append(agents.c.site == site)
-        if status is not None:
-            conditions.append(agents.c.status == status)
-        order = _order(
-            sort,
-            {
-                "agent": [agents.c.agent],
-                "site": [agents.c.site, agents.c.agent],
-                "last_seen_ms": [agents.c.last_seen_ms, agents.c.agent],
-            },
+        binds = {k: v for k, v in (("site", site), ("status", status)) if v is not None}
+
+        def build() -> tuple[Select[Any], Select[Any]]:
+            conditions = [agents.c[name] == bindparam(name) for name in sorted(binds)]
+            order = _order(
+                sort,
+                {
+                    "agent": [agents.c.agent],
+                    "site": [agents.c.site, agents.c.agent],
+                    "last_seen_ms": [agents.c.last_seen_ms, agents.c.agent],
+                },
+            )
+            count = select(func.count()).select_from(agents).where(*conditions)
+            return _page_query(self._AGENT_COLUMNS, conditions, order, source=agents, count=count), count
+
+        rows, total = await self._page(
+            self._statement(("agents", frozenset(binds), sort), build), page, binds
         )
-        columns = [
-            agents.c.agent,
-            agents.c.site,
-            agents.c.status,
-            agents.c.version,
-            agents.c.hostname,
-            agents.c.last_seen_ms,
-            agents.c.outbox_depth,
-            agents.c.dropped,
-        ]
-        query = select(*columns).where(*conditions).order_by(*order)
-        count = select(func.count()).select_from(agents).where(*conditions)
-        rows, total = await self._page(query, page, count)
-        names = [c.name for c in columns]
+        names = self._AGENT_NAMES
         return Listing([dict(zip(names, row, strict=False)) for row in rows], total)
 
     # -- devices --------------------------------------------------------------------------------
@@ -252,7 +383,7 @@ class FleetView:
             .label("channel_count")
         )
 
-    _DEVICE_NAMES = tuple(c.name for c in _DEVICE_COLUMNS)
+    _DEVICE_NAMES = tuple(str(c.name) for c in _DEVICE_COLUMNS)
 
     def _device_item(self, row: Sequence[Any]) -> dict[str, Any]:
         """The item of a row holding :attr:`_DEVICE_COLUMNS` then the channel count."""
@@ -273,41 +404,61 @@ class FleetView:
         sort: str = "site",
     ) -> Listing:
         """Devices matching the filters, without their full state."""
-        conditions: list[ColumnElement[bool]] = []
-        if site is not None:
-            conditions.append(devices.c.site == site)
-        if status is not None:
-            conditions.append(devices.c.status == status)
-        if vendor is not None:
-            conditions.append(devices.c.vendor == vendor)
-        if q is not None:
-            conditions.append(
-                or_(
-                    devices.c.name.icontains(q, autoescape=True),
-                    devices.c.model.icontains(q, autoescape=True),
-                    devices.c.device_key.icontains(q, autoescape=True),
-                    devices.c.address.icontains(q, autoescape=True),
-                )
-            )
-        if low_battery is not None:
-            low = exists().where(
-                channels.c.device_pk == devices.c.id, channels.c.battery_bars <= LOW_BATTERY_BARS
-            )
-            conditions.append(low if low_battery else ~low)
-        order = _order(
-            sort,
-            {
-                "id": [devices.c.id],
-                "site": [devices.c.site, devices.c.agent, devices.c.device_key],
-                "name": [devices.c.name, devices.c.id],
-                "model": [devices.c.model, devices.c.id],
-                "status": [devices.c.status, devices.c.id],
-                "updated_ms": [devices.c.updated_ms, devices.c.id],
-            },
+        given = (
+            ("site", site),
+            ("status", status),
+            ("vendor", vendor),
+            ("q", None if q is None else _like(q)),
         )
-        query = select(*self._DEVICE_COLUMNS, self._channel_count()).where(*conditions).order_by(*order)
-        count = select(func.count()).select_from(devices).where(*conditions)
-        rows, total = await self._page(query, page, count)
+        binds = {k: v for k, v in given if v is not None}
+
+        def build() -> tuple[Select[Any], Select[Any]]:
+            conditions: list[ColumnElement[bool]] = [
+                devices.c[name] == bindparam(name) for name in ("site", "status", "vendor") if name in binds
+            ]
+            if "q" in binds:
+                conditions.append(
+                    or_(
+                        _contains(devices.c.name, "q"),
+                        _contains(devices.c.model, "q"),
+                        _contains(devices.c.device_key, "q"),
+                        _contains(devices.c.address, "q"),
+                    )
+                )
+            if low_battery is not None:
+                low = exists().where(
+                    channels.c.device_pk == devices.c.id, channels.c.battery_bars <= LOW_BATTERY_BARS
+                )
+                conditions.append(low if low_battery else ~low)
+            order = _order(
+                sort,
+                {
+                    "id": [devices.c.id],
+                    "site": [devices.c.site, devices.c.agent, devices.c.device_key],
+                    "name": [devices.c.name, devices.c.id],
+                    "model": [devices.c.model, devices.c.id],
+                    "status": [devices.c.status, devices.c.id],
+                    "updated_ms": [devices.c.updated_ms, devices.c.id],
+                },
+            )
+            count = select(func.count()).select_from(devices).where(*conditions)
+            query = _page_query(
+                self._DEVICE_COLUMNS,
+                conditions,
+                order,
+                source=devices,
+                extras=lambda cut: [
+                    select(func.count())
+                    .where(channels.c.device_pk == cut.c.id)
+                    .scalar_subquery()
+                    .label("channel_count")
+                ],
+                count=count,
+            )
+            return query, count
+
+        shape = ("devices", frozenset(binds), low_battery, sort)
+        rows, total = await self._page(self._statement(shape, build), page, binds)
         return Listing([self._device_item(row) for row in rows], total)
 
     async def get_device(self, device_id: int) -> dict[str, Any] | None:
@@ -330,48 +481,58 @@ class FleetView:
 
     # -- channels -------------------------------------------------------------------------------
 
-    def _channel_select(self, now_ms: int) -> Select[Any]:
-        # The last valid battery reading within the window, looked up only for channels that read
-        # unknown now (CASE short-circuits), so the common case costs nothing.
+    #: Positional: :meth:`_channel_items` unpacks the rows in this order, then the state and the
+    #: last battery reading :meth:`_channel_extras` adds.
+    _CHANNEL_COLUMNS = (
+        devices.c.id.label("device_id"),
+        devices.c.site,
+        devices.c.agent,
+        devices.c.device_key,
+        devices.c.name.label("device_name"),
+        devices.c.model,
+        devices.c.status,
+        devices.c.updated_ms,
+        channels.c.index,
+        channels.c.name,
+        channels.c.name_id,
+        channels.c.name_person,
+        channels.c.frequency_khz,
+        channels.c.tx_present,
+        channels.c.tx_model,
+        channels.c.battery_bars,
+        channels.c.battery_percent,
+        channels.c.runtime_min,
+        channels.c.tx_muted,
+    )
+    _CHANNEL_SOURCE = channels.join(devices, devices.c.id == channels.c.device_pk)
+
+    @staticmethod
+    def _channel_extras(cut: Subquery) -> list[ColumnElement[Any]]:
+        """A page's channels' device state and last battery reading since ``:since_ms``."""
+        # The device's stored state as text (decoded once per device in Python). It is looked
+        # up after the page is cut: sorting kilobytes of state along with every matching
+        # channel was most of a listing's cost. (Marking one row per device with a window
+        # function instead costs more than the copies it saves.)
+        state = select(cast(devices.c.state, Text)).where(devices.c.id == cut.c.device_id).scalar_subquery()
+        # The last valid battery reading within the window, looked up only for channels that
+        # read unknown now (CASE short-circuits), so the common case costs nothing.
         last_bars = (
             select(history_samples.c.battery_bars)
             .where(
-                history_samples.c.agent == devices.c.agent,
-                history_samples.c.device_key == devices.c.device_key,
-                history_samples.c.channel == channels.c.index,
+                history_samples.c.agent == cut.c.agent,
+                history_samples.c.device_key == cut.c.device_key,
+                history_samples.c.channel == cut.c.index,
                 history_samples.c.battery_bars.is_not(None),
-                history_samples.c.bucket_ms >= now_ms - PREVIOUS_READING_WINDOW_MS,
+                history_samples.c.bucket_ms >= bindparam("since_ms", type_=BigInteger),
             )
             .order_by(history_samples.c.bucket_ms.desc())
             .limit(1)
-            .correlate(devices, channels)
             .scalar_subquery()
         )
-        # Positional: :meth:`_channel_items` unpacks the rows in this order. The state comes as
-        # text so that each device's is decoded once, not once per channel row.
-        return select(
-            devices.c.id.label("device_id"),
-            devices.c.site,
-            devices.c.agent,
-            devices.c.device_key,
-            devices.c.name.label("device_name"),
-            devices.c.model,
-            devices.c.status,
-            devices.c.updated_ms,
-            cast(devices.c.state, Text).label("state"),
-            channels.c.index,
-            channels.c.name,
-            channels.c.name_id,
-            channels.c.name_person,
-            channels.c.frequency_khz,
-            channels.c.tx_present,
-            channels.c.tx_model,
-            channels.c.battery_bars,
-            channels.c.battery_percent,
-            channels.c.runtime_min,
-            channels.c.tx_muted,
-            case((channels.c.battery_bars.is_(None), last_bars), else_=literal(None)).label("last_bars"),
-        ).select_from(channels.join(devices, devices.c.id == channels.c.device_pk))
+        return [
+            state.label("state"),
+            case((cut.c.battery_bars.is_(None), last_bars), else_=null()).label("last_bars"),
+        ]
 
     @staticmethod
     def _channel_details(raw_state: str | None) -> dict[Any, tuple[Any, Any]]:
@@ -393,11 +554,23 @@ class FleetView:
             details[index] = (detail.get("group_channel"), battery_type)
         return details
 
-    @classmethod
-    def _channel_items(cls, rows: Iterable[Sequence[Any]], now_ms: int) -> list[dict[str, Any]]:
-        """The JSON-ready channel items of rows of :meth:`_channel_select`."""
-        items: list[dict[str, Any]] = []
+    def _device_details(self, device_id: int, raw_state: str | None) -> dict[Any, tuple[Any, Any]]:
+        """:meth:`_channel_details` of a device's state, parsed again only when the state changed."""
+        if raw_state is None:
+            return {}
+        cached = self._details.get(device_id)
+        if cached is not None and cached[0] == raw_state:
+            return cached[1]
+        if len(self._details) >= _MAX_CACHED_DEVICES:
+            self._details.clear()  # devices come and go; never hold more than a fleet's worth
+        details = self._channel_details(raw_state)
+        self._details[device_id] = (raw_state, details)
+        return details
+
+    def _channel_items(self, rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+        """The JSON-ready channel items of rows of :meth:`_channel_query`."""
         by_device: dict[int, dict[Any, tuple[Any, Any]]] = {}
+        items: list[dict[str, Any]] = []
         for row in rows:
             (
                 device_id,
@@ -408,7 +581,6 @@ class FleetView:
                 model,
                 status,
                 updated_ms,
-                raw_state,
                 index,
                 name,
                 name_id,
@@ -420,11 +592,12 @@ class FleetView:
                 battery_percent,
                 runtime_min,
                 tx_muted,
+                raw_state,
                 last_bars,
             ) = row[:21]
             details = by_device.get(device_id)
             if details is None:
-                details = by_device[device_id] = cls._channel_details(raw_state)
+                details = by_device[device_id] = self._device_details(device_id, raw_state)
             group_channel, battery_type = details.get(index, (None, None))
             tx = None
             if tx_present:
@@ -436,13 +609,6 @@ class FleetView:
                     "battery_type": battery_type,
                     "muted": tx_muted,
                 }
-            battery_state = classify_battery(
-                battery_bars,
-                last_bars=last_bars,
-                # The subquery only returns readings inside the window, so "now" stands for their time.
-                last_reading_ms=now_ms if last_bars is not None else None,
-                now_ms=now_ms,
-            )
             items.append(
                 {
                     "device_id": device_id,
@@ -459,7 +625,7 @@ class FleetView:
                     "frequency_khz": frequency_khz,
                     "group_channel": group_channel,
                     "tx": tx,
-                    "battery_state": battery_state.value,
+                    "battery_state": _battery_state(battery_bars, last_bars),
                     "updated_ms": updated_ms,
                 }
             )
@@ -476,39 +642,49 @@ class FleetView:
         sort: str = "site",
     ) -> Listing:
         """Channels with their transmitter and battery state."""
-        conditions: list[ColumnElement[bool]] = []
-        if site is not None:
-            conditions.append(devices.c.site == site)
-        if device_id is not None:
-            conditions.append(devices.c.id == device_id)
-        if status is not None:
-            conditions.append(devices.c.status == status)
-        if q is not None:
-            conditions.append(
-                or_(
-                    channels.c.name.icontains(q, autoescape=True),
-                    devices.c.name.icontains(q, autoescape=True),
-                )
+        given = (
+            ("site", site),
+            ("device_id", device_id),
+            ("status", status),
+            ("q", None if q is None else _like(q)),
+        )
+        binds: dict[str, Any] = {k: v for k, v in given if v is not None}
+
+        def build() -> tuple[Select[Any], Select[Any]]:
+            conditions: list[ColumnElement[bool]] = []
+            if "site" in binds:
+                conditions.append(devices.c.site == bindparam("site"))
+            if "device_id" in binds:
+                conditions.append(devices.c.id == bindparam("device_id"))
+            if "status" in binds:
+                conditions.append(devices.c.status == bindparam("status"))
+            if "q" in binds:
+                conditions.append(or_(_contains(channels.c.name, "q"), _contains(devices.c.name, "q")))
+            tie = [devices.c.agent, devices.c.device_key, channels.c.index]
+            order = _order(
+                sort,
+                {
+                    "site": [devices.c.site, *tie],
+                    "name": [channels.c.name, *tie],
+                    "battery_percent": [channels.c.battery_percent, *tie],
+                    "updated_ms": [devices.c.updated_ms, *tie],
+                },
             )
-        tie = [devices.c.agent, devices.c.device_key, channels.c.index]
-        order = _order(
-            sort,
-            {
-                "site": [devices.c.site, *tie],
-                "name": [channels.c.name, *tie],
-                "battery_percent": [channels.c.battery_percent, *tie],
-                "updated_ms": [devices.c.updated_ms, *tie],
-            },
-        )
-        now = _now_ms()
-        query = self._channel_select(now).where(*conditions).order_by(*order)
-        count = (
-            select(func.count())
-            .select_from(channels.join(devices, devices.c.id == channels.c.device_pk))
-            .where(*conditions)
-        )
-        rows, total = await self._page(query, page, count)
-        return Listing(self._channel_items(rows, now), total)
+            count = select(func.count()).select_from(self._CHANNEL_SOURCE).where(*conditions)
+            query = _page_query(
+                self._CHANNEL_COLUMNS,
+                conditions,
+                order,
+                source=self._CHANNEL_SOURCE,
+                extras=self._channel_extras,
+                count=count,
+            )
+            return query, count
+
+        statements = self._statement(("channels", frozenset(binds), sort), build)
+        binds["since_ms"] = _now_ms() - PREVIOUS_READING_WINDOW_MS
+        rows, total = await self._page(statements, page, binds)
+        return Listing(self._channel_items(rows), total)
 
     async def channels_where(
         self,
@@ -518,24 +694,35 @@ class FleetView:
         pairs: Iterable[tuple[int, int]] | None = None,
     ) -> list[dict[str, Any]]:
         """Channels of a site, of some ``(agent, device_key)`` or of ``(device_id, index)`` pairs."""
-        now = _now_ms()
-        query = self._channel_select(now)
+        conditions: list[ColumnElement[bool]] = []
         if site is not None:
-            query = query.where(devices.c.site == site)
+            conditions.append(devices.c.site == site)
         if device_keys is not None:
             keys = list(device_keys)
             if not keys:
                 return []
-            query = query.where(tuple_(devices.c.agent, devices.c.device_key).in_(keys))
+            conditions.append(tuple_(devices.c.agent, devices.c.device_key).in_(keys))
         if pairs is not None:
             wanted = list(pairs)
             if not wanted:
                 return []
-            query = query.where(tuple_(channels.c.device_pk, channels.c.index).in_(wanted))
-        query = query.order_by(devices.c.site, devices.c.agent, devices.c.device_key, channels.c.index)
+            conditions.append(tuple_(channels.c.device_pk, channels.c.index).in_(wanted))
+        order = [
+            _SortKey(column)
+            for column in (devices.c.site, devices.c.agent, devices.c.device_key, channels.c.index)
+        ]
+        query = _page_query(
+            self._CHANNEL_COLUMNS,
+            conditions,
+            order,
+            paged=False,
+            source=self._CHANNEL_SOURCE,
+            extras=self._channel_extras,
+        )
+        params = {"since_ms": _now_ms() - PREVIOUS_READING_WINDOW_MS}
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        return self._channel_items(rows, now)
+            rows = (await conn.execute(query, params)).all()
+        return self._channel_items(rows)
 
     async def device_keys(
         self, keys: Iterable[tuple[str, str]] | None = None
@@ -584,6 +771,7 @@ class FleetView:
         alerts.c.resolved_by,
         alerts.c.resolved_ms,
     )
+    _ALERT_NAMES = tuple(str(c.name) for c in _ALERT_COLUMNS)
 
     async def list_alerts(
         self,
@@ -595,23 +783,25 @@ class FleetView:
         sort: str = "-opened_ms",
     ) -> Listing:
         """Alerts matching the filters, newest first by default."""
-        conditions: list[ColumnElement[bool]] = []
-        if state is not None:
-            conditions.append(alerts.c.state == state)
-        if site is not None:
-            conditions.append(alerts.c.site == site)
-        if severity is not None:
-            conditions.append(alerts.c.severity == severity)
-        rank = case((alerts.c.severity == "critical", 2), (alerts.c.severity == "warning", 1), else_=0)
-        order = _order(
-            sort,
-            {
-                "opened_ms": [alerts.c.opened_ms, alerts.c.id],
-                "severity": [rank, alerts.c.opened_ms, alerts.c.id],
-            },
+        binds = {k: v for k, v in (("state", state), ("site", site), ("severity", severity)) if v is not None}
+
+        def build() -> tuple[Select[Any], Select[Any]]:
+            conditions = [
+                alerts.c[name] == bindparam(name) for name in ("state", "site", "severity") if name in binds
+            ]
+            rank = case((alerts.c.severity == "critical", 2), (alerts.c.severity == "warning", 1), else_=0)
+            order = _order(
+                sort,
+                {
+                    "opened_ms": [alerts.c.opened_ms, alerts.c.id],
+                    "severity": [rank, alerts.c.opened_ms, alerts.c.id],
+                },
+            )
+            count = select(func.count()).select_from(alerts).where(*conditions)
+            return _page_query(self._ALERT_COLUMNS, conditions, order, source=alerts, count=count), count
+
+        rows, total = await self._page(
+            self._statement(("alerts", frozenset(binds), sort), build), page, binds
         )
-        query = select(*self._ALERT_COLUMNS).where(*conditions).order_by(*order)
-        count = select(func.count()).select_from(alerts).where(*conditions)
-        rows, total = await self._page(query, page, count)
-        names = [c.name for c in self._ALERT_COLUMNS]
+        names = self._ALERT_NAMES
         return Listing([dict(zip(names, row, strict=False)) for row in rows], total)

@@ -733,8 +733,9 @@ function onLiveMessage(message) {
     case "channel":
       if (message.item) upsertChannel(message.item);
       break;
-    case "meter":
-      meters.push(message);
+    case "meters":
+      // One message per server tick with the latest reading of each channel that moved.
+      for (const reading of message.items ?? []) meters.push(reading);
       break;
     case "site":
       if (message.item) {

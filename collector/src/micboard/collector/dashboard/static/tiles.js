@@ -175,7 +175,7 @@ export class MeterScheduler {
     this.holding = new Set();
   }
 
-  /** Queue a meter message; the newest per channel wins until the next frame. */
+  /** Queue one channel's reading (an item of a `meters` message); the newest per channel wins. */
   push(message) {
     this.pending.set(channelKey(message.device_id, message.index), message);
     if (!this.frame) this.frame = requestAnimationFrame(() => this.#flush());
