@@ -6,7 +6,9 @@ second, a heartbeat per agent every 10 s) is published through the agent's own p
 (:class:`EnvelopeFactory`, :class:`JetStreamPublisher`) into an embedded nats-server. The same
 messages are then consumed three ways, each by its own durable consumer:
 
-- bare: fetch + msgpack unpack + ack, the floor any consumer pays;
+- bare: fetch + msgpack unpack + ack, the floor any consumer pays, with the collector's own
+  :class:`PullFetcher` (the ratios are to this one) and, for reference, with nats-py's
+  ``PullSubscription.fetch``;
 - the real :class:`IngestConsumer`, with alert rules and history wired as in the collector,
   into a fresh SQLite file;
 - the real :class:`IngestConsumer` into a scratch PostgreSQL database
@@ -25,6 +27,7 @@ import os
 import secrets
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ import asyncpg
 import msgpack
 import nats
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from sqlalchemy import func, select
@@ -40,6 +44,7 @@ from sqlalchemy.engine import make_url
 
 from micboard.agent.publisher import EnvelopeFactory, JetStreamPublisher
 from micboard.collector.ingest import IngestConsumer, ensure_stream
+from micboard.collector.pull import PullFetcher
 from micboard.collector.runtime import tune_gc
 from micboard.collector.services.alerts import AlertService
 from micboard.collector.services.history import HistoryService
@@ -125,30 +130,50 @@ async def publish_fleet(nc: Client, fleet: Fleet, max_in_flight: int) -> tuple[i
     return sum(counts), time.perf_counter() - started
 
 
-async def bare_rate(nc: Client, settings: CollectorSettings, total: int) -> float:
-    """Fetch, unpack and ack every message with nothing else: the rate any consumer is bounded by."""
+async def bare_rate(nc: Client, settings: CollectorSettings, total: int, *, lean: bool) -> float:
+    """Fetch, unpack and ack every message with nothing else: the rate any consumer is bounded by.
+
+    ``lean``: with the collector's own :class:`PullFetcher`; else with nats-py's
+    ``PullSubscription.fetch``, for reference.
+    """
     js = nc.jetstream()
+    durable = "bench-bare-lean" if lean else "bench-bare-nats-py"
     await js.add_consumer(
         settings.stream_name,
         ConsumerConfig(
-            durable_name="bench-bare", deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT,
+            durable_name=durable, deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT,
             ack_wait=60, max_ack_pending=settings.batch_size * 8,
         ),
     )  # fmt: skip
-    sub = await js.pull_subscribe_bind("bench-bare", stream=settings.stream_name)
+    fetch: Callable[[], Awaitable[list[Msg]]]
+    if lean:
+        fetcher = PullFetcher(nc, settings.stream_name, durable)
+        await fetcher.start()
+
+        def fetch() -> Awaitable[list[Msg]]:
+            return fetcher.fetch(settings.batch_size, 1.0)
+    else:
+        sub = await js.pull_subscribe_bind(durable, stream=settings.stream_name)
+
+        async def fetch() -> list[Msg]:
+            try:
+                return await sub.fetch(settings.batch_size, timeout=1.0)
+            except (NatsTimeoutError, TimeoutError):
+                return []
+
     done = 0
     started = time.perf_counter()
     while done < total:
-        try:
-            msgs = await sub.fetch(settings.batch_size, timeout=1.0)
-        except (NatsTimeoutError, TimeoutError):
-            continue
+        msgs = await fetch()
         for msg in msgs:
             msgpack.unpackb(msg.data, raw=False, strict_map_key=False)
             await msg.ack()
         done += len(msgs)
     elapsed = time.perf_counter() - started
-    await sub.unsubscribe()
+    if lean:
+        await fetcher.close()
+    else:
+        await sub.unsubscribe()
     return done / elapsed
 
 
@@ -227,8 +252,10 @@ async def main() -> None:
             f"{fleet.seconds} s of 1 Hz deltas = {total} events; published in {seconds:.1f} s "
             f"({total / seconds:,.0f} events/s); batch {args.batch_size}, gc {args.gc}"
         )
-        bare = await bare_rate(nc, base, total)
-        print(f"bare fetch+unpack+ack:   {bare:10,.0f} events/s")
+        reference = await bare_rate(nc, base, total, lean=False)
+        print(f"bare, nats-py fetch:     {reference:10,.0f} events/s  (reference)")
+        bare = await bare_rate(nc, base, total, lean=True)
+        print(f"bare fetch+unpack+ack:   {bare:10,.0f} events/s  (the collector's fetcher; ratios below)")
         targets: list[tuple[str, str]] = []
         if args.database in ("sqlite", "both"):
             targets.append(("sqlite", f"sqlite+aiosqlite:///{Path(tmp) / 'bench.db'}"))

@@ -41,6 +41,7 @@ from sqlalchemy import insert, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from micboard.collector.pull import PullFetcher
 from micboard.collector.services.alerts import AlertChange, AlertService, DeviceTransition
 from micboard.collector.services.history import HistoryService
 from micboard.collector.services.sync import (
@@ -60,6 +61,8 @@ from micboard.shared.model import Device
 from micboard.shared.subjects import parse_subject, stream_subjects
 
 log = logging.getLogger(__name__)
+
+_APPLIED_KEY = ApplyOutcome.APPLIED.value
 
 #: Codes of events set aside by ingest itself (the wire codes come from :class:`ErrorCode`).
 APPLY_FAILED = "ingest.apply_failed"
@@ -233,16 +236,17 @@ class IngestConsumer:
         # Device and agent alert rules run in each batch's transaction; samples after its commit.
         self.alerts = alerts
         self.history = history
-        self._sub: JetStreamContext.PullSubscription | None = None
+        self._fetcher: PullFetcher | None = None
+        self._unsettled: list[Msg] = []  # fetched, then stopped before being applied
         self._stopping = asyncio.Event()
         self._database_down = False
 
     async def start(self) -> None:
         """Ensure the stream and consumer exist and bind to the consumer."""
         await ensure_stream(self.js, self.settings)
-        self._sub = await self.js.pull_subscribe_bind(
-            self.settings.durable_name, stream=self.settings.stream_name
-        )
+        fetcher = PullFetcher(self.nc, self.settings.stream_name, self.settings.durable_name)
+        await fetcher.start()
+        self._fetcher = fetcher
 
     def stop(self) -> None:
         """Ask :meth:`run` to return after the batch in hand."""
@@ -254,7 +258,7 @@ class IngestConsumer:
         The next batch is fetched and decoded while the current one is written: the database
         works in its own thread (SQLite) or server (PostgreSQL) meanwhile.
         """
-        if self._sub is None:
+        if self._fetcher is None:
             await self.start()
         ready: asyncio.Queue[_Decoded] = asyncio.Queue(maxsize=1)
         fetcher = asyncio.create_task(self._prefetch(ready), name="ingest-fetch")
@@ -273,9 +277,16 @@ class IngestConsumer:
         finally:
             fetcher.cancel()
             await asyncio.gather(fetcher, return_exceptions=True)
-            # A batch fetched but not applied goes back at once rather than after the ack wait.
+            # What was fetched but not applied goes back at once rather than after the ack wait.
             while not ready.empty():
-                for msg in ready.get_nowait().msgs:
+                self._unsettled.extend(ready.get_nowait().msgs)
+            fetcher_of_run, self._fetcher = self._fetcher, None
+            if fetcher_of_run is not None:
+                await fetcher_of_run.close()
+                self._unsettled.extend(fetcher_of_run.take_buffered())
+            unsettled, self._unsettled = self._unsettled, []
+            for msg in unsettled:
+                with contextlib.suppress(NatsError):
                     await msg.nak()
 
     async def _prefetch(self, ready: asyncio.Queue[_Decoded]) -> None:
@@ -286,7 +297,11 @@ class IngestConsumer:
                 continue
             msgs = await self._fetch()
             if msgs:
-                await ready.put(self._decode(msgs))
+                try:
+                    await ready.put(self._decode(msgs))
+                except asyncio.CancelledError:
+                    self._unsettled.extend(msgs)
+                    raise
 
     async def run_once(self) -> int:
         """Fetch one batch (waiting up to the fetch timeout) and apply it; returns its size."""
@@ -296,9 +311,9 @@ class IngestConsumer:
         return len(msgs)
 
     async def _fetch(self) -> list[Msg]:
-        assert self._sub is not None, "start() first"
+        assert self._fetcher is not None, "start() first"
         try:
-            return await self._sub.fetch(self.settings.batch_size, timeout=self.settings.fetch_timeout_s)
+            return await self._fetcher.fetch(self.settings.batch_size, self.settings.fetch_timeout_s)
         except (NatsTimeoutError, TimeoutError):
             return []
         except NatsError as exc:
@@ -345,8 +360,14 @@ class IngestConsumer:
             self._after_commit(events, changes, alert_changes)
             for item in poison:
                 await self._terminate_poison(item)
+            outcomes = self.stats.outcomes
             for (msg, _event), result in zip(good, changes.results, strict=True):
-                await self._settle(msg, result)
+                if result.outcome is ApplyOutcome.APPLIED:
+                    # The common case without a coroutine per event: count and ack.
+                    outcomes[_APPLIED_KEY] = outcomes.get(_APPLIED_KEY, 0) + 1
+                    await msg.ack()
+                else:
+                    await self._settle(msg, result)
         self.stats.batches += 1
         self.stats.events += len(msgs)
         self.stats.last_batch_ms = (time.perf_counter() - started) * 1000
