@@ -694,21 +694,28 @@ class LiveFeed:
 
     async def _write(self, client: _Client) -> None:
         # One wake-up per burst, not per message: everything queued meanwhile goes out in a row.
-        # The timeout restarts with each message sent: a client that reads slowly but steadily
+        # The timeout restarts as messages are sent: a client that reads slowly but steadily
         # keeps up; one that stopped reading for the whole timeout is given up.
+        # The deadline moves at most once a second: moving a timer per frame cost more than
+        # sending the frame.
         ws = client.ws
+        loop = asyncio.get_running_loop()
         while True:
             await client.ready.wait()
             client.ready.clear()
             try:
                 async with asyncio.timeout(SEND_TIMEOUT_S) as deadline:
+                    armed = loop.time()
                     while client.pending and not client.slow:
                         frames = client.pending.popleft()
                         # Marked slow while sending: the rest is stale, the close comes next.
                         for frame in itertools.takewhile(lambda _: not client.slow, frames):
                             # Already UTF-8 JSON: a text frame, not encoded again per client.
                             await ws.send_frame(frame, WSMsgType.TEXT)
-                            deadline.reschedule(asyncio.get_running_loop().time() + SEND_TIMEOUT_S)
+                            now = loop.time()
+                            if now - armed >= 1.0:
+                                deadline.reschedule(now + SEND_TIMEOUT_S)
+                                armed = now
             except (ConnectionError, TimeoutError, RuntimeError):
                 # A peer that went away or stopped reading for the whole timeout: give it up.
                 client.slow = True

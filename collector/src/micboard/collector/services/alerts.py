@@ -101,6 +101,8 @@ SEVERITY: Mapping[AlertRule, Severity] = {
 }
 _BATTERY_RULES = (AlertRule.BATTERY_LOW, AlertRule.BATTERY_CRITICAL)
 _METER_RULES = (AlertRule.RF_LOSS, AlertRule.AUDIO_CLIPPING)
+_AGENT_RULES = frozenset({AlertRule.AGENT_STALE, AlertRule.AGENT_OFFLINE})
+_AGE_REFRESH_MS = 60_000
 
 
 class AlertThresholds(BaseModel):
@@ -713,6 +715,8 @@ class AlertService:
             .all()
         )
         active = {(row["target"], AlertRule(row["rule"])): row for row in active_rows}
+        # Every site's thresholds in one query, not one per agent.
+        await self._load_thresholds(conn, sorted({row["site"] for row in rows}))
         changes: list[AlertChange] = []
         for row in rows:
             thresholds = await self.thresholds_for(conn, row["site"])
@@ -748,6 +752,7 @@ class AlertService:
             .mappings()
             .all()
         )
+        await self._load_thresholds(conn, sorted({row["site"] for row in rows}))
         changes: list[AlertChange] = []
         for row in rows:
             thresholds = await self.thresholds_for(conn, row["site"])
@@ -826,7 +831,11 @@ class AlertService:
         if condition.active:
             if row is None:
                 return await self._open(conn, condition, now)
-            if row["clear_since_ms"] is not None or row["value"] != condition.value:
+            if row["clear_since_ms"] is not None or (
+                row["value"] != condition.value
+                # An agent's silence grows every sweep: its age is written once a minute.
+                and (condition.rule not in _AGENT_RULES or now - row["observed_ms"] >= _AGE_REFRESH_MS)
+            ):
                 await conn.execute(
                     update(alerts)
                     .where(alerts.c.id == row["id"])
