@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import nats
 import pytest
 from nats.aio.client import Client
@@ -34,13 +32,6 @@ from micboard.shared.model import Device, Family, ReceiverChannel, Transmitter, 
 from micboard.shared.natsd import EmbeddedNats
 
 SUBJECT = "micboard.v1.venue.pi-1.cmd"
-
-
-@pytest.fixture
-async def nc(nats_private: EmbeddedNats) -> AsyncIterator[Client]:
-    client = await nats.connect(servers=[nats_private.url], name="test-collector")
-    yield client
-    await client.close()
 
 
 @pytest.fixture

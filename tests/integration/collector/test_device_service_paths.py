@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import nats
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -24,16 +21,8 @@ from micboard.shared.envelope import (
     DeviceEvent,
 )
 from micboard.shared.model import Device, Family, ReceiverChannel, Vendor
-from micboard.shared.natsd import EmbeddedNats
 
 SUBJECT = "micboard.v1.venue.pi-1.cmd"
-
-
-@pytest.fixture
-async def nc(nats_private: EmbeddedNats) -> AsyncIterator[Client]:
-    client = await nats.connect(servers=[nats_private.url], name="test-collector")
-    yield client
-    await client.close()
 
 
 async def _store_device(engine: AsyncEngine) -> None:
