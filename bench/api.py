@@ -20,11 +20,16 @@ by the real :class:`AlertService` as ingest does. The real :class:`Collector` th
    carries a unique marker in ``runtime_min``; a client's latency for a delta is the time until
    it received that delta's marker or a newer one of the same channel (the live feed coalesces),
    measured from the time the delta was due to be published. A delta a client never saw by the
-   end of ``--drain-seconds`` (after ingest caught up, at most 60 s) is lost. The same messages
-   are then fanned out by a bare aiohttp WebSocket server in this process (no NATS, no store:
-   one ``orjson.dumps`` per delta, as the collector serializes, per-client queue and writer,
-   clients indexed by site) to the same client mix; a bare client whose queue is full misses
-   that message.
+   end of ``--drain-seconds`` (after ingest caught up, at most 60 s) is lost. The collector sends
+   what is queued for a client at one writer wake-up as one ``{"type": "batch", "items": [...]}``
+   frame (a single message as itself); the clients unpack batches and time each item, so a
+   delta's latency is that of the frame that carried it. The same messages are then fanned out by
+   a bare aiohttp WebSocket server in this process (no NATS, no store: one ``orjson.dumps`` per
+   delta, as the collector serializes, per-client queue and writer, clients indexed by site) to
+   the same client mix; a bare client whose queue is full misses that message. To keep the
+   comparison honest the bare writer coalesces the same way: everything in its queue at a
+   wake-up goes out as one batch frame joined from the messages' bytes, with the collector's
+   bounds (2,000 items, 1 MiB).
 
 The clients run in a separate process so that their work does not queue behind the servers';
 timestamps on both sides are ``time.monotonic_ns()`` (one system-wide clock on Linux).
@@ -91,10 +96,16 @@ HEARTBEAT_S = 60.0
 BIG_SITE = "arena-main"
 BIG_SITE_CLIENTS = 40
 CHANNEL_PREFIX = '{"type":"channel"'
+BATCH_PREFIX = '{"type":"batch"'
 SNAPSHOT_PREFIX = '{"type":"snapshot"'
 SITE_PREFIX = '{"type":"site"'
 RUNTIME = re.compile(r'"runtime_min":(\d+)')
 CLOSE_SLOW = 1013
+#: The bounds of one batch frame, as the collector's live feed has them.
+BATCH_MAX_ITEMS = 2_000
+BATCH_MAX_BYTES = 1 << 20
+BATCH_HEAD = b'{"type":"batch","items":['
+BATCH_TAIL = b"]}"
 
 
 # -- the fleet ----------------------------------------------------------------------------------
@@ -422,12 +433,14 @@ class WsLoad:
 
 @dataclass(slots=True)
 class ClientResult:
-    """What one client saw: ``(marker, monotonic ns)`` pairs and counters."""
+    """What one client saw: ``(marker, monotonic ns)`` pairs and counters (messages, frames)."""
 
     scope: Scope
     markers: list[int] = field(default_factory=list)
     received_ns: list[int] = field(default_factory=list)
     messages: int = 0
+    frames: int = 0
+    batches: int = 0
     snapshots: int = 0
     sites: int = 0
     error: str | None = None
@@ -437,6 +450,23 @@ class ClientResult:
 def ws_worker(load: WsLoad) -> list[ClientResult]:
     """In a child process: connect, subscribe and record every client until told to stop."""
     return asyncio.run(_ws_clients(load))
+
+
+def _record_batch(result: ClientResult, text: str, now: int) -> None:
+    """A ``batch`` frame: each item counted as the message it is, every delta timed at ``now``."""
+    items = orjson.loads(text)["items"]
+    result.batches += 1
+    result.messages += len(items)
+    for item in items:
+        kind = item["type"]
+        if kind == "channel":
+            tx = item["item"].get("tx") or {}
+            marker = tx.get("runtime_min")
+            if isinstance(marker, int) and marker >= MARKER_BASE:
+                result.markers.append(marker - MARKER_BASE)
+                result.received_ns.append(now)
+        elif kind == "site":
+            result.sites += 1
 
 
 def _record_snapshot(result: ClientResult, text: str, now: int) -> None:
@@ -486,6 +516,10 @@ async def _ws_clients(load: WsLoad) -> list[ClientResult]:
                     continue
                 now = time.monotonic_ns()
                 text: str = msg.data
+                result.frames += 1
+                if text.startswith(BATCH_PREFIX):
+                    _record_batch(result, text, now)
+                    continue
                 result.messages += 1
                 if text.startswith(CHANNEL_PREFIX):
                     match = RUNTIME.search(text)
@@ -714,8 +748,20 @@ class BareFanOut:
 
     @staticmethod
     async def _write(client: _BareClient) -> None:
+        # As the collector's writer: what is queued at a wake-up goes out as one frame.
+        queue = client.queue
         while True:
-            await client.ws.send_frame(await client.queue.get(), WSMsgType.TEXT)
+            items = [await queue.get()]
+            size = len(BATCH_HEAD) + len(BATCH_TAIL) + len(items[0]) + 1
+            while not queue.empty() and len(items) < BATCH_MAX_ITEMS:
+                # asyncio.Queue cannot be peeked: a frame may pass the byte bound by one message.
+                item = queue.get_nowait()
+                items.append(item)
+                size += len(item) + 1
+                if size > BATCH_MAX_BYTES:
+                    break
+            frame = items[0] if len(items) == 1 else BATCH_HEAD + b",".join(items) + BATCH_TAIL
+            await client.ws.send_frame(frame, WSMsgType.TEXT)
 
     def send(self, first: int, end: int) -> None:
         """Build each due delta's channel message once and queue it for every client that wants it."""
@@ -751,6 +797,8 @@ class FanOutFigures:
     exact: int
     lost: int
     messages: int
+    frames: int
+    batches: int
     snapshots: int
     dropped_clients: int
     failed_clients: int
@@ -762,12 +810,14 @@ def analyse(results: Sequence[ClientResult], deltas: Deltas, scheduled: Sequence
     for m, k in enumerate(deltas.channel):
         by_site[deltas.refs[k].site].append(m)
     everything = list(range(len(deltas.channel)))
-    figures = FanOutFigures([], [], [], 0, 0, 0, 0, 0, 0, 0)
+    figures = FanOutFigures([], [], [], 0, 0, 0, 0, 0, 0, 0, 0, 0)
     for result in results:
         if result.error is not None:
             figures.failed_clients += 1
             continue
         figures.messages += result.messages
+        figures.frames += result.frames
+        figures.batches += result.batches
         figures.snapshots += max(0, result.snapshots)
         if result.closed_by_server is not None:
             figures.dropped_clients += 1
@@ -883,7 +933,8 @@ def print_fan_out(name: str, figures: FanOutFigures, rate: float, subscribe_s: f
     coalesced = figures.pairs - figures.exact - figures.lost
     print(
         f"  {name:<9} subscribed in {subscribe_s:5.1f} s; drove {rate:,.0f} deltas/s; "
-        f"{figures.messages / seconds:,.0f} messages/s to clients"
+        f"{figures.messages / seconds:,.0f} messages/s to clients in {figures.frames / seconds:,.0f} "
+        f"frames/s ({figures.batches:,} batches)"
     )
     print(
         f"            delta-to-client p50 {p50:8.1f} ms  p99 {p99:8.1f} ms  max {worst:8.1f} ms   "
@@ -937,7 +988,8 @@ async def bench_live(
     print_fan_out("collector", figures, rate, subscribe_s, seconds)
     stats = live.stats
     print(
-        f"            live feed: {stats.messages:,} messages queued, {stats.slow_dropped} slow clients "
+        f"            live feed: {stats.messages:,} messages queued, {stats.frames:,} frames sent, "
+        f"{stats.slow_dropped} slow clients "
         f"dropped, {stats.resyncs} resyncs, {stats.snapshots} snapshots"
     )
     print("  bare: in-process schedule -> one orjson.dumps per delta -> per-client queue -> WebSocket")

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import nats
+import orjson
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -54,12 +57,32 @@ async def connect(
     return ws
 
 
+#: Messages of a ``batch`` frame not read yet, by socket.
+_unread: weakref.WeakKeyDictionary[aiohttp.ClientWebSocketResponse, deque[dict[str, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def next_message(ws: aiohttp.ClientWebSocketResponse, timeout_s: float = 3.0) -> dict[str, Any]:
+    """The next message on ``ws``, as a client must read them: a ``batch`` frame's items one by one."""
+    unread = _unread.setdefault(ws, deque())
+    if not unread:
+        msg = await ws.receive(timeout=max(0.01, timeout_s))
+        assert msg.type is aiohttp.WSMsgType.TEXT, msg
+        data: dict[str, Any] = json.loads(msg.data)
+        if data["type"] == "batch":
+            assert len(data["items"]) > 1, "a single message comes as itself, not as a batch"
+            assert all(item["type"] not in ("batch", "snapshot") for item in data["items"]), data
+            unread.extend(data["items"])
+        else:
+            unread.append(data)
+    return unread.popleft()
+
+
 async def next_of(ws: aiohttp.ClientWebSocketResponse, kind: str, timeout_s: float = 3.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while True:
-        msg = await ws.receive(timeout=max(0.01, deadline - time.monotonic()))
-        assert msg.type is aiohttp.WSMsgType.TEXT, msg
-        data: dict[str, Any] = json.loads(msg.data)
+        data = await next_message(ws, deadline - time.monotonic())
         if data["type"] == kind:
             return data
 
@@ -251,6 +274,92 @@ async def test_a_snapshot_tells_subscribed_clients_what_it_read_first(sqlite_api
         with pytest.raises(TimeoutError):
             await next_of(ws, "channel", timeout_s=0.5)
         await ws.close()
+
+
+async def test_deltas_of_one_flush_reach_a_client_as_one_batch_frame(sqlite_api: LiveApi) -> None:
+    """Several channel deltas arriving together are one ``batch`` frame: every item, in order."""
+    api = sqlite_api
+    keys = ["rx1", "rx2", "rx3", "rx4"]
+    await api.seed.devices("venue-b", "pi-b", [api.receiver(key, bars=(5, 4)) for key in keys])
+    ws = await connect(api)
+    await ws.send_json({"type": "subscribe", "scope": "site", "site": "venue-b"})
+    await next_of(ws, "snapshot")
+    feed = context_of(api.app).live
+    assert feed is not None
+    frames = feed.stats.frames
+    # Four devices change while the feed is busy (as under load): one flush finds them all.
+    async with feed._lock:
+        await api.seed.devices("venue-b", "pi-b", [api.receiver(key, bars=(1, 2)) for key in keys])
+        for n, key in enumerate(keys):
+            api.hub.publish_device("venue-b", "pi-b", key, {"kind": "device", "seq": 100 + n})
+        while feed._pending.devices != {("pi-b", key) for key in keys}:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    msg = await ws.receive(timeout=5)
+    assert msg.type is aiohttp.WSMsgType.TEXT, msg
+    assert msg.data.startswith('{"type":"batch","items":[')
+    batch = json.loads(msg.data)
+    channels = [item["item"] for item in batch["items"] if item["type"] == "channel"]
+    # The items are the channel messages as they were, in the order of the listing, none lost.
+    _, listed = await api.get("/api/v1/channels?site=venue-b")
+    assert channels == listed["items"]
+    assert [(c["device_key"], c["index"], c["battery_state"]) for c in channels] == [
+        (key, index, "critical") for key in keys for index in (1, 2)
+    ]
+    assert {item["type"] for item in batch["items"]} <= {"channel", "site"}
+    assert feed.stats.frames == frames + 1
+    await ws.close()
+
+
+async def test_what_is_queued_at_one_wake_up_goes_out_in_bounded_batches(
+    sqlite_api: LiveApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sends queued before the writer runs share frames, in order, within the bounds of a batch; a
+    snapshot is a frame of its own, and so is a message bigger than a batch may be."""
+    monkeypatch.setattr(live_ws, "_BATCH_MAX_ITEMS", 3)
+    monkeypatch.setattr(live_ws, "_BATCH_MAX_BYTES", 160)
+    ws = await connect(sqlite_api)
+    await ws.send_json({"type": "subscribe", "scope": "fleet"})
+    await next_of(ws, "snapshot")
+    feed = context_of(sqlite_api.app).live
+    assert feed is not None
+    (client,) = feed._fleet_clients
+
+    def alert(n: int, pad: int = 0) -> bytes:
+        return orjson.dumps({"type": "alert", "item": {"n": n, "pad": "x" * pad}})
+
+    snapshot = orjson.dumps({"type": "snapshot", "channels": [], "sites": []})
+    # Queued without yielding: the writer wakes once, with all of it waiting.
+    feed._offer(client, [alert(0), alert(1)])
+    feed._offer(client, [alert(2)])
+    assert client.offer([snapshot], alone=True)
+    feed._offer(client, [alert(n) for n in range(3, 10)])
+    feed._offer(client, [alert(10, pad=200)])
+    feed._offer(client, [alert(11)])
+    expected = [*(alert(n) for n in range(3)), snapshot, *(alert(n) for n in range(3, 10))]
+    expected += [alert(10, pad=200), alert(11)]
+    received: list[dict[str, Any]] = []
+    raw: list[str] = []
+    while len(received) < len(expected):
+        msg = await ws.receive(timeout=3)
+        assert msg.type is aiohttp.WSMsgType.TEXT, msg
+        raw.append(msg.data)
+        data = json.loads(msg.data)
+        received += data["items"] if data["type"] == "batch" else [data]
+    assert received == [json.loads(m) for m in expected]
+    for text in raw:
+        data = json.loads(text)
+        if data["type"] == "batch":
+            assert 2 <= len(data["items"]) <= 3 and len(text) <= 160, text
+            assert all(item["type"] == "alert" for item in data["items"])
+    # The first three share a frame (the bounds allow three), then the snapshot comes as itself,
+    # and so does the oversized message; nothing waits after them.
+    assert [item["item"]["n"] for item in json.loads(raw[0])["items"]] == [0, 1, 2]
+    assert json.loads(raw[1]) == json.loads(snapshot)
+    assert any(json.loads(text) == json.loads(alert(10, pad=200)) for text in raw)
+    assert json.loads(raw[-1]) == json.loads(alert(11))
+    with pytest.raises(TimeoutError):
+        await ws.receive(timeout=0.3)
+    await ws.close()
 
 
 async def test_a_slow_client_is_dropped_and_others_keep_up(sqlite_api: LiveApi) -> None:

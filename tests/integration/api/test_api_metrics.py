@@ -46,6 +46,7 @@ async def test_metrics_without_a_token(api: LiveApi) -> None:
     )
     assert 'micboard_alerts_open{severity="critical"} 0.0' in text
     assert "micboard_live_clients 0.0" in text
+    assert "micboard_live_frames_total 0.0" in text
 
 
 async def test_ingest_metrics(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,13 +90,28 @@ async def eventually(probe: Callable[[], Awaitable[Any]], what: str, timeout_s: 
     pytest.fail(f"timed out waiting for {what}")
 
 
+#: Messages of a ``batch`` frame not read yet, by socket.
+_unread: weakref.WeakKeyDictionary[aiohttp.ClientWebSocketResponse, deque[dict[str, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def next_message(ws: aiohttp.ClientWebSocketResponse, timeout_s: float = 5.0) -> dict[str, Any]:
+    """The next live message on ``ws``; a ``batch`` frame's items are read one by one."""
+    unread = _unread.setdefault(ws, deque())
+    if not unread:
+        msg = await ws.receive(timeout=max(0.01, timeout_s))
+        assert msg.type is aiohttp.WSMsgType.TEXT, msg
+        data: dict[str, Any] = json.loads(msg.data)
+        unread.extend(data["items"] if data["type"] == "batch" else [data])
+    return unread.popleft()
+
+
 async def next_alert(ws: aiohttp.ClientWebSocketResponse, rule: str, state: str) -> dict[str, Any]:
     """The next alert message on the WebSocket about ``rule`` in ``state`` (others are skipped)."""
     deadline = time.monotonic() + 10
     while True:
-        msg = await ws.receive(timeout=max(0.01, deadline - time.monotonic()))
-        assert msg.type is aiohttp.WSMsgType.TEXT, msg
-        data = json.loads(msg.data)
+        data = await next_message(ws, deadline - time.monotonic())
         if data["type"] == "alert" and (data["item"]["rule"], data["item"]["state"]) == (rule, state):
             return dict(data["item"])
 
@@ -137,7 +154,7 @@ async def test_battery_offline_meters_reach_alerts_history_and_live(rig: Rig) ->
     await ws.send_json({"type": "auth", "token": TOKEN})
     await ws.send_json({"type": "subscribe", "scope": "site", "site": SITE})
     # Alerts are pushed to subscribed clients only: the snapshot says this one is.
-    assert json.loads((await ws.receive(timeout=5)).data)["type"] == "snapshot"
+    assert (await next_message(ws))["type"] == "snapshot"
 
     # A battery dropping to 2 bars opens battery_critical: in the store and on the WebSocket.
     await rig.publish(DeviceBody(device_key=KEY, changes=battery(2, 40)))
@@ -212,7 +229,7 @@ async def test_stale_agent_opens_and_clears_agent_stale_and_tells_live_views(
             ws = await http.ws_connect(f"{running.url}/api/v1/live")
             await ws.send_json({"type": "auth", "token": TOKEN})
             await ws.send_json({"type": "subscribe", "scope": "site", "site": SITE})
-            assert json.loads((await ws.receive(timeout=5)).data)["type"] == "snapshot"
+            assert (await next_message(ws))["type"] == "snapshot"
             await rig.publish(HeartbeatBody(uptime_s=1.0, interval_s=0.2))
             await rig.publish(DeviceBody(device_key=KEY, snapshot=receiver()))
             # Silent for three intervals: stale, with its alert, and the tiles told at once.
@@ -235,8 +252,7 @@ async def _channel_statuses(ws: aiohttp.ClientWebSocketResponse, status: str) ->
     seen: dict[int, str] = {}
     deadline = time.monotonic() + 10
     while set(seen.values()) != {status} or len(seen) < 2:
-        msg = await ws.receive(timeout=max(0.01, deadline - time.monotonic()))
-        data = json.loads(msg.data)
+        data = await next_message(ws, deadline - time.monotonic())
         if data["type"] == "channel":
             seen[data["item"]["index"]] = data["item"]["status"]
     return seen

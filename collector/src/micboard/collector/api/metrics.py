@@ -156,6 +156,11 @@ class _StateCollector(Collector):
                 "micboard_live_messages", "Messages queued to clients", value=live.messages
             )
             yield CounterMetricFamily(
+                "micboard_live_frames",
+                "WebSocket frames sent (a batch carries many messages)",
+                value=live.frames,
+            )
+            yield CounterMetricFamily(
                 "micboard_live_meters", "Meter events received", value=live.meters_received
             )
             yield CounterMetricFamily(

@@ -8,7 +8,7 @@ const BACKOFF_MAX_MS = 10_000;
 export class LiveConnection {
   /**
    * @param {() => string|null} tokenSource where the current token comes from
-   * @param {(message: object) => void} onMessage every parsed server message
+   * @param {(message: object) => void} onMessage every parsed server message (a batch's items one by one)
    * @param {(state: string) => void} onState "connecting" | "live" | "reconnecting" | "closed"
    */
   constructor(tokenSource, onMessage, onState) {
@@ -67,11 +67,18 @@ export class LiveConnection {
       } catch {
         return; // not ours to interpret
       }
-      if (message.type === "snapshot") {
-        this.retryMs = BACKOFF_INITIAL_MS;
-        this.onState("live");
+      // Several messages queued together come as one frame: {type: "batch", items: [message, ...]},
+      // each item a message as it would have come alone, in order.
+      const messages = message?.type === "batch" && Array.isArray(message.items) ? message.items : [message];
+      for (const item of messages) {
+        if (item?.type === "snapshot") {
+          this.retryMs = BACKOFF_INITIAL_MS;
+          this.onState("live");
+        }
+        this.onMessage(item);
+        // A handler may have ended or replaced this connection (sign out, unauthorized).
+        if (this.socket !== socket) return;
       }
-      this.onMessage(message);
     };
     socket.onclose = (event) => {
       if (this.socket !== socket) return;
