@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sqlite3
@@ -16,7 +17,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from micboard.agent.outbox import OUTBOX_FILE, Outbox, OutboxRecord
+from micboard.agent.outbox import OUTBOX_FILE, Outbox, OutboxError, OutboxRecord
 
 T0 = 1_700_000_000_000
 
@@ -328,3 +329,19 @@ test_drop_policy_state_machine = OutboxMachine.TestCase
 
 def test_sqlite_is_recent_enough() -> None:
     assert sqlite3.sqlite_version_info >= (3, 22)
+
+
+def test_a_refused_record_is_an_error_not_corruption(tmp_path: Path, clock: list[int]) -> None:
+    outbox = open_outbox(tmp_path, clock)
+    kept = record("rx-1")
+    outbox.put(kept)
+    again = dataclasses.replace(record("rx-2"), id=kept.id)  # an id stored already
+    with pytest.raises(OutboxError, match="refused"):
+        outbox.write([again], [])
+    # The file was not moved aside: what it held is still there, and it keeps working.
+    assert ids(outbox) == [kept.id]
+    assert outbox.stats().corrupt_recoveries == 0
+    outbox.put(record("rx-3"))
+    assert len(ids(outbox)) == 2
+    outbox.close()
+    assert [p.name for p in tmp_path.iterdir() if "corrupt" in p.name] == []

@@ -323,6 +323,11 @@ class Outbox:
                 raise OutboxError(f"outbox write failed: {exc}") from None
             self._close_quietly()
             self._recover(exc)
+        except sqlite3.IntegrityError as exc:
+            # A record refused by a constraint (an id stored already) says nothing about the
+            # file: moving a healthy outbox aside would lose everything in it.
+            self._rollback()
+            raise OutboxError(f"outbox write refused: {exc}") from None
         except sqlite3.DatabaseError as exc:
             self._rollback()
             self._close_quietly()
