@@ -1,0 +1,97 @@
+"""``micboard-agent`` in process: refused arguments, unusable addresses, bad secrets, silent devices."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from micboard.agent import cli
+from micboard.shared.natsd import EmbeddedNats
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("MICBOARD_NATS_URL", "MICBOARD_SITE", "MICBOARD_AGENT", "MICBOARD_NATS_NKEY_SEED_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MICBOARD_STATE_DIR", str(tmp_path / "state"))
+
+
+@pytest.fixture
+def silent_device() -> Iterator[int]:
+    """A TCP port that accepts connections and never says a word."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield int(server.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in accepted:
+            conn.close()
+        server.close()
+
+
+def test_simulate_refuses_unknown_kinds_and_unusable_addresses(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["simulate", "--device", "ulxd4", "--device", "walkie"]) == 2
+    assert "unknown device kind(s) walkie" in capsys.readouterr().err
+    # TEST-NET-1 is no address of this host: nothing can listen there.
+    assert cli.main(["simulate", "--device", "ulxd4", "--listen", "192.0.2.1", "--no-announce"]) == 1
+    assert "cannot listen on 192.0.2.1" in capsys.readouterr().err
+
+
+def test_run_with_an_invalid_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text('site = "Not A Token"\nagent = "pi-1"\n')
+    assert cli.main(["run", "--config", str(config)]) == 2
+    assert capsys.readouterr().err.startswith("micboard-agent: ")
+
+
+def test_check_reports_a_bad_seed_file_and_no_static_devices(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed = tmp_path / "nats.nk"
+    seed.write_text("SU" + "A" * 56 + "\n")
+    seed.chmod(0o644)
+    config = tmp_path / "agent.toml"
+    config.write_text(f'site = "hall"\nagent = "pi-1"\nnats_nkey_seed_file = "{seed}"\n')
+    config.chmod(0o600)  # it names a secret file: it must not be world-readable itself
+    assert cli.main(["check", "--config", str(config), "--timeout", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "ok   config: " in out and "FAIL nats: " in out and "chmod 600" in out
+    assert "SU" + "A" * 56 not in out  # the seed itself is never printed
+    assert "ok   devices: no static devices configured" in out and "1 check(s) failed" in out
+
+
+def test_check_names_a_device_that_never_answers(
+    tmp_path: Path, silent_device: int, nats_server: EmbeddedNats, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'site = "hall"\nagent = "pi-1"\nnats_url = "{nats_server.url}"\n'
+        f'[[static_devices]]\naddress = "127.0.0.1"\nport = {silent_device}\nfamily = "ulxd"\n'
+    )
+    assert cli.main(["check", "--config", str(config), "--timeout", "0.5"]) == 1
+    out = capsys.readouterr().out
+    assert "ok   nats: " in out
+    assert f"FAIL device ulxd 127.0.0.1:{silent_device}: no answer" in out and "1 check(s) failed" in out
+
+
+def test_discover_on_an_address_of_no_interface_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["discover", "--interface", "192.0.2.1", "--seconds", "0.2"]) == 1
+    assert "micboard-agent discover: cannot listen on 192.0.2.1" in capsys.readouterr().err
