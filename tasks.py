@@ -140,7 +140,7 @@ def task_check(args: list[str]) -> int:
         ("types", "mypy --strict over packages, tests, bench, scripts", task_typecheck),
         ("security", "bandit over shared/agent/collector", task_security),
         ("docstrings", "interrogate >= 95 %", task_docstrings),
-        ("tests", "pytest, coverage gate in pyproject.toml", task_test),
+        ("tests", "pytest, branch coverage >= 95 % (gate in pyproject.toml)", task_test),
     ]
     results = []
     for name, what, task in gates:
