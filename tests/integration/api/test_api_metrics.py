@@ -78,6 +78,7 @@ async def test_ingest_metrics(
         assert 'micboard_ingest_outcomes_total{outcome="applied"} 2.0' in text
         assert 'micboard_ingest_poison_total{code="wire.garbage"} 1.0' in text
         assert "micboard_ingest_lag_events 0.0" in text
+        assert "micboard_ingest_fetch_errors_total 0.0" in text
         assert 'micboard_devices{status="online"} 1.0' in text
     finally:
         await nc.close()

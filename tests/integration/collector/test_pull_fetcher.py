@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import nats
 import pytest
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
+from micboard.collector.ingest import IngestConsumer
 from micboard.collector.pull import PullFetcher
+from micboard.collector.settings import CollectorSettings
+from micboard.collector.store.database import create_engine
+from micboard.collector.store.migrate import upgrade
 from micboard.shared.natsd import EmbeddedNats
 
 STREAM = "PULLTEST"
@@ -77,13 +82,30 @@ async def test_a_quiet_stream_hands_over_an_event_as_it_arrives(nc: Client) -> N
 
 
 async def test_an_unknown_consumer_is_a_counted_status_not_a_hang(nc: Client) -> None:
-    fetcher = PullFetcher(nc, STREAM, "missing")
+    told: list[str] = []
+    fetcher = PullFetcher(nc, STREAM, "missing", on_status=told.append)
     await fetcher.start()
     assert await fetcher.fetch(10, 1.0) == []
     assert fetcher.unexpected_status >= 1
+    assert len(told) == fetcher.unexpected_status and all(status not in ("404", "408") for status in told)
     await fetcher.close()
 
 
 async def test_fetch_before_start_is_refused(nc: Client) -> None:
     with pytest.raises(RuntimeError, match="start"):
         await PullFetcher(nc, STREAM, "d").fetch(1, 0.1)
+
+
+async def test_ingest_counts_a_refused_fetch(nc: Client, tmp_path: Path) -> None:
+    """The durable consumer deleted under a running ingest: fetches are refused and counted."""
+    settings = CollectorSettings(nats_url="nats://127.0.0.1:1", state_dir=tmp_path, fetch_timeout_s=0.5)
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'ingest.db'}")
+    try:
+        await upgrade(engine)
+        ingest = IngestConsumer(nc, engine, settings)
+        await ingest.start()
+        await nc.jetstream().delete_consumer(settings.stream_name, settings.durable_name)
+        assert await ingest.run_once() == 0
+        assert ingest.stats.fetch_errors >= 1
+    finally:
+        await engine.dispose()

@@ -244,9 +244,16 @@ class IngestConsumer:
     async def start(self) -> None:
         """Ensure the stream and consumer exist and bind to the consumer."""
         await ensure_stream(self.js, self.settings)
-        fetcher = PullFetcher(self.nc, self.settings.stream_name, self.settings.durable_name)
+        fetcher = PullFetcher(
+            self.nc, self.settings.stream_name, self.settings.durable_name, on_status=self._fetch_refused
+        )
         await fetcher.start()
         self._fetcher = fetcher
+
+    def _fetch_refused(self, _status: str) -> None:
+        # A pull request the server answered with an error status (consumer gone, leader
+        # changing, too many pending acks): nothing was delivered, the next fetch retries.
+        self.stats.fetch_errors += 1
 
     def stop(self) -> None:
         """Ask :meth:`run` to return after the batch in hand."""

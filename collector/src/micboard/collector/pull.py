@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 from collections import deque
+from collections.abc import Callable
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -39,8 +40,12 @@ _EXPIRES_MARGIN_S = 0.05
 class PullFetcher:
     """Fetches batches of messages from the durable pull consumer ``durable`` of ``stream``."""
 
-    def __init__(self, nc: Client, stream: str, durable: str) -> None:
+    def __init__(
+        self, nc: Client, stream: str, durable: str, *, on_status: Callable[[str], None] | None = None
+    ) -> None:
         self.nc = nc
+        # Told of every unexpected status (the ingest counts them as fetch errors).
+        self.on_status = on_status
         self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self.unexpected_status = 0
         self._buffer: deque[Msg] = deque()
@@ -105,6 +110,8 @@ class PullFetcher:
             # Counted always, logged at the first and then every hundredth: a consumer deleted
             # under a running collector answers every request so.
             self.unexpected_status += 1
+            if self.on_status is not None:
+                self.on_status(status)
             if self.unexpected_status % 100 == 1:
                 log.warning(
                     "pull request answered with a status",

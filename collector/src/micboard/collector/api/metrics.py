@@ -111,6 +111,11 @@ class _StateCollector(Collector):
             )
             yield CounterMetricFamily("micboard_ingest_batches", "Batches applied", value=stats.batches)
             yield CounterMetricFamily(
+                "micboard_ingest_fetch_errors",
+                "Fetches that failed or were refused by the server",
+                value=stats.fetch_errors,
+            )
+            yield CounterMetricFamily(
                 "micboard_ingest_failed_batches",
                 "Batches rolled back for redelivery",
                 value=stats.failed_batches,
