@@ -139,10 +139,10 @@ class _Cached:
     base_seq: int
     field_seq: dict[str, int]
 
-    def work(self) -> _DeviceState:
-        """A working copy: the state and versions may change, the cached ones do not."""
+    def work(self, key: tuple[str, str]) -> _DeviceState:
+        """A working copy of device ``key``: the state and versions may change, the cached ones do not."""
         return _DeviceState(
-            pk=self.pk, agent="", device_key="", site=self.site,
+            pk=self.pk, agent=key[0], device_key=key[1], site=self.site,
             # Shallow copies: writes replace values or copy a channel first (see _set).
             state={**self.state, "channels": list(self.state["channels"])},
             reported_status=self.reported_status, last_boot=self.last_boot, last_seq=self.last_seq,
@@ -239,6 +239,15 @@ class _DeviceState:
     # The state as loaded, never mutated (channels are copied on first write), and its status.
     before: dict[str, Any] | None = None
     status_before: str | None = None
+
+    def written(self) -> _Cached:
+        """The row as this batch wrote it (``pk`` set), to remember once the batch commits."""
+        assert self.pk is not None, "written() after the row has its id"
+        return _Cached(
+            pk=self.pk, revision=self.revision, site=self.site, state=self.state,
+            reported_status=self.reported_status, last_boot=self.last_boot, last_seq=self.last_seq,
+            last_ts=self.last_ts, base_seq=self.base_seq, field_seq=self.field_seq,
+        )  # fmt: skip
 
     def version(self, path: str) -> int:
         return self.field_seq.get(path, self.base_seq)
@@ -601,8 +610,7 @@ class SynchronizationService:
                     continue  # the id was reused for another device: look it up by key below
                 cached = self._devices.get(pair)
                 if cached is not None and cached.pk == row.id and cached.revision == row.revision:
-                    work = found[pair] = cached.work()
-                    work.agent, work.device_key = pair
+                    found[pair] = cached.work(pair)
                 else:
                     reload.append(row.id)
             if reload:
@@ -640,8 +648,7 @@ class SynchronizationService:
                 reported_status=row.reported_status, last_boot=row.last_boot, last_seq=row.last_seq,
                 last_ts=row.last_ts, base_seq=row.base_seq, field_seq=dict(row.field_seq or {}),
             )  # fmt: skip
-            work = found[key] = cached.work()
-            work.agent, work.device_key = key
+            found[key] = cached.work(key)
 
     async def _apply_devices(
         self,
@@ -703,11 +710,7 @@ class SynchronizationService:
         await self._write_channels(conn, dirty)
         for w in dirty:
             if w.pk is not None:
-                memo.devices[w.agent, w.device_key] = _Cached(
-                    pk=w.pk, revision=w.revision, site=w.site, state=w.state,
-                    reported_status=w.reported_status, last_boot=w.last_boot, last_seq=w.last_seq,
-                    last_ts=w.last_ts, base_seq=w.base_seq, field_seq=w.field_seq,
-                )  # fmt: skip
+                memo.devices[w.agent, w.device_key] = w.written()
         return [
             DeviceChange(w.site, w.agent, w.device_key, w.before, w.state, w.status_before, w.reported_status)
             for w in dirty
