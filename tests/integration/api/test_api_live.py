@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import weakref
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +14,7 @@ import nats
 import orjson
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
+from tests import live_messages
 
 from micboard.agent.publisher import EnvelopeFactory, JetStreamPublisher
 from micboard.collector.api import live_ws
@@ -57,26 +56,9 @@ async def connect(
     return ws
 
 
-#: Messages of a ``batch`` frame not read yet, by socket.
-_unread: weakref.WeakKeyDictionary[aiohttp.ClientWebSocketResponse, deque[dict[str, Any]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 async def next_message(ws: aiohttp.ClientWebSocketResponse, timeout_s: float = 3.0) -> dict[str, Any]:
-    """The next message on ``ws``, as a client must read them: a ``batch`` frame's items one by one."""
-    unread = _unread.setdefault(ws, deque())
-    if not unread:
-        msg = await ws.receive(timeout=max(0.01, timeout_s))
-        assert msg.type is aiohttp.WSMsgType.TEXT, msg
-        data: dict[str, Any] = json.loads(msg.data)
-        if data["type"] == "batch":
-            assert len(data["items"]) > 1, "a single message comes as itself, not as a batch"
-            assert all(item["type"] not in ("batch", "snapshot") for item in data["items"]), data
-            unread.extend(data["items"])
-        else:
-            unread.append(data)
-    return unread.popleft()
+    """The next message on ``ws``, as a client must read them, checking the batching rules."""
+    return await live_messages.next_message(ws, timeout_s, check_batches=True)
 
 
 async def next_of(ws: aiohttp.ClientWebSocketResponse, kind: str, timeout_s: float = 3.0) -> dict[str, Any]:

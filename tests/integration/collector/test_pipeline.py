@@ -7,10 +7,7 @@ with the agent's own publishing code; everything is observed through the API and
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-import weakref
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +17,7 @@ import aiohttp
 import nats
 import pytest
 from nats.aio.client import Client
+from tests import live_messages
 
 from micboard.agent.publisher import EnvelopeFactory, JetStreamPublisher
 from micboard.collector.app import Collector
@@ -90,21 +88,9 @@ async def eventually(probe: Callable[[], Awaitable[Any]], what: str, timeout_s: 
     pytest.fail(f"timed out waiting for {what}")
 
 
-#: Messages of a ``batch`` frame not read yet, by socket.
-_unread: weakref.WeakKeyDictionary[aiohttp.ClientWebSocketResponse, deque[dict[str, Any]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 async def next_message(ws: aiohttp.ClientWebSocketResponse, timeout_s: float = 5.0) -> dict[str, Any]:
     """The next live message on ``ws``; a ``batch`` frame's items are read one by one."""
-    unread = _unread.setdefault(ws, deque())
-    if not unread:
-        msg = await ws.receive(timeout=max(0.01, timeout_s))
-        assert msg.type is aiohttp.WSMsgType.TEXT, msg
-        data: dict[str, Any] = json.loads(msg.data)
-        unread.extend(data["items"] if data["type"] == "batch" else [data])
-    return unread.popleft()
+    return await live_messages.next_message(ws, timeout_s)
 
 
 async def next_alert(ws: aiohttp.ClientWebSocketResponse, rule: str, state: str) -> dict[str, Any]:
