@@ -38,7 +38,7 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from sqlalchemy import and_, delete, select, update
+from sqlalchemy import and_, bindparam, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -312,6 +312,43 @@ def _channel_label(channel: ReceiverChannel | None, index: int) -> str:
     return f"channel {index}" + (f" ({channel.name})" if channel and channel.name else "")
 
 
+class _DeferredUpdates:
+    """Plain ``UPDATE alerts SET ... WHERE id = ?`` writes of a batch, run as one executemany per shape.
+
+    A batch of battery readings changes the value of thousands of open alerts; one statement
+    each is one database round trip each (through aiosqlite's thread, or to the PostgreSQL server).
+    """
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, dict[str, Any]] = {}
+
+    def __contains__(self, alert_id: object) -> bool:
+        return alert_id in self._by_id
+
+    def add(self, alert_id: int, values: Mapping[str, Any]) -> None:
+        """Hold back ``UPDATE alerts SET values WHERE id = alert_id``."""
+        # Every such write sets constants, never an expression of the row, so writes to one row
+        # compose by overriding columns: merging them in order is exactly running them in order
+        # (the later value of a column wins, a column only the earlier sets keeps its value).
+        self._by_id.setdefault(alert_id, {}).update(values)
+
+    async def flush(self, conn: AsyncConnection) -> None:
+        """Run the held writes: one statement per set of columns written; then hold nothing."""
+        shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for alert_id, values in self._by_id.items():
+            params = {"b_id": alert_id, **{f"b_{column}": value for column, value in values.items()}}
+            shapes.setdefault(tuple(sorted(values)), []).append(params)
+        self._by_id.clear()
+        for columns, rows in shapes.items():
+            # Bound names differ from the column names: SQLAlchemy reserves those for the SET clause.
+            statement = (
+                update(alerts)
+                .where(alerts.c.id == bindparam("b_id"))
+                .values({column: bindparam(f"b_{column}") for column in columns})
+            )
+            await conn.execute(statement, rows)
+
+
 class AlertService:
     """Evaluates alert rules and runs the alert lifecycle; publishes changes to live views and webhooks."""
 
@@ -475,17 +512,20 @@ class AlertService:
         if not planned:
             return []
         active = await self._active_for_devices(conn, {(c.agent, c.device_key) for c, _, _ in planned})
+        # Value, hold and "last seen" writes to alerts in force run together at the end of the batch.
+        deferred = _DeferredUpdates()
         results: list[AlertChange] = []
         for _change, conditions, unknown_now in planned:
             for condition in conditions:
-                result = await self._apply(conn, active, condition, now)
+                result = await self._apply(conn, active, condition, now, deferred)
                 if result is not None:
                     results.append(result)
             for condition in unknown_now:
                 # Just turned unknown: the last valid reading was now, so "previously ..." starts here.
                 row = active.get((condition.target, condition.rule))
                 if row is not None:
-                    await conn.execute(update(alerts).where(alerts.c.id == row["id"]).values(observed_ms=now))
+                    deferred.add(row["id"], {"observed_ms": now})
+        await deferred.flush(conn)
         return results
 
     def _device_conditions(self, change: DeviceTransition) -> tuple[list[_Condition], list[_Condition]]:
@@ -719,6 +759,8 @@ class AlertService:
         active = {(row["target"], AlertRule(row["rule"])): row for row in active_rows}
         # Every site's thresholds in one query, not one per agent.
         await self._load_thresholds(conn, sorted({row["site"] for row in rows}))
+        # The ages of silent agents are refreshed together (once a minute each, so many at once).
+        deferred = _DeferredUpdates()
         changes: list[AlertChange] = []
         for index, row in enumerate(rows):
             if index % _YIELD_EVERY == _YIELD_EVERY - 1:
@@ -741,9 +783,11 @@ class AlertService:
                 condition = _Condition(
                     row["site"], row["agent"], None, None, rule, breached, round(age_s, 1), message
                 )
-                result = await self._apply(conn, active, condition, now)
+                result = await self._apply(conn, active, condition, now, deferred)
                 if result is not None:
                     changes.append(result)
+        # Before the hold sweep, which reads clear_since_ms.
+        await deferred.flush(conn)
         return changes
 
     async def _sweep_holds(self, conn: AsyncConnection, now: int) -> list[AlertChange]:
@@ -830,7 +874,15 @@ class AlertService:
         active: Mapping[tuple[str, AlertRule], Mapping[Any, Any]],
         condition: _Condition,
         now: int,
+        deferred: _DeferredUpdates | None = None,
     ) -> AlertChange | None:
+        """Open, update, start the hold of or resolve the alert of ``condition``.
+
+        With ``deferred``, the plain updates of alerts in force are held there for the caller to
+        flush; opening and resolving run at once (their outcome is returned). Holding back is
+        safe: a plain update never changes an alert's state, so an insert's conflict and a
+        resolution's guard decide the same either way.
+        """
         row = active.get((condition.target, condition.rule))
         if condition.active is None:
             return None
@@ -842,11 +894,13 @@ class AlertService:
                 # An agent's silence grows every sweep: its age is written once a minute.
                 and (condition.rule not in _AGENT_RULES or now - row["observed_ms"] >= _AGE_REFRESH_MS)
             ):
-                await conn.execute(
-                    update(alerts)
-                    .where(alerts.c.id == row["id"])
-                    .values(clear_since_ms=None, value=condition.value, observed_ms=now, updated_ms=now)
-                )
+                values = {
+                    "clear_since_ms": None,
+                    "value": condition.value,
+                    "observed_ms": now,
+                    "updated_ms": now,
+                }
+                await self._update_row(conn, row["id"], values, deferred)
             return None
         if row is None:
             return None
@@ -854,13 +908,28 @@ class AlertService:
         hold = thresholds.hold_ms(condition.rule)
         clear_since = row["clear_since_ms"]
         if clear_since is None and hold > 0:
-            await conn.execute(
-                update(alerts).where(alerts.c.id == row["id"]).values(clear_since_ms=now, updated_ms=now)
-            )
+            await self._update_row(conn, row["id"], {"clear_since_ms": now, "updated_ms": now}, deferred)
             return None
         if clear_since is None or now - clear_since >= hold:
+            if deferred is not None and row["id"] in deferred:
+                # The same alert was updated earlier in the batch (two transitions of one device):
+                # write that first, so the row sees its statements in the order they were decided.
+                await deferred.flush(conn)
             return await self._resolve_row(conn, row, SYSTEM, now)
         return None
+
+    async def _update_row(
+        self,
+        conn: AsyncConnection,
+        alert_id: int,
+        values: Mapping[str, Any],
+        deferred: _DeferredUpdates | None,
+    ) -> None:
+        """``UPDATE alerts SET values WHERE id = alert_id``, now or held in ``deferred``."""
+        if deferred is not None:
+            deferred.add(alert_id, values)
+        else:
+            await conn.execute(update(alerts).where(alerts.c.id == alert_id).values(**values))
 
     async def _apply_meter(
         self, conn: AsyncConnection, condition: _Condition, thresholds: AlertThresholds, now: int
