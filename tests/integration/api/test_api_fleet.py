@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event, insert
 
+from micboard.collector.services.fleet import FleetView
 from micboard.collector.store.schema_alerts import alerts, history_samples
 from micboard.shared.model import Family, Vendor
 
@@ -241,3 +242,20 @@ async def test_list_endpoints_keep_to_their_query_budget(api: LiveApi) -> None:
     with count_statements(api) as statements:
         _, body = await api.get("/api/v1/channels", limit=1000)
     assert body["total"] == 7 + 8 * 6 * 4 and len(body["items"]) == body["total"] and len(statements) == 1
+
+
+async def test_channels_where_reads_single_channels_by_agent_device_and_index(api: LiveApi) -> None:
+    # What the live feed reads after a channel-only delta: just the named channels, with the
+    # group/channel and battery type of the channel rows.
+    await api.seed.devices(
+        "venue-cw", "pi-cw", [api.receiver("rx1", bars=(5, 4, 3)), api.receiver("rx2", bars=(2,))]
+    )
+    fleet = FleetView(api.engine)
+    items = await fleet.channels_where(
+        channel_keys=[("pi-cw", "rx1", 2), ("pi-cw", "rx2", 1), ("pi-cw", "rx9", 1)]
+    )
+    assert [(i["device_key"], i["index"], i["group_channel"], i["tx"]["battery_type"]) for i in items] == [
+        ("rx1", 2, "1,2", "LION"),
+        ("rx2", 1, "1,1", "LION"),
+    ]
+    assert await FleetView(api.engine).channels_where(channel_keys=[]) == []

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, select
 from sqlalchemy.engine import Connection
 
 from micboard.collector.cli import main
 from micboard.collector.errors import SchemaNotCurrentError
+from micboard.collector.services.sync import SynchronizationService
 from micboard.collector.store import migrate
 from micboard.collector.store.database import create_engine
-from micboard.collector.store.schema import metadata
+from micboard.collector.store.schema import channels, metadata
+from micboard.shared.envelope import DeviceBody, DeviceEvent, HelloBody, HelloEvent
+from micboard.shared.model import Device, Family, ReceiverChannel, Transmitter, Vendor
 
 
 def _diff(connection: Connection) -> list[object]:
@@ -102,3 +106,46 @@ def test_check_and_migrate_commands(
     monkeypatch.setenv("MICBOARD_MAX_DELIVER", "0")
     assert main(["check"]) == 2
     assert "max_deliver" in capsys.readouterr().err
+
+
+async def test_channel_details_are_back_filled_from_device_state(db_url: str) -> None:
+    # Revision 0005 copies group/channel and battery type out of each device's stored state.
+    # Write devices at head through the real sync path, go back to 0004 (the columns go), come
+    # forward again and read what the back-fill put in the rows.
+    channels_ = (
+        ReceiverChannel(
+            index=1,
+            name="HH01 Ann",
+            group_channel="1,23",
+            transmitter=Transmitter(model="ULXD2", battery_bars=4, battery_type="LION"),
+        ),
+        ReceiverChannel(index=2, name="HH02 Bo", group_channel=None, transmitter=None),
+        ReceiverChannel(
+            index=3, name="HH03 Cy", group_channel="2,1", transmitter=Transmitter(battery_type=None)
+        ),
+    )
+    device = Device(device_key="rx1", vendor=Vendor.SHURE, family=Family.ULXD, channels=channels_)
+    events: list[Any] = [
+        HelloEvent(site="s1", agent="a1", boot="b1", seq=1, ts=1, body=HelloBody(version="1", hostname="h")),
+        DeviceEvent(
+            site="s1", agent="a1", boot="b1", seq=2, ts=2, body=DeviceBody(device_key="rx1", snapshot=device)
+        ),
+    ]
+    engine = create_engine(db_url)
+    try:
+        await migrate.upgrade(engine)
+        async with engine.begin() as conn:
+            await SynchronizationService().apply_batch(conn, events)
+        await migrate.downgrade(engine, "0004")
+        await migrate.upgrade(engine)
+        async with engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(channels.c.index, channels.c.group_channel, channels.c.battery_type).order_by(
+                        channels.c.index
+                    )
+                )
+            ).all()
+        assert [tuple(r) for r in rows] == [(1, "1,23", "LION"), (2, None, None), (3, "2,1", None)]
+    finally:
+        await engine.dispose()

@@ -136,9 +136,13 @@ def publish_committed(hub: LiveHub, events: Sequence[AnyEvent], restored: Iterab
     """
     for event in events:
         if isinstance(event, DeviceEvent | OfflineEvent):
-            hub.publish_device(
-                event.site, event.agent, event.body.device_key, {"kind": event.kind, "seq": event.seq}
-            )
+            data: dict[str, Any] = {"kind": event.kind, "seq": event.seq}
+            changes = event.body.changes if isinstance(event, DeviceEvent) else None
+            if changes is not None and changes.keys() == {"channels"}:
+                # A delta of channel fields only changes those channels' items: the live feed
+                # reads just them (most deltas are one channel's battery or RF).
+                data["channels"] = [int(index) for index in changes["channels"]]
+            hub.publish_device(event.site, event.agent, event.body.device_key, data)
     for ref in restored:
         hub.publish_device(ref.site, ref.agent, ref.device_key, {"kind": "status"})
 
@@ -226,8 +230,23 @@ class _Client:
 
 @dataclass(slots=True)
 class _Pending:
+    # Devices whose every channel may have changed, and single changed channels of other devices.
     devices: set[tuple[str, str]] = field(default_factory=set)
+    channels: set[tuple[str, str, int]] = field(default_factory=set)
     sites: set[str] = field(default_factory=set)
+
+    def device_changed(self, key: tuple[str, str], indexes: object) -> None:
+        """Note a device change; ``indexes`` lists the only channels it touched, if known."""
+        if key in self.devices:
+            return
+        if isinstance(indexes, list) and all(type(i) is int for i in indexes):
+            self.channels.update((key[0], key[1], i) for i in indexes)
+        else:
+            self.devices.add(key)
+
+    def channel_keys(self) -> set[tuple[str, str, int]]:
+        """The single channels to read that a whole-device read does not already cover."""
+        return {c for c in self.channels if (c[0], c[1]) not in self.devices}
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,7 +426,7 @@ class LiveFeed:
     def _on_device(self, message: LiveMessage) -> None:
         agent, device_key = message.data.get("agent"), message.data.get("device_key")
         if isinstance(agent, str) and isinstance(device_key, str):
-            self._pending.devices.add((agent, device_key))
+            self._pending.device_changed((agent, device_key), message.data.get("channels"))
             self._pending.sites.add(message.site)
             self._wake.set()
 
@@ -457,15 +476,21 @@ class LiveFeed:
                 # Nobody to tell; forget the caches so that the next subscriber starts clean.
                 self._channel_cache.clear()
                 self._site_cache.clear()
-                await self._learn_keys(pending.devices)
+                await self._learn_keys(pending.devices | {(a, k) for a, k, _i in pending.channels})
                 return
             with self._bursting():
+                changed = pending.devices | {(a, k) for a, k, _i in pending.channels}
+                items: list[dict[str, Any]] = []
                 if pending.devices:
-                    items = await self.fleet.channels_where(device_keys=pending.devices)
-                    for item in items:
-                        self._keys[(item["agent"], item["device_key"])] = (item["device_id"], item["site"])
-                        self._send_channel(item)
-                    await self._learn_keys(pending.devices - {(i["agent"], i["device_key"]) for i in items})
+                    items += await self.fleet.channels_where(device_keys=pending.devices)
+                single = pending.channel_keys()
+                if single:
+                    items += await self.fleet.channels_where(channel_keys=single)
+                for item in items:
+                    self._keys[(item["agent"], item["device_key"])] = (item["device_id"], item["site"])
+                    self._send_channel(item)
+                if changed:
+                    await self._learn_keys(changed - {(i["agent"], i["device_key"]) for i in items})
                 if pending.sites:
                     await self._send_sites(only=pending.sites)
 

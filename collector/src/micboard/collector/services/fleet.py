@@ -13,7 +13,6 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
@@ -21,7 +20,6 @@ from sqlalchemy import (
     Integer,
     Select,
     Subquery,
-    Text,
     bindparam,
     case,
     cast,
@@ -43,8 +41,6 @@ from micboard.collector.store.schema_alerts import ACTIVE_STATES, alerts, histor
 WORST_NAMES = {4: "critical", 3: "warning", 2: "offline", 1: "stale", 0: "ok"}
 #: Transmitters at or below this many bars count as a low battery ("replace" or worse).
 LOW_BATTERY_BARS = 3
-#: Bound of the parsed channel details kept per device (about a fleet's devices).
-_MAX_CACHED_DEVICES = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,9 +157,6 @@ class FleetView:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        # device id -> (stored state text, what _channel_details read from it): a device's state
-        # changes far less often than it is listed, and comparing the text is cheaper than parsing it.
-        self._details: dict[int, tuple[str, dict[Any, tuple[Any, Any]]]] = {}
         # A listing's (query, count) statements by shape (which filters, which order): bounded by
         # the API's filter and sort combinations.
         self._statements: dict[Hashable, tuple[Select[Any], Select[Any]]] = {}
@@ -481,8 +474,8 @@ class FleetView:
 
     # -- channels -------------------------------------------------------------------------------
 
-    #: Positional: :meth:`_channel_items` unpacks the rows in this order, then the state and the
-    #: last battery reading :meth:`_channel_extras` adds.
+    #: Positional: :meth:`_channel_items` unpacks the rows in this order, then the last battery
+    #: reading :meth:`_channel_extras` adds.
     _CHANNEL_COLUMNS = (
         devices.c.id.label("device_id"),
         devices.c.site,
@@ -503,19 +496,16 @@ class FleetView:
         channels.c.battery_percent,
         channels.c.runtime_min,
         channels.c.tx_muted,
+        channels.c.group_channel,
+        channels.c.battery_type,
     )
     _CHANNEL_SOURCE = channels.join(devices, devices.c.id == channels.c.device_pk)
 
     @staticmethod
     def _channel_extras(cut: Subquery) -> list[ColumnElement[Any]]:
-        """A page's channels' device state and last battery reading since ``:since_ms``."""
-        # The device's stored state as text (decoded once per device in Python). It is looked
-        # up after the page is cut: sorting kilobytes of state along with every matching
-        # channel was most of a listing's cost. (Marking one row per device with a window
-        # function instead costs more than the copies it saves.)
-        state = select(cast(devices.c.state, Text)).where(devices.c.id == cut.c.device_id).scalar_subquery()
-        # The last valid battery reading within the window, looked up only for channels that
-        # read unknown now (CASE short-circuits), so the common case costs nothing.
+        """A page's channels' last battery reading since ``:since_ms``."""
+        # Looked up after the page is cut, and only for channels that read unknown now (CASE
+        # short-circuits), so the common case costs nothing.
         last_bars = (
             select(history_samples.c.battery_bars)
             .where(
@@ -529,47 +519,11 @@ class FleetView:
             .limit(1)
             .scalar_subquery()
         )
-        return [
-            state.label("state"),
-            case((cut.c.battery_bars.is_(None), last_bars), else_=null()).label("last_bars"),
-        ]
+        return [case((cut.c.battery_bars.is_(None), last_bars), else_=null()).label("last_bars")]
 
     @staticmethod
-    def _channel_details(raw_state: str | None) -> dict[Any, tuple[Any, Any]]:
-        """``index -> (group_channel, battery_type)`` of the channels in a device's stored state."""
-        details: dict[Any, tuple[Any, Any]] = {}
-        state = orjson.loads(raw_state) if raw_state is not None else None
-        listed = state.get("channels") if isinstance(state, dict) else None
-        if not isinstance(listed, list):
-            return details
-        for detail in listed:
-            if not isinstance(detail, dict):
-                continue
-            index = detail.get("index")
-            # The first entry of an index wins; only numbers can equal a channel's index.
-            if not isinstance(index, int | float) or index in details:
-                continue
-            tx_state = detail.get("transmitter")
-            battery_type = tx_state.get("battery_type") if isinstance(tx_state, dict) else None
-            details[index] = (detail.get("group_channel"), battery_type)
-        return details
-
-    def _device_details(self, device_id: int, raw_state: str | None) -> dict[Any, tuple[Any, Any]]:
-        """:meth:`_channel_details` of a device's state, parsed again only when the state changed."""
-        if raw_state is None:
-            return {}
-        cached = self._details.get(device_id)
-        if cached is not None and cached[0] == raw_state:
-            return cached[1]
-        if len(self._details) >= _MAX_CACHED_DEVICES:
-            self._details.clear()  # devices come and go; never hold more than a fleet's worth
-        details = self._channel_details(raw_state)
-        self._details[device_id] = (raw_state, details)
-        return details
-
-    def _channel_items(self, rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
-        """The JSON-ready channel items of rows of :meth:`_channel_query`."""
-        by_device: dict[int, dict[Any, tuple[Any, Any]]] = {}
+    def _channel_items(rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+        """The JSON-ready channel items of rows of :data:`_CHANNEL_COLUMNS` and :meth:`_channel_extras`."""
         items: list[dict[str, Any]] = []
         for row in rows:
             (
@@ -592,13 +546,10 @@ class FleetView:
                 battery_percent,
                 runtime_min,
                 tx_muted,
-                raw_state,
+                group_channel,
+                battery_type,
                 last_bars,
-            ) = row[:21]
-            details = by_device.get(device_id)
-            if details is None:
-                details = by_device[device_id] = self._device_details(device_id, raw_state)
-            group_channel, battery_type = details.get(index, (None, None))
+            ) = row[:22]
             tx = None
             if tx_present:
                 tx = {
@@ -692,8 +643,10 @@ class FleetView:
         site: str | None = None,
         device_keys: Iterable[tuple[str, str]] | None = None,
         pairs: Iterable[tuple[int, int]] | None = None,
+        channel_keys: Iterable[tuple[str, str, int]] | None = None,
     ) -> list[dict[str, Any]]:
-        """Channels of a site, of some ``(agent, device_key)`` or of ``(device_id, index)`` pairs."""
+        """Channels of a site, of some ``(agent, device_key)``, ``(device_id, index)`` pairs or
+        ``(agent, device_key, index)``."""
         conditions: list[ColumnElement[bool]] = []
         if site is not None:
             conditions.append(devices.c.site == site)
@@ -707,6 +660,11 @@ class FleetView:
             if not wanted:
                 return []
             conditions.append(tuple_(channels.c.device_pk, channels.c.index).in_(wanted))
+        if channel_keys is not None:
+            triples = list(channel_keys)
+            if not triples:
+                return []
+            conditions.append(tuple_(devices.c.agent, devices.c.device_key, channels.c.index).in_(triples))
         order = [
             _SortKey(column)
             for column in (devices.c.site, devices.c.agent, devices.c.device_key, channels.c.index)

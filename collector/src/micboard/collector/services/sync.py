@@ -336,6 +336,8 @@ def _channel_rows(pk: int, state: dict[str, Any], only: set[int] | None = None) 
                 "battery_percent": tx.get("battery_percent") if tx else None,
                 "runtime_min": tx.get("runtime_min") if tx else None,
                 "tx_muted": tx.get("muted") if tx else None,
+                "group_channel": channel.get("group_channel"),
+                "battery_type": tx.get("battery_type") if tx else None,
             }
         )
     return rows

@@ -103,6 +103,9 @@ channels = Table(
     Column("battery_percent", Integer),
     Column("runtime_min", Integer),
     Column("tx_muted", Boolean),
+    # Copied out of the device's state so that listing channels never reads the state itself.
+    Column("group_channel", String(128)),
+    Column("battery_type", String(128)),
 )
 
 discovered = Table(
