@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from micboard.collector.api.live_ws import _Pending, publish_committed
 from micboard.collector.live import LiveHub, Topic
+from micboard.collector.services.sync import DeviceChange
 from micboard.shared.envelope import DeviceBody, DeviceEvent, OfflineBody, OfflineEvent
 from micboard.shared.model import Device, Family, ReceiverChannel, Vendor
 
@@ -43,3 +44,20 @@ def test_pending_reads_a_whole_device_once_and_single_channels_otherwise() -> No
     pending.device_changed(("a1", "rx3"), ["1"])  # not a list of ints: read the whole device
     assert pending.devices == {("a1", "rx2"), ("a1", "rx3")}
     assert pending.channel_keys() == {("a1", "rx1", 1), ("a1", "rx1", 2)}
+
+
+async def test_a_channel_only_delta_leaves_the_site_summary_alone_unless_counts_moved() -> None:
+    hub = LiveHub()
+    sub = hub.subscribe(topics=frozenset({Topic.DEVICE}))
+    one = {"channels": [{"index": 1}], "status": "online"}
+    two = {"channels": [{"index": 1}, {"index": 2}]}
+    devices = [
+        DeviceChange("s1", "a1", "rx1", one, one, "online", "online"),  # same counts
+        DeviceChange("s1", "a1", "rx2", one, two, "online", "online"),  # a channel appeared
+        DeviceChange("s1", "a1", "rx3", one, one, "stale", "online"),  # status moved
+    ]
+    delta = {"channels": {1: {"name": "HH01"}}}
+    events = [_event(i, DeviceBody(device_key=f"rx{i}", changes=delta)) for i in (1, 2, 3)]
+    publish_committed(hub, events, devices=devices)
+    got = [await sub.get() for _ in events]
+    assert [m.data.get("summary", True) if m else "none" for m in got] == [False, True, True]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from micboard.collector.api.app import create_app
-from micboard.collector.api.live_ws import publish_committed
+from micboard.collector.api.live_ws import publish_batch, publish_committed
 from micboard.collector.ingest import IngestConsumer
 from micboard.collector.live import LiveHub
 from micboard.collector.runtime import tune_gc
@@ -123,7 +124,7 @@ class Collector:
             nc,
             engine,
             settings,
-            on_committed=lambda batch: publish_committed(self.hub, batch.events, batch.restored),
+            on_committed=functools.partial(publish_batch, self.hub),
             alerts=self.alerts,
             history=self.history,
         )

@@ -53,7 +53,7 @@ from micboard.collector.api.models import AlertItem
 from micboard.collector.live import LiveHub, LiveMessage, Topic
 from micboard.collector.services.fleet import FleetView, PageRequest
 from micboard.collector.services.groups import GroupStore
-from micboard.collector.services.sync import DeviceRef
+from micboard.collector.services.sync import DeviceChange, DeviceRef
 from micboard.shared.codec import decode
 from micboard.shared.envelope import AnyEvent, DeviceEvent, MeterEvent, OfflineEvent
 from micboard.shared.errors import WireError
@@ -128,12 +128,25 @@ class _Scope:
         return site in self.sites
 
 
-def publish_committed(hub: LiveHub, events: Sequence[AnyEvent], restored: Iterable[DeviceRef] = ()) -> None:
+def publish_committed(
+    hub: LiveHub,
+    events: Sequence[AnyEvent],
+    restored: Iterable[DeviceRef] = (),
+    devices: Iterable[DeviceChange] = (),
+) -> None:
     """Tell ``hub`` which devices committed ``events`` changed; ingest calls this after each commit.
 
     ``restored`` are devices whose shown status changed without an event of theirs (their
-    agent went stale or came back).
+    agent went stale or came back). ``devices`` are the batch's state changes: a device whose
+    status and channel count they leave as they were changes nothing its site's summary counts.
     """
+    unchanged_summary = {
+        (change.agent, change.device_key)
+        for change in devices
+        if change.before is not None
+        and change.status_before == change.status_after
+        and len(change.before.get("channels") or ()) == len(change.after.get("channels") or ())
+    }
     for event in events:
         if isinstance(event, DeviceEvent | OfflineEvent):
             data: dict[str, Any] = {"kind": event.kind, "seq": event.seq}
@@ -142,9 +155,16 @@ def publish_committed(hub: LiveHub, events: Sequence[AnyEvent], restored: Iterab
                 # A delta of channel fields only changes those channels' items: the live feed
                 # reads just them (most deltas are one channel's battery or RF).
                 data["channels"] = [int(index) for index in changes["channels"]]
+                if (event.agent, event.body.device_key) in unchanged_summary:
+                    data["summary"] = False
             hub.publish_device(event.site, event.agent, event.body.device_key, data)
     for ref in restored:
         hub.publish_device(ref.site, ref.agent, ref.device_key, {"kind": "status"})
+
+
+def publish_batch(hub: LiveHub, batch: CommittedBatch) -> None:
+    """:func:`publish_committed` of what one committed ingest transaction changed."""
+    publish_committed(hub, batch.events, batch.restored, batch.devices)
 
 
 def _shown(item: dict[str, Any], moving: str) -> bytes:
@@ -421,13 +441,15 @@ class LiveFeed:
 
     def on_committed(self, batch: CommittedBatch) -> None:
         """Ingest's after-commit hook: tell the hub which devices changed (never blocks)."""
-        publish_committed(self.hub, batch.events, batch.restored)
+        publish_batch(self.hub, batch)
 
     def _on_device(self, message: LiveMessage) -> None:
         agent, device_key = message.data.get("agent"), message.data.get("device_key")
         if isinstance(agent, str) and isinstance(device_key, str):
             self._pending.device_changed((agent, device_key), message.data.get("channels"))
-            self._pending.sites.add(message.site)
+            if message.data.get("summary") is not False:
+                # Its site's counts may have moved (the periodic site refresh catches the rest).
+                self._pending.sites.add(message.site)
             self._wake.set()
 
     def _on_alert(self, message: LiveMessage) -> None:

@@ -28,12 +28,12 @@ from sqlalchemy import (
     null,
     or_,
     select,
-    tuple_,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.elements import NamedColumn
 
 from micboard.collector.battery import PREVIOUS_READING_WINDOW_MS, classify_battery
+from micboard.collector.store.keys import composite_in
 from micboard.collector.store.schema import agents, channels, devices, sites
 from micboard.collector.store.schema_alerts import ACTIVE_STATES, alerts, history_samples
 
@@ -654,17 +654,18 @@ class FleetView:
             keys = list(device_keys)
             if not keys:
                 return []
-            conditions.append(tuple_(devices.c.agent, devices.c.device_key).in_(keys))
+            conditions.append(composite_in((devices.c.agent, devices.c.device_key), keys))
         if pairs is not None:
             wanted = list(pairs)
             if not wanted:
                 return []
-            conditions.append(tuple_(channels.c.device_pk, channels.c.index).in_(wanted))
+            conditions.append(composite_in((channels.c.device_pk, channels.c.index), wanted))
         if channel_keys is not None:
             triples = list(channel_keys)
             if not triples:
                 return []
-            conditions.append(tuple_(devices.c.agent, devices.c.device_key, channels.c.index).in_(triples))
+            key = (devices.c.agent, devices.c.device_key, channels.c.index)
+            conditions.append(composite_in(key, triples))
         order = [
             _SortKey(column)
             for column in (devices.c.site, devices.c.agent, devices.c.device_key, channels.c.index)
@@ -691,7 +692,7 @@ class FleetView:
             wanted = list(keys)
             if not wanted:
                 return {}
-            query = query.where(tuple_(devices.c.agent, devices.c.device_key).in_(wanted))
+            query = query.where(composite_in((devices.c.agent, devices.c.device_key), wanted))
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         return {(row[0], row[1]): (row[2], row[3]) for row in rows}

@@ -27,10 +27,11 @@ from operator import itemgetter
 from typing import Any
 
 import orjson
-from sqlalchemy import Table, bindparam, delete, or_, select, tuple_, update
+from sqlalchemy import Table, bindparam, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from micboard.collector.store.keys import composite_in
 from micboard.collector.store.schema import agents, applied_events, channels, devices, discovered, sites
 from micboard.shared.envelope import (
     AnyEvent,
@@ -485,7 +486,7 @@ class SynchronizationService:
         keys = [(e.agent, e.boot, e.seq) for e in events]
         await conn.execute(
             delete(applied_events).where(
-                tuple_(applied_events.c.agent, applied_events.c.boot, applied_events.c.seq).in_(keys)
+                composite_in((applied_events.c.agent, applied_events.c.boot, applied_events.c.seq), keys)
             )
         )
 
@@ -620,7 +621,7 @@ class SynchronizationService:
         missing = [pair for pair in pairs if pair not in found]
         if missing:
             await self._select_devices(
-                conn, tuple_(devices.c.agent, devices.c.device_key).in_(missing), wanted, found, memo
+                conn, composite_in((devices.c.agent, devices.c.device_key), missing), wanted, found, memo
             )
         return found
 
