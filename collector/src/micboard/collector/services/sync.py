@@ -31,7 +31,7 @@ from sqlalchemy import Table, bindparam, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from micboard.collector.store.keys import composite_in
+from micboard.collector.store.keys import composite_in, ints_in
 from micboard.collector.store.schema import agents, applied_events, channels, devices, discovered, sites
 from micboard.shared.envelope import (
     AnyEvent,
@@ -602,7 +602,7 @@ class SynchronizationService:
             # PostgreSQL, in id order). A cached state whose revision still matches is used as is.
             query = (
                 select(devices.c.id, devices.c.agent, devices.c.device_key, devices.c.revision)
-                .where(devices.c.id.in_(sorted(by_pk)))
+                .where(ints_in(devices.c.id, by_pk, conn.dialect.name))
                 .order_by(devices.c.id)
                 .with_for_update()
             )
@@ -617,7 +617,9 @@ class SynchronizationService:
                 else:
                     reload.append(row.id)
             if reload:
-                await self._select_devices(conn, devices.c.id.in_(reload), wanted, found, memo)
+                await self._select_devices(
+                    conn, ints_in(devices.c.id, reload, conn.dialect.name), wanted, found, memo
+                )
         missing = [pair for pair in pairs if pair not in found]
         if missing:
             await self._select_devices(
