@@ -60,4 +60,4 @@ async def test_ints_in_and_composite_in_find_exactly_the_keys(engine: AsyncEngin
 
 def test_ints_in_falls_back_to_a_plain_in_list_elsewhere() -> None:
     clause = ints_in(devices.c.id, [3, 1, 3], "mysql")
-    assert clause.right.value == [1, 3]  # type: ignore[attr-defined]
+    assert clause.right.value == [1, 3]
