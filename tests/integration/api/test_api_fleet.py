@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event, insert
 
 from micboard.collector.services.fleet import FleetView
+from micboard.collector.services.sync import SynchronizationService
 from micboard.collector.store.schema_alerts import alerts, history_samples
+from micboard.shared.envelope import DeviceBody, DeviceEvent
 from micboard.shared.model import Family, Vendor
 
 if TYPE_CHECKING:
@@ -259,3 +262,35 @@ async def test_channels_where_reads_single_channels_by_agent_device_and_index(ap
         ("rx2", 1, "1,1", "LION"),
     ]
     assert await FleetView(api.engine).channels_where(channel_keys=[]) == []
+
+
+async def test_items_built_from_a_committed_state_equal_the_items_read_back(api: LiveApi) -> None:
+    # The live feed builds a channel-only delta's items from the state the batch committed
+    # instead of reading them back: they must be exactly what a read returns.
+    await api.seed.devices("venue-cs", "pi-cs", [api.receiver("rx1", bars=(5, 4, None))])
+    tx = {
+        "model": "ULXD2",
+        "battery_bars": 1,
+        "battery_percent": 9,
+        "runtime_min": 12,
+        "battery_type": "NIMH",
+    }
+    delta = {"channels": {1: {"transmitter": tx, "name": "HH07 Zed"}, 2: {"frequency_khz": 512_000}}}
+    delta_event = DeviceEvent(
+        site="venue-cs", agent="pi-cs", boot="b1", seq=api.seed.seq["pi-cs"] + 1, ts=1,
+        body=DeviceBody(device_key="rx1", changes=delta),
+    )  # fmt: skip
+    async with api.engine.begin() as conn:
+        changes = await SynchronizationService().apply_batch_changes(conn, [delta_event])
+    (change,) = changes.devices
+    built, unread = FleetView.committed_channel_items(change, [1, 2, 3])
+    assert unread == {3}  # no transmitter: its battery state needs the history
+    read = await FleetView(api.engine).channels_where(channel_keys=[("pi-cs", "rx1", 1), ("pi-cs", "rx1", 2)])
+    assert built == read
+    assert (built[0]["name_id"], built[0]["tx"]["battery_type"], built[1]["frequency_khz"]) == (
+        "HH07",
+        "NIMH",
+        512_000,
+    )
+    # Without a row id (a change not written), everything is read.
+    assert FleetView.committed_channel_items(dataclasses.replace(change, pk=None), [1]) == ([], {1})

@@ -53,3 +53,16 @@ async def test_close_wakes_reader_and_unsubscribes() -> None:
     assert scoped.closed and hub.subscriber_count == 0
     with pytest.raises(ValueError):
         hub.subscribe(max_queue=0)
+
+
+async def test_drain_takes_what_waits_and_leaves_the_close_marker() -> None:
+    hub = LiveHub()
+    subscription = hub.subscribe(max_queue=8)
+    for n in range(3):
+        hub.publish_alert("venue", {"n": n})
+    assert [m.data["n"] for m in subscription.drain()] == [0, 1, 2]
+    assert subscription.drain() == []
+    hub.publish_alert("venue", {"n": 3})
+    subscription.close()
+    assert [m.data["n"] for m in subscription.drain()] == [3]
+    assert await subscription.get() is None  # the reader still learns it is closed

@@ -88,6 +88,17 @@ class Subscription:
         """How many messages wait in the queue."""
         return self._queue.qsize()
 
+    def drain(self) -> list[LiveMessage]:
+        """Take every message waiting now, without waiting (the close marker stays queued)."""
+        taken: list[LiveMessage] = []
+        while not self._queue.empty():
+            message = self._queue.get_nowait()
+            if message is None:
+                self._queue.put_nowait(None)  # for the reader in get(); nothing follows it
+                break
+            taken.append(message)
+        return taken
+
     def close(self) -> None:
         """Stop receiving; a reader waiting in :meth:`get` wakes up with ``None``."""
         if self.closed:

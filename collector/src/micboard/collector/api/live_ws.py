@@ -140,9 +140,10 @@ def publish_committed(
     agent went stale or came back). ``devices`` are the batch's state changes: a device whose
     status and channel count they leave as they were changes nothing its site's summary counts.
     """
+    by_key = {(change.agent, change.device_key): change for change in devices}
     unchanged_summary = {
-        (change.agent, change.device_key)
-        for change in devices
+        key
+        for key, change in by_key.items()
         if change.before is not None
         and change.status_before == change.status_after
         and len(change.before.get("channels") or ()) == len(change.after.get("channels") or ())
@@ -155,8 +156,12 @@ def publish_committed(
                 # A delta of channel fields only changes those channels' items: the live feed
                 # reads just them (most deltas are one channel's battery or RF).
                 data["channels"] = [int(index) for index in changes["channels"]]
-                if (event.agent, event.body.device_key) in unchanged_summary:
+                key = (event.agent, event.body.device_key)
+                if key in unchanged_summary:
                     data["summary"] = False
+                if key in by_key:
+                    # The state the batch committed: the feed builds the items from it.
+                    data["change"] = by_key[key]
             hub.publish_device(event.site, event.agent, event.body.device_key, data)
     for ref in restored:
         hub.publish_device(ref.site, ref.agent, ref.device_key, {"kind": "status"})
@@ -250,19 +255,33 @@ class _Client:
 
 @dataclass(slots=True)
 class _Pending:
-    # Devices whose every channel may have changed, and single changed channels of other devices.
+    # Devices whose every channel may have changed (read from the store), channels of devices
+    # whose committed state is at hand (built from it), and single channels to read.
     devices: set[tuple[str, str]] = field(default_factory=set)
+    committed: dict[tuple[str, str], tuple[DeviceChange, set[int]]] = field(default_factory=dict)
     channels: set[tuple[str, str, int]] = field(default_factory=set)
     sites: set[str] = field(default_factory=set)
 
-    def device_changed(self, key: tuple[str, str], indexes: object) -> None:
-        """Note a device change; ``indexes`` lists the only channels it touched, if known."""
+    def device_changed(self, key: tuple[str, str], indexes: object, change: object = None) -> None:
+        """Note a device change; ``indexes`` lists the only channels it touched, if known, and
+        ``change`` is the state it committed, if at hand."""
         if key in self.devices:
             return
-        if isinstance(indexes, list) and all(type(i) is int for i in indexes):
-            self.channels.update((key[0], key[1], i) for i in indexes)
-        else:
+        if not (isinstance(indexes, list) and all(type(i) is int for i in indexes)):
             self.devices.add(key)
+            self.committed.pop(key, None)
+            return
+        if isinstance(change, DeviceChange):
+            # Messages come in commit order: the later state holds every earlier change too.
+            earlier = self.committed.get(key)
+            touched = set(indexes) if earlier is None else earlier[1] | set(indexes)
+            self.committed[key] = (change, touched)
+        else:
+            self.channels.update((key[0], key[1], i) for i in indexes)
+
+    def keys(self) -> set[tuple[str, str]]:
+        """Every device with a change noted."""
+        return self.devices | self.committed.keys() | {(a, k) for a, k, _i in self.channels}
 
     def channel_keys(self) -> set[tuple[str, str, int]]:
         """The single channels to read that a whole-device read does not already cover."""
@@ -446,7 +465,8 @@ class LiveFeed:
     def _on_device(self, message: LiveMessage) -> None:
         agent, device_key = message.data.get("agent"), message.data.get("device_key")
         if isinstance(agent, str) and isinstance(device_key, str):
-            self._pending.device_changed((agent, device_key), message.data.get("channels"))
+            data = message.data
+            self._pending.device_changed((agent, device_key), data.get("channels"), data.get("change"))
             if message.data.get("summary") is not False:
                 # Its site's counts may have moved (the periodic site refresh catches the rest).
                 self._pending.sites.add(message.site)
@@ -463,15 +483,18 @@ class LiveFeed:
         self._pending.sites.add(message.site)
         self._wake.set()
 
+    def _on_message(self, message: LiveMessage) -> None:
+        if message.topic is Topic.DEVICE:
+            self._on_device(message)
+        elif message.topic is Topic.ALERT:
+            self._on_alert(message)
+
     async def _pump(self) -> None:
         while True:
             message = await self._hub_sub.get()
             if message is None:
                 return
-            if message.topic is Topic.DEVICE:
-                self._on_device(message)
-            elif message.topic is Topic.ALERT:
-                self._on_alert(message)
+            self._on_message(message)
 
     async def _flush_loop(self) -> None:
         while True:
@@ -488,6 +511,10 @@ class LiveFeed:
         async with self._lock:
             # Taken under the lock: what changed while a snapshot was being built waits for this
             # flush, and reading it after the snapshot's read is what keeps them ordered.
+            # Whatever was committed before now is noted first: a snapshot read just before this
+            # flush must not be followed by a change older than what it showed.
+            for message in self._hub_sub.drain():
+                self._on_message(message)
             pending, self._pending = self._pending, _Pending()
             if self._hub_sub.dropped != self._hub_dropped:
                 # The hub dropped changes: deltas cannot be trusted, so everyone gets a snapshot.
@@ -498,14 +525,20 @@ class LiveFeed:
                 # Nobody to tell; forget the caches so that the next subscriber starts clean.
                 self._channel_cache.clear()
                 self._site_cache.clear()
-                await self._learn_keys(pending.devices | {(a, k) for a, k, _i in pending.channels})
+                await self._learn_keys(pending.keys())
                 return
             with self._bursting():
-                changed = pending.devices | {(a, k) for a, k, _i in pending.channels}
+                changed = pending.keys()
                 items: list[dict[str, Any]] = []
                 if pending.devices:
                     items += await self.fleet.channels_where(device_keys=pending.devices)
                 single = pending.channel_keys()
+                for key, (change, indexes) in pending.committed.items():
+                    if key in pending.devices:
+                        continue  # read whole from the store above
+                    built, unread = FleetView.committed_channel_items(change, indexes)
+                    items += built
+                    single.update((key[0], key[1], index) for index in unread)
                 if single:
                     items += await self.fleet.channels_where(channel_keys=single)
                 for item in items:

@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.elements import NamedColumn
 
 from micboard.collector.battery import PREVIOUS_READING_WINDOW_MS, classify_battery
+from micboard.collector.services.sync import DeviceChange, channel_rows
 from micboard.collector.store.keys import composite_in
 from micboard.collector.store.schema import agents, channels, devices, sites
 from micboard.collector.store.schema_alerts import ACTIVE_STATES, alerts, history_samples
@@ -582,6 +583,41 @@ class FleetView:
             )
         return items
 
+    @classmethod
+    def committed_channel_items(
+        cls, change: DeviceChange, indexes: Iterable[int]
+    ) -> tuple[list[dict[str, Any]], set[int]]:
+        """Items of channels ``indexes`` of a device state just committed, built as a listing would.
+
+        The values are those ``change`` wrote to the ``channels`` and ``devices`` rows (the same
+        :func:`channel_rows`), so nothing needs reading back. Returns the items and the indexes
+        that must be read instead: a battery that reads unknown (its last reading is history's)
+        or a channel the state does not hold.
+        """
+        wanted = set(indexes)
+        if change.pk is None or change.updated_ms is None:
+            return [], wanted
+        state = change.after
+        device = {
+            "device_id": change.pk,
+            "site": change.site,
+            "agent": change.agent,
+            "device_key": change.device_key,
+            "device_name": state.get("name"),
+            "model": state.get("model"),
+            "status": change.status_after,
+            "updated_ms": change.updated_ms,
+            "last_bars": None,
+        }
+        rows: list[tuple[Any, ...]] = []
+        for row in channel_rows(change.pk, state, wanted):
+            if row["battery_bars"] is None or row["index"] not in wanted:
+                continue
+            values = {**device, **row}
+            rows.append(tuple(values[name] for name in _CHANNEL_ROW_NAMES))
+            wanted.discard(row["index"])
+        return cls._channel_items(rows), wanted
+
     async def list_channels(
         self,
         page: PageRequest,
@@ -648,24 +684,25 @@ class FleetView:
         """Channels of a site, of some ``(agent, device_key)``, ``(device_id, index)`` pairs or
         ``(agent, device_key, index)``."""
         conditions: list[ColumnElement[bool]] = []
+        dialect = self.engine.dialect.name
         if site is not None:
             conditions.append(devices.c.site == site)
         if device_keys is not None:
             keys = list(device_keys)
             if not keys:
                 return []
-            conditions.append(composite_in((devices.c.agent, devices.c.device_key), keys))
+            conditions.append(composite_in((devices.c.agent, devices.c.device_key), keys, dialect))
         if pairs is not None:
             wanted = list(pairs)
             if not wanted:
                 return []
-            conditions.append(composite_in((channels.c.device_pk, channels.c.index), wanted))
+            conditions.append(composite_in((channels.c.device_pk, channels.c.index), wanted, dialect))
         if channel_keys is not None:
             triples = list(channel_keys)
             if not triples:
                 return []
             key = (devices.c.agent, devices.c.device_key, channels.c.index)
-            conditions.append(composite_in(key, triples))
+            conditions.append(composite_in(key, triples, dialect))
         order = [
             _SortKey(column)
             for column in (devices.c.site, devices.c.agent, devices.c.device_key, channels.c.index)
@@ -692,7 +729,9 @@ class FleetView:
             wanted = list(keys)
             if not wanted:
                 return {}
-            query = query.where(composite_in((devices.c.agent, devices.c.device_key), wanted))
+            query = query.where(
+                composite_in((devices.c.agent, devices.c.device_key), wanted, self.engine.dialect.name)
+            )
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         return {(row[0], row[1]): (row[2], row[3]) for row in rows}
@@ -764,3 +803,7 @@ class FleetView:
         )
         names = self._ALERT_NAMES
         return Listing([dict(zip(names, row, strict=False)) for row in rows], total)
+
+
+#: The names of a channel row's positions, as :meth:`FleetView._channel_items` unpacks them.
+_CHANNEL_ROW_NAMES = (*(column.name for column in FleetView._CHANNEL_COLUMNS), "last_bars")

@@ -123,6 +123,9 @@ class DeviceChange:
     after: dict[str, Any]
     status_before: str | None
     status_after: str
+    # The device's row id and the batch's ``updated_ms``, as written with ``after``.
+    pk: int | None = None
+    updated_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,7 +319,8 @@ def _set(work: _DeviceState, index: int | None, key: str, value: Any) -> None:
     _channel(work.state, index)[key] = _canonical(key, value)
 
 
-def _channel_rows(pk: int, state: dict[str, Any], only: set[int] | None = None) -> list[dict[str, Any]]:
+def channel_rows(pk: int, state: dict[str, Any], only: set[int] | None = None) -> list[dict[str, Any]]:
+    """The ``channels`` rows of device ``pk`` in ``state`` (of the channels in ``only``, if given)."""
     rows = []
     for channel in state["channels"]:
         if only is not None and channel["index"] not in only:
@@ -486,7 +490,11 @@ class SynchronizationService:
         keys = [(e.agent, e.boot, e.seq) for e in events]
         await conn.execute(
             delete(applied_events).where(
-                composite_in((applied_events.c.agent, applied_events.c.boot, applied_events.c.seq), keys)
+                composite_in(
+                    (applied_events.c.agent, applied_events.c.boot, applied_events.c.seq),
+                    keys,
+                    conn.dialect.name,
+                )
             )
         )
 
@@ -623,7 +631,11 @@ class SynchronizationService:
         missing = [pair for pair in pairs if pair not in found]
         if missing:
             await self._select_devices(
-                conn, composite_in((devices.c.agent, devices.c.device_key), missing), wanted, found, memo
+                conn,
+                composite_in((devices.c.agent, devices.c.device_key), missing, conn.dialect.name),
+                wanted,
+                found,
+                memo,
             )
         return found
 
@@ -717,7 +729,17 @@ class SynchronizationService:
             if w.pk is not None:
                 memo.devices[w.agent, w.device_key] = w.written()
         return [
-            DeviceChange(w.site, w.agent, w.device_key, w.before, w.state, w.status_before, w.reported_status)
+            DeviceChange(
+                w.site,
+                w.agent,
+                w.device_key,
+                w.before,
+                w.state,
+                w.status_before,
+                w.reported_status,
+                w.pk,
+                now,
+            )
             for w in dirty
         ]
 
@@ -727,14 +749,14 @@ class SynchronizationService:
         replaced = [w for w in dirty if w.replaced and w.pk is not None]
         if replaced:
             await conn.execute(delete(channels).where(channels.c.device_pk.in_([w.pk for w in replaced])))
-            rows = [row for w in replaced if w.pk is not None for row in _channel_rows(w.pk, w.state)]
+            rows = [row for w in replaced if w.pk is not None for row in channel_rows(w.pk, w.state)]
             if rows:
                 await conn.execute(channels.insert(), rows)
         rows = [
             row
             for w in dirty
             if not w.replaced and w.touched and w.pk is not None
-            for row in _channel_rows(w.pk, w.state, w.touched)
+            for row in channel_rows(w.pk, w.state, w.touched)
         ]
         if rows:
             await self._executemany(

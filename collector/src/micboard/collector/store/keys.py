@@ -10,16 +10,37 @@ from sqlalchemy import BigInteger, ColumnElement, String, and_, any_, bindparam,
 from sqlalchemy.dialects import postgresql
 
 
-def composite_in(columns: Sequence[ColumnElement[Any]], keys: Iterable[Sequence[Any]]) -> ColumnElement[bool]:
+def composite_in(
+    columns: Sequence[ColumnElement[Any]], keys: Iterable[Sequence[Any]], dialect: str | None = None
+) -> ColumnElement[bool]:
     """``(columns) IN keys``, with ``columns[0] IN (its values)`` beside it.
 
     SQLite does not use an index for a row-value ``IN`` alone: it scans the whole table (or, in
     a join, the other table) and tests each row. The single-column ``IN`` on the index's first
     column lets it search the index instead; the row-value test then only filters what it found.
+    Given the ``dialect``, the keys go as one bound parameter (see :func:`ints_in`): a JSON text
+    on SQLite, one array per column on PostgreSQL; else as an ``IN`` list.
     """
     wanted = [tuple(key) for key in keys]
     firsts = sorted({key[0] for key in wanted})
+    if dialect == "sqlite":
+        rows = _json_each(wanted)
+        parts = [func.json_extract(rows.c.value, f"$[{i}]") for i in range(len(columns))]
+        return and_(columns[0].in_(select(_json_each(firsts).c.value)), tuple_(*columns).in_(select(*parts)))
+    if dialect == "postgresql":
+        arrays = [
+            bindparam(None, [key[i] for key in wanted], type_=postgresql.ARRAY(column.type))
+            for i, column in enumerate(columns)
+        ]
+        names = [f"k{i}" for i in range(len(columns))]
+        table = func.unnest(*arrays).table_valued(*names).render_derived()
+        return tuple_(*columns).in_(select(*(table.c[name] for name in names)))
     return and_(columns[0].in_(firsts), tuple_(*columns).in_(wanted))
+
+
+def _json_each(values: Sequence[Any]) -> Any:
+    """SQLite's ``json_each`` over ``values`` passed as one JSON text parameter."""
+    return func.json_each(bindparam(None, orjson.dumps(values).decode(), type_=String)).table_valued("value")
 
 
 def ints_in(column: ColumnElement[Any], values: Iterable[int], dialect: str) -> ColumnElement[bool]:
@@ -32,8 +53,7 @@ def ints_in(column: ColumnElement[Any], values: Iterable[int], dialect: str) -> 
     """
     ids = sorted({int(value) for value in values})
     if dialect == "sqlite":
-        each = func.json_each(bindparam(None, orjson.dumps(ids).decode(), type_=String)).table_valued("value")
-        return column.in_(select(each.c.value))
+        return column.in_(select(_json_each(ids).c.value))
     if dialect == "postgresql":
         return column == any_(bindparam(None, ids, type_=postgresql.ARRAY(BigInteger)))
     return column.in_(ids)
