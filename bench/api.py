@@ -919,7 +919,12 @@ def collector_feed(
                 break
             await asyncio.sleep(0.01)
         lag = time.monotonic() - published
-        print(f"  published at {len(messages) / seconds:,.0f}/s; ingest done {lag:.2f} s after the last ack")
+        # Ingest's own rate over the phase: below the publishing rate, a backlog grew.
+        applied = (running.ingest.stats.events - before) / (seconds + lag)
+        print(
+            f"  published at {len(messages) / seconds:,.0f}/s; ingest done {lag:.2f} s after the last ack "
+            f"(applied {applied:,.0f}/s over the phase)"
+        )
         return [start + int(m * interval_ns) for m in range(len(messages))], seconds
 
     return feed
