@@ -7,7 +7,7 @@ import time
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from micboard.collector.store.keys import composite_in, ints_in
+from micboard.collector.store.keys import composite_in, ints_in, values_in
 from micboard.collector.store.schema import agents, devices, sites
 
 
@@ -51,6 +51,10 @@ async def test_ints_in_and_composite_in_find_exactly_the_keys(engine: AsyncEngin
         assert (
             await conn.execute(select(devices.c.id).where(ints_in(devices.c.id, [], dialect)))
         ).all() == []
+        by_key = select(devices.c.device_key).where(
+            values_in(devices.c.device_key, ["rx7", "rx9", "nope"], dialect)
+        )
+        assert sorted(r[0] for r in (await conn.execute(by_key)).all()) == ["rx7", "rx9"]
         keys = [("a1", "rx3"), ("a1", "rx250"), ("a2", "rx3")]
         query = select(devices.c.device_key).where(
             composite_in((devices.c.agent, devices.c.device_key), keys)

@@ -45,6 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from micboard.collector.errors import AlertNotFoundError, InvalidAlertRulesError, InvalidTransitionError
 from micboard.collector.live import LiveHub
 from micboard.collector.services.webhooks import WebhookDispatcher
+from micboard.collector.store.keys import values_in
 from micboard.collector.store.schema import agents, channels, devices
 from micboard.collector.store.schema_alerts import ACTIVE_STATES, alert_rules, alerts
 from micboard.shared.envelope import MeterBody
@@ -853,7 +854,7 @@ class AlertService:
             (
                 await conn.execute(
                     select(alerts).where(
-                        alerts.c.agent.in_(sorted({agent for agent, _key in keys})),
+                        values_in(alerts.c.agent, {agent for agent, _key in keys}, conn.dialect.name),
                         alerts.c.device_key.is_not(None),
                         alerts.c.state.in_(ACTIVE_STATES),
                     )

@@ -31,7 +31,7 @@ from sqlalchemy import Table, bindparam, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from micboard.collector.store.keys import composite_in, ints_in
+from micboard.collector.store.keys import composite_in, ints_in, values_in
 from micboard.collector.store.schema import agents, applied_events, channels, devices, discovered, sites
 from micboard.shared.envelope import (
     AnyEvent,
@@ -544,7 +544,7 @@ class SynchronizationService:
         back_rows = (
             await conn.execute(
                 update(agents)
-                .where(agents.c.agent.in_(sorted(updates)), agents.c.status == "stale")
+                .where(values_in(agents.c.agent, updates, conn.dialect.name), agents.c.status == "stale")
                 .values(status="online")
                 .returning(agents.c.site, agents.c.agent)
             )

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy import BigInteger, ColumnElement, String, and_, any_, bindparam, func, select, tuple_
+from sqlalchemy import ColumnElement, String, and_, any_, bindparam, func, select, tuple_
 from sqlalchemy.dialects import postgresql
 
 
@@ -44,16 +44,21 @@ def _json_each(values: Sequence[Any]) -> Any:
 
 
 def ints_in(column: ColumnElement[Any], values: Iterable[int], dialect: str) -> ColumnElement[bool]:
+    """:func:`values_in` of integers (``column`` holds integers)."""
+    return values_in(column, {int(value) for value in values}, dialect)
+
+
+def values_in(column: ColumnElement[Any], values: Iterable[Any], dialect: str) -> ColumnElement[bool]:
     """``column IN values`` as one bound parameter, whatever the number of values.
 
     An ``IN`` list renders one placeholder per value, so each batch size is a new SQL text for
-    the database to parse and plan (a few milliseconds for hundreds of ids on SQLite). Passed
+    the database to parse and plan (a few milliseconds for hundreds of values on SQLite). Passed
     as one JSON text (SQLite's ``json_each``) or one array (PostgreSQL's ``= ANY``), the text
     stays the same and the database's statement cache holds it.
     """
-    ids = sorted({int(value) for value in values})
+    wanted = sorted(set(values))
     if dialect == "sqlite":
-        return column.in_(select(_json_each(ids).c.value))
+        return column.in_(select(_json_each(wanted).c.value))
     if dialect == "postgresql":
-        return column == any_(bindparam(None, ids, type_=postgresql.ARRAY(BigInteger)))
-    return column.in_(ids)
+        return column == any_(bindparam(None, wanted, type_=postgresql.ARRAY(column.type)))
+    return column.in_(wanted)
