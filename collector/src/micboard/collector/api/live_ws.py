@@ -467,7 +467,7 @@ class LiveFeed:
         if isinstance(agent, str) and isinstance(device_key, str):
             data = message.data
             self._pending.device_changed((agent, device_key), data.get("channels"), data.get("change"))
-            if message.data.get("summary") is not False:
+            if data.get("summary") is not False:
                 # Its site's counts may have moved (the periodic site refresh catches the rest).
                 self._pending.sites.add(message.site)
             self._wake.set()
