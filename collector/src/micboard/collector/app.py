@@ -27,12 +27,15 @@ from micboard.collector.services.history import HistoryService
 from micboard.collector.services.meters import MeterService
 from micboard.collector.services.webhooks import WebhookDispatcher
 from micboard.collector.settings import CollectorSettings
-from micboard.collector.store.database import create_engine
+from micboard.collector.store.database import checkpoint_wal, create_engine
 from micboard.collector.store.migrate import prepare
 from micboard.shared.natsd import EmbeddedNats
 from micboard.shared.sdnotify import SystemdNotifier
 
 log = logging.getLogger(__name__)
+#: SQLite's automatic checkpoint threshold (pages of 4 KiB, so 64 MiB of WAL) while checkpoints run in
+#: the background: only a backstop for when they cannot keep up.
+_WAL_BACKSTOP_PAGES = 16_384
 
 
 @dataclass(slots=True)
@@ -99,7 +102,13 @@ class Collector:
             nats_url = self.embedded.url
             connect_options = collector_connect_options(settings, nats_url)
             log.info("embedded nats-server ready", extra={"nats": nats_url})
-        self._engine = engine = create_engine(settings.resolved_database_url())
+        url = settings.resolved_database_url()
+        # With SQLite, the WAL is checkpointed by a task of its own (below) rather than by the
+        # writer whose commit crosses SQLite's threshold: that commit would wait for an fsync.
+        background_checkpoints = url.startswith("sqlite") and settings.sqlite_checkpoint_interval_s > 0
+        self._engine = engine = create_engine(
+            url, wal_autocheckpoint=_WAL_BACKSTOP_PAGES if background_checkpoints else None
+        )
         await prepare(engine, settings.auto_migrate)
         self._nc = nc = await nats.connect(
             servers=[nats_url], name="micboard-collector", max_reconnect_attempts=-1, reconnect_time_wait=1.0,
@@ -133,6 +142,8 @@ class Collector:
         self._periodic.append(asyncio.create_task(self._mark_stale_agents(ingest), name="stale-agents"))
         self._periodic.append(asyncio.create_task(self._sweep_alerts(self.alerts), name="alert-sweep"))
         self._periodic.append(asyncio.create_task(self._prune_dedup(ingest), name="dedup-prune"))
+        if background_checkpoints:
+            self._periodic.append(asyncio.create_task(self._checkpoint_wal(engine), name="wal-checkpoint"))
         api = create_app(
             DeviceService(engine),
             settings=settings,
@@ -201,6 +212,22 @@ class Collector:
             except (SQLAlchemyError, OSError) as exc:
                 log.warning("dedup prune failed; retrying next interval", extra={"error": str(exc)})
             await asyncio.sleep(self.settings.dedup_prune_interval_s)
+
+    async def _checkpoint_wal(self, engine: AsyncEngine) -> None:
+        """Every ``sqlite_checkpoint_interval_s``: a PASSIVE checkpoint of the SQLite WAL."""
+        while True:
+            await asyncio.sleep(self.settings.sqlite_checkpoint_interval_s)
+            try:
+                busy, frames, done = await checkpoint_wal(engine)
+            except (SQLAlchemyError, OSError) as exc:
+                log.warning("WAL checkpoint failed; retrying next interval", extra={"error": str(exc)})
+                continue
+            if frames > _WAL_BACKSTOP_PAGES // 2:
+                # Readers keep it from finishing; SQLite's own checkpoint takes over at the backstop.
+                log.warning(
+                    "WAL checkpoint falling behind",
+                    extra={"busy": busy, "frames": frames, "checkpointed": done},
+                )
 
     async def _sweep_alerts(self, alerts: AlertService) -> None:
         """Every ``alert_sweep_interval_s``: held resolutions, agent rules, aged-out batteries."""

@@ -262,8 +262,9 @@ class IngestConsumer:
     async def run(self) -> None:
         """Fetch and apply batches until :meth:`stop`.
 
-        The next batch is fetched and decoded while the current one is written: the database
-        works in its own thread (SQLite) or server (PostgreSQL) meanwhile.
+        The next batch is fetched and decoded while the current one is written (the database
+        works in its own thread or server meanwhile), and no further ahead: what arrives during
+        a batch waits in the stream for the batch after, not decoded in memory.
         """
         if self._fetcher is None:
             await self.start()
@@ -280,6 +281,7 @@ class IngestConsumer:
                     if fetcher.done():
                         fetcher.result()  # the fetcher died: raise its error to our owner
                     continue
+                ready.task_done()  # the prefetcher may fetch the next batch now
                 await self._apply_decoded(batch)
         finally:
             fetcher.cancel()
@@ -302,13 +304,12 @@ class IngestConsumer:
                 # Fetching now would only spend deliveries of events that cannot be applied.
                 await asyncio.sleep(self.settings.retry_delay_s)
                 continue
+            # Fetch only once the batch before has been taken: a batch fetched earlier would wait
+            # decoded for two batches' time, and what arrived meanwhile for one more.
+            await ready.join()
             msgs = await self._fetch()
             if msgs:
-                try:
-                    await ready.put(self._decode(msgs))
-                except asyncio.CancelledError:
-                    self._unsettled.extend(msgs)
-                    raise
+                ready.put_nowait(self._decode(msgs))
 
     async def run_once(self) -> int:
         """Fetch one batch (waiting up to the fetch timeout) and apply it; returns its size."""

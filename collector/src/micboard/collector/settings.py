@@ -57,6 +57,12 @@ class CollectorSettings(MicboardSettings):
     batch_size: int = Field(
         default=1000, ge=1, le=10_000, description="events per fetch and per database transaction"
     )
+    sqlite_checkpoint_interval_s: float = Field(
+        default=0.25,
+        ge=0,
+        description="SQLite: copy the WAL into the database file this often, off ingest's path "
+        "(0: SQLite's own checkpoint, run by the committing writer, fsync included)",
+    )
     tune_gc: bool = Field(
         default=True, description="collect young objects less often (see micboard.collector.runtime)"
     )

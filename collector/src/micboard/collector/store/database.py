@@ -28,8 +28,12 @@ def _json_dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
-    """Create the async engine for ``url``, preparing SQLite files and pragmas."""
+def create_engine(url: str, *, echo: bool = False, wal_autocheckpoint: int | None = None) -> AsyncEngine:
+    """Create the async engine for ``url``, preparing SQLite files and pragmas.
+
+    ``wal_autocheckpoint``: SQLite's automatic checkpoint threshold in pages (its default is
+    1000), for a caller that checkpoints on its own and keeps this only as a backstop.
+    """
     parsed = make_url(url)
     # Every ingested device event writes its device's state as JSON: orjson keeps that cheap.
     json_options: dict[str, Any] = {"json_serializer": _json_dumps, "json_deserializer": orjson.loads}
@@ -38,10 +42,31 @@ def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(url, echo=echo, **json_options)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        if wal_autocheckpoint is not None:
+            pages = int(wal_autocheckpoint)
+            event.listen(
+                engine.sync_engine,
+                "connect",
+                lambda dbapi_connection, _record: dbapi_connection.execute(
+                    f"PRAGMA wal_autocheckpoint={pages}"
+                ),
+            )
         return engine
     return create_async_engine(
         url, echo=echo, pool_size=10, max_overflow=10, pool_pre_ping=True, **json_options
     )
+
+
+async def checkpoint_wal(engine: AsyncEngine) -> tuple[int, int, int]:
+    """Copy what the WAL holds into the database file without blocking writers or readers.
+
+    A PASSIVE checkpoint: it stops at frames a reader still needs and the next one goes on from
+    there. Run on a connection (and so a thread) of its own, its fsync never holds up a commit.
+    Returns SQLite's ``(busy, frames in the WAL, frames checkpointed)``.
+    """
+    async with engine.connect() as conn:
+        row: Any = (await conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")).first()
+    return (0, 0, 0) if row is None else (int(row[0]), int(row[1]), int(row[2]))
 
 
 async def create_schema(engine: AsyncEngine) -> None:
