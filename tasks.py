@@ -11,6 +11,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import venv
@@ -31,12 +32,34 @@ INSTALL_INPUTS = [
 
 
 def run(*cmd: str | Path, check: bool = True, env: dict[str, str] | None = None) -> int:
-    """Run a command from the project root, echoing it."""
+    """Run a command from the project root, echoing it.
+
+    Ctrl-C lets the command stop by itself (the demo stops its services in order) instead of
+    killing it a moment later, and ends without a traceback.
+    """
     print("+", " ".join(str(c) for c in cmd), flush=True)
-    result = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, check=False)
-    if check and result.returncode != 0:
-        sys.exit(result.returncode)
-    return result.returncode
+    process = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env)
+    try:
+        returncode = process.wait()
+    except KeyboardInterrupt:
+        returncode = _interrupted(process)
+    if check and returncode != 0:
+        sys.exit(returncode)
+    return returncode
+
+
+def _interrupted(process: subprocess.Popen[bytes]) -> int:
+    # From a terminal, the command got the Ctrl-C too; otherwise (a signal to this process
+    # alone) it is passed on after a moment. Then wait for the command's own shutdown.
+    try:
+        try:
+            return process.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGINT)
+        return process.wait(timeout=30)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        process.kill()
+        return process.wait()
 
 
 def _inputs_digest() -> str:

@@ -134,6 +134,8 @@ def main() -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        # A second Ctrl-C must not cut the shutdown short and leave services running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         for child in children:
             child.terminate()
         for child in children:

@@ -72,3 +72,37 @@ async def test_periodic_jobs_survive_a_broken_store(
             await collector.stop()
     assert collector.running is None
     assert "history flush at stop failed" in {r.getMessage() for r in caplog.records}
+
+
+async def test_stop_after_the_nats_server_went_first(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Ctrl-C in a terminal reaches nats-server and the collector together; the server may be
+    # gone before the collector closes its connection. Stopping must still finish cleanly.
+    nats = EmbeddedNats(store_dir=tmp_path / "nats").start()
+    settings = CollectorSettings(
+        nats_url=nats.url,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'c.db'}",
+        auto_migrate="always",
+        http_port=0,
+        state_dir=tmp_path / "state",
+        fetch_timeout_s=0.1,
+    )
+    collector = Collector(settings)
+    await collector.start()
+    nc = collector._nc
+    assert nc is not None
+    real_close = nc.close
+
+    async def close_mid_shutdown() -> None:
+        # What the demo showed when nats-server stopped while the client drained: the
+        # close itself fails with the connection lost.
+        await real_close()
+        raise ConnectionResetError("Connection lost")
+
+    nc.close = close_mid_shutdown  # type: ignore[method-assign]
+    nats.stop()
+    with caplog.at_level(logging.WARNING, logger="micboard.collector.app"):
+        await asyncio.wait_for(collector.stop(), timeout=30)
+    assert collector._nc is None and collector._engine is None
+    assert "NATS connection lost while closing" in {r.getMessage() for r in caplog.records}

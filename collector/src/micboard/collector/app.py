@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import nats
 from aiohttp import web
 from nats.aio.client import Client
+from nats.errors import Error as NatsError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -281,7 +282,12 @@ class Collector:
             self.history = None
         self.alerts = None
         if self._nc is not None:
-            await self._nc.close()
+            try:
+                await self._nc.close()
+            except (OSError, NatsError) as exc:
+                # The server went first (Ctrl-C reaches a whole terminal's processes at once):
+                # there is nothing left to flush to it, and the rest must still shut down.
+                log.warning("NATS connection lost while closing", extra={"error": str(exc)})
             self._nc = None
         if self._engine is not None:
             await self._engine.dispose()
