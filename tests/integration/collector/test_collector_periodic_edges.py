@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -23,16 +24,14 @@ FAILURES = (
 
 
 async def test_periodic_jobs_survive_a_broken_store(
-    nats_private: EmbeddedNats, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    nats_private: EmbeddedNats,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    collector_settings: Callable[..., CollectorSettings],
 ) -> None:
     db = tmp_path / "collector.db"
-    settings = CollectorSettings(
-        nats_url=nats_private.url,
-        database_url=f"sqlite+aiosqlite:///{db}",
-        auto_migrate="always",
-        http_port=0,
-        state_dir=tmp_path / "state",
-        fetch_timeout_s=0.1,
+    settings = collector_settings(
+        nats_private.url,
         stale_check_interval_s=0.05,
         dedup_prune_interval_s=0.05,
         alert_sweep_interval_s=0.05,
@@ -75,20 +74,12 @@ async def test_periodic_jobs_survive_a_broken_store(
 
 
 async def test_stop_after_the_nats_server_went_first(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, collector_settings: Callable[..., CollectorSettings]
 ) -> None:
     # Ctrl-C in a terminal reaches nats-server and the collector together; the server may be
     # gone before the collector closes its connection. Stopping must still finish cleanly.
     nats = EmbeddedNats(store_dir=tmp_path / "nats").start()
-    settings = CollectorSettings(
-        nats_url=nats.url,
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'c.db'}",
-        auto_migrate="always",
-        http_port=0,
-        state_dir=tmp_path / "state",
-        fetch_timeout_s=0.1,
-    )
-    collector = Collector(settings)
+    collector = Collector(collector_settings(nats.url))
     await collector.start()
     nc = collector._nc
     assert nc is not None

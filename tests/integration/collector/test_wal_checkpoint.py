@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,9 @@ async def test_checkpoint_wal_copies_the_wal_and_the_backstop_pragma_applies(tmp
 
 
 async def test_the_collector_checkpoints_in_the_background_only_on_sqlite(
-    nats_private: EmbeddedNats, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    nats_private: EmbeddedNats,
+    monkeypatch: pytest.MonkeyPatch,
+    collector_settings: Callable[..., CollectorSettings],
 ) -> None:
     # The real checkpoint, observed: what each run found in the WAL and copied.
     runs: list[tuple[int, int, int]] = []
@@ -51,16 +54,7 @@ async def test_the_collector_checkpoints_in_the_background_only_on_sqlite(
         return result
 
     monkeypatch.setattr(app_module, "checkpoint_wal", observed)
-    db = tmp_path / "collector.db"
-    settings = CollectorSettings(
-        nats_url=nats_private.url,
-        database_url=f"sqlite+aiosqlite:///{db}",
-        auto_migrate="always",
-        http_port=0,
-        state_dir=tmp_path / "state",
-        fetch_timeout_s=0.1,
-        sqlite_checkpoint_interval_s=0.05,
-    )
+    settings = collector_settings(nats_private.url, sqlite_checkpoint_interval_s=0.05)
     collector = Collector(settings)
     await collector.start()
     try:
