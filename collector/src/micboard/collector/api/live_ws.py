@@ -141,13 +141,6 @@ def publish_committed(
     status and channel count they leave as they were changes nothing its site's summary counts.
     """
     by_key = {(change.agent, change.device_key): change for change in devices}
-    unchanged_summary = {
-        key
-        for key, change in by_key.items()
-        if change.before is not None
-        and change.status_before == change.status_after
-        and len(change.before.get("channels") or ()) == len(change.after.get("channels") or ())
-    }
     for event in events:
         if isinstance(event, DeviceEvent | OfflineEvent):
             data: dict[str, Any] = {"kind": event.kind, "seq": event.seq}
@@ -156,15 +149,25 @@ def publish_committed(
                 # A delta of channel fields only changes those channels' items: the live feed
                 # reads just them (most deltas are one channel's battery or RF).
                 data["channels"] = [int(index) for index in changes["channels"]]
-                key = (event.agent, event.body.device_key)
-                if key in unchanged_summary:
-                    data["summary"] = False
-                if key in by_key:
+                change = by_key.get((event.agent, event.body.device_key))
+                if change is not None:
                     # The state the batch committed: the feed builds the items from it.
-                    data["change"] = by_key[key]
+                    data["change"] = change
+                    if _summary_unchanged(change):
+                        data["summary"] = False
             hub.publish_device(event.site, event.agent, event.body.device_key, data)
     for ref in restored:
         hub.publish_device(ref.site, ref.agent, ref.device_key, {"kind": "status"})
+
+
+def _summary_unchanged(change: DeviceChange) -> bool:
+    # A site's summary counts devices by status and their channels; nothing else of a device.
+    before = change.before
+    return (
+        before is not None
+        and change.status_before == change.status_after
+        and len(before.get("channels") or ()) == len(change.after.get("channels") or ())
+    )
 
 
 def publish_batch(hub: LiveHub, batch: CommittedBatch) -> None:
