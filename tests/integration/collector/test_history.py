@@ -107,7 +107,8 @@ async def test_pending_bound_counts_drops_and_periodic_task(engine: AsyncEngine)
     history = HistoryService(engine, max_pending=2, flush_interval_s=0.05)
     now = time.time_ns() // 1_000_000  # the periodic job prunes against the real clock
     for minute in range(4):
-        history.record_meter("venue", "pi-1", meter((-60.0,)), now_ms=now - minute * MIN)
+        # Ended buckets: the periodic flush leaves the current one filling.
+        history.record_meter("venue", "pi-1", meter((-60.0,)), now_ms=now - (minute + 1) * MIN)
     assert (history.pending, history.stats.dropped) == (2, 2)
     await history.start()
     try:

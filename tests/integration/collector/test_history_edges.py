@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from micboard.collector.services.history import HistoryService
 from micboard.collector.store.database import create_engine
+from micboard.collector.store.migrate import upgrade
 from micboard.shared.envelope import MeterBody
 from micboard.shared.model import ChannelMeter
 
@@ -81,7 +82,7 @@ async def test_periodic_flush_failure_is_counted_and_retried(
     history = HistoryService(broken, flush_interval_s=0.02, prune_interval_s=3600)
     try:
         with caplog.at_level(logging.ERROR, logger="micboard.collector.services.history"):
-            history.record_battery("venue", "pi-1", "dev-1", [(1, 50, 3)])
+            history.record_battery("venue", "pi-1", "dev-1", [(1, 50, 3)], now_ms=60_000)
             await history.start()
             await history.start()  # idempotent
             history.record_battery("venue", "pi-1", "dev-1", [(1, 40, 2)], now_ms=1)
@@ -90,7 +91,11 @@ async def test_periodic_flush_failure_is_counted_and_retried(
         logged = [r for r in caplog.records if r.getMessage() == "history flush or prune failed"]
         assert len(logged) >= 2 and all("no such table" in traceback_of(r) for r in logged)
         assert history._task is not None and not history._task.done()
-        # The failed aggregates were taken out of memory: there is no unbounded retry backlog.
+        # The failed aggregates are kept for the next flush (bounded like recording is)...
+        assert history.pending == 2
+        # ...which stores them once the store is back.
+        await upgrade(broken)
+        await wait_for(lambda: history.stats.flushed_rows == 2)
         assert history.pending == 0
     finally:
         task = history._task
@@ -128,3 +133,44 @@ def test_battery_beyond_the_pending_bound_is_dropped_and_counted(tmp_path: Path)
     # The same channel and bucket folds into the aggregate already waiting: not a new one.
     history.record_battery("venue", "pi-1", "dev-1", [(1, 45, 3)], now_ms=1)
     assert (history.pending, history.stats.recorded, history.stats.dropped) == (1, 2, 1)
+
+
+async def test_a_failed_flush_keeps_its_aggregates_within_the_bound(tmp_path: Path) -> None:
+    broken = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}")
+    history = HistoryService(broken, max_pending=3)
+    try:
+        history.record_battery("venue", "pi-1", "dev-1", [(1, 50, 3), (2, 60, 4)], now_ms=1)
+        flush = asyncio.create_task(history.flush())
+        await asyncio.sleep(0)  # the flush took what was pending and waits for the database
+        assert history.pending == 0
+        history.record_battery("venue", "pi-1", "dev-1", [(1, 45, 3), (3, 70, 4), (4, 80, 5)], now_ms=2)
+        with pytest.raises(Exception, match="no such table"):
+            await flush
+        # Folded back into what arrived meanwhile, within the bound: channel 1 merged (lowest
+        # reading, both samples); channel 2 found no room and is counted as dropped.
+        assert history.pending == 3 and history.stats.dropped == 1
+        await upgrade(broken)
+        assert await history.flush() == 3
+        points = {
+            ch: await history.query("pi-1", "dev-1", ch, start_ms=0, end_ms=60_000) for ch in (1, 2, 3, 4)
+        }
+        assert [(p.battery_percent, p.samples) for p in points[1]] == [(45, 2)]
+        assert points[2] == []
+        assert [(p.battery_percent, p.samples) for p in points[3]] == [(70, 1)]
+        assert [(p.battery_percent, p.samples) for p in points[4]] == [(80, 1)]
+    finally:
+        await broken.dispose()
+
+
+async def test_a_flush_writes_in_paced_chunks(engine: AsyncEngine) -> None:
+    history = HistoryService(engine)
+    # More aggregates than one chunk holds: three transactions, with pauses between them.
+    for channel in range(1, 1002):
+        history.record_battery("venue", "pi-1", "dev-1", [(channel, 50, 3)], now_ms=60_000)
+    history.record_battery("venue", "pi-1", "dev-1", [(1, 40, 2)], now_ms=60_001)
+    assert await history.flush(spread_s=0.03) == 1001
+    assert (history.pending, history.stats.flushed_rows) == (0, 1001)
+    points = await history.query("pi-1", "dev-1", 1, start_ms=60_000, end_ms=120_000)
+    assert [(p.battery_percent, p.samples) for p in points] == [(40, 2)]
+    last = await history.query("pi-1", "dev-1", 1001, start_ms=60_000, end_ms=120_000)
+    assert [(p.battery_percent, p.samples) for p in last] == [(50, 1)]

@@ -165,3 +165,24 @@ async def test_touches_skipped_within_the_resolution_still_restore_a_stale_agent
     async with engine.connect() as conn:
         assert (await conn.execute(select(agents.c.status))).scalar_one() == "online"
     assert (await device_row(engine)).status == "online"
+
+
+async def test_a_warmed_service_keeps_the_latest_devices_and_still_checks_revisions(
+    engine: AsyncEngine,
+) -> None:
+    writer = SynchronizationService()
+    await run(engine, writer, [snapshot(s, key=f"dev-{s}") for s in (1, 2, 3)])
+    await run(engine, writer, [battery(4, 1, 90, key="dev-1")])  # dev-1 written last
+    started = SynchronizationService(device_cache=2)
+    async with engine.connect() as conn:
+        assert await started.warm(conn) == 2
+        assert await SynchronizationService().warm(conn, limit=0) == 0
+    # The two written last, the latest kept last (evicted last).
+    assert list(started._devices) == [("pi-1", "dev-3"), ("pi-1", "dev-1")]
+    assert percents(started._devices["pi-1", "dev-1"].state) == {1: 90, 2: 100}
+    # Another collector writes dev-1 after the start: the warmed copy is read again.
+    await run(engine, writer, [battery(5, 2, 80, key="dev-1")])
+    changes = await run(engine, started, [battery(6, 1, 70, key="dev-1")])
+    assert percents((await device_row(engine)).state) == {1: 70, 2: 80}
+    [change] = changes.devices
+    assert change.before is not None and percents(change.before) == {1: 90, 2: 80}

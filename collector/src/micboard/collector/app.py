@@ -223,8 +223,10 @@ class Collector:
             except (SQLAlchemyError, OSError) as exc:
                 log.warning("WAL checkpoint failed; retrying next interval", extra={"error": str(exc)})
                 continue
-            if frames > _WAL_BACKSTOP_PAGES // 2:
-                # Readers keep it from finishing; SQLite's own checkpoint takes over at the backstop.
+            if frames - done > _WAL_BACKSTOP_PAGES // 2:
+                # Readers keep it from copying what the WAL holds (a WAL copied whole is reused
+                # from its start by the next writer, however long it grew); SQLite's own
+                # checkpoint takes over at the backstop.
                 log.warning(
                     "WAL checkpoint falling behind",
                     extra={"busy": busy, "frames": frames, "checkpointed": done},

@@ -57,7 +57,7 @@ from micboard.collector.store.schema import poison_events
 from micboard.shared.codec import decode
 from micboard.shared.envelope import AnyEvent
 from micboard.shared.errors import ErrorCode, SubjectError, WireError
-from micboard.shared.model import Device
+from micboard.shared.model import Device, ReceiverChannel
 from micboard.shared.subjects import parse_subject, stream_subjects
 
 log = logging.getLogger(__name__)
@@ -189,21 +189,86 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _transition(change: DeviceChange) -> DeviceTransition:
-    return DeviceTransition(
-        change.site,
-        change.agent,
-        change.device_key,
-        Device.model_validate(change.before) if change.before is not None else None,
-        Device.model_validate(change.after),
-        change.status_before,
-        change.status_after,
-    )
+class DeviceModels:
+    """Validated :class:`Device` models of the states a batch hands to alert evaluation.
+
+    A device's state after one batch is its state before the next (committed states are never
+    mutated, see :mod:`~micboard.collector.services.sync`), and a delta changes a channel or two:
+    a model is kept per device while its state object is the one it was built from, and the model
+    after a change reuses the unchanged channels' models. Validation of a whole device was the
+    largest cost of evaluating alerts per event.
+    """
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self._by_key: dict[tuple[str, str], tuple[dict[str, Any], Device]] = {}
+
+    def transition(self, change: DeviceChange) -> DeviceTransition:
+        """The change as alert rules see it: models of the state before and after."""
+        key = (change.agent, change.device_key)
+        kept = self._by_key.get(key)
+        before: Device | None = None
+        if change.before is not None and kept is not None and kept[0] is change.before:
+            before = kept[1]
+            after = _derived(before, change.before, change.after)
+        else:
+            # Either way one device is validated whole: the other shares its unchanged channels.
+            after = Device.model_validate(change.after)
+            if change.before is not None:
+                before = _derived(after, change.after, change.before)
+        self._keep(key, change.after, after)
+        return DeviceTransition(
+            change.site,
+            change.agent,
+            change.device_key,
+            before,
+            after,
+            change.status_before,
+            change.status_after,
+        )
+
+    def _keep(self, key: tuple[str, str], state: dict[str, Any], model: Device) -> None:
+        # Holding the state keeps its id from being reused by another object while kept.
+        self._by_key.pop(key, None)
+        self._by_key[key] = (state, model)
+        if len(self._by_key) > self.limit:
+            del self._by_key[next(iter(self._by_key))]
 
 
-def _battery_readings(state: dict[str, Any]) -> list[tuple[int, int | None, int | None]]:
+def _derived(base: Device | None, base_state: dict[str, Any] | None, state: dict[str, Any]) -> Device:
+    """``state`` validated, reusing ``base`` (the model of ``base_state``) for whatever is unchanged."""
+    if base is None or base_state is None or base_state.keys() != state.keys():
+        return Device.model_validate(state)
+    for name, value in state.items():
+        if name != "channels" and base_state[name] != value:
+            return Device.model_validate(state)
+    old, new = base_state["channels"], state["channels"]
+    if len(old) != len(new) or len(base.channels) != len(new):
+        return Device.model_validate(state)
+    channels = []
+    for old_channel, new_channel, model in zip(old, new, base.channels, strict=True):
+        if new_channel is old_channel:
+            channels.append(model)  # the sync path copies a channel before changing it
+        elif new_channel["index"] != model.index:
+            return Device.model_validate(state)
+        else:
+            channels.append(ReceiverChannel.model_validate(new_channel))
+    return base.model_copy(update={"channels": tuple(channels)})
+
+
+def _battery_readings(
+    before: dict[str, Any] | None, after: dict[str, Any]
+) -> list[tuple[int, int | None, int | None]]:
+    """The battery readings of the channels a change wrote (every channel of a new or replaced state).
+
+    A delta of one channel leaves the others' readings as they were: sampling them again would
+    only count the same reading once more, at a cost per channel of every event.
+    """
+    old = before["channels"] if before is not None else ()
     readings = []
-    for channel in state["channels"]:
+    for position, channel in enumerate(after["channels"]):
+        if position < len(old) and old[position] is channel:
+            continue  # the sync path copies a channel before changing it: the same one is unchanged
         tx = channel.get("transmitter")
         if tx is not None:
             readings.append((channel["index"], tx.get("battery_percent"), tx.get("battery_bars")))
@@ -236,14 +301,27 @@ class IngestConsumer:
         # Device and agent alert rules run in each batch's transaction; samples after its commit.
         self.alerts = alerts
         self.history = history
+        self._models = DeviceModels()
         self._fetcher: PullFetcher | None = None
         self._unsettled: list[Msg] = []  # fetched, then stopped before being applied
         self._stopping = asyncio.Event()
         self._database_down = False
 
     async def start(self) -> None:
-        """Ensure the stream and consumer exist and bind to the consumer."""
+        """Ensure the stream and consumer exist, keep recent device state in memory, bind to the consumer."""
         await ensure_stream(self.js, self.settings)
+        started = time.perf_counter()
+        try:
+            async with self.engine.connect() as conn:
+                warmed = await self.sync.warm(conn)
+        except SQLAlchemyError as exc:
+            # Only a head start: the first batches read what they need.
+            log.warning("could not load device state at start", extra={"error": str(exc)[:500]})
+        else:
+            log.info(
+                "device state loaded",
+                extra={"devices": warmed, "ms": round((time.perf_counter() - started) * 1000)},
+            )
         fetcher = PullFetcher(
             self.nc, self.settings.stream_name, self.settings.durable_name, on_status=self._fetch_refused
         )
@@ -436,7 +514,9 @@ class IngestConsumer:
         try:
             # A savepoint: should evaluation fail, the state is still committed and acked.
             async with conn.begin_nested():
-                found = await self.alerts.evaluate_devices(conn, [_transition(c) for c in moved], now_ms=now)
+                found = await self.alerts.evaluate_devices(
+                    conn, [self._models.transition(c) for c in moved], now_ms=now
+                )
                 found += await self.alerts.agents_changed(conn, back=changes.agents_back, now_ms=now)
         except Exception:
             # Whatever failed (a bug, a row edited by hand), the events themselves are fine.
@@ -459,7 +539,7 @@ class IngestConsumer:
                         change.site,
                         change.agent,
                         change.device_key,
-                        _battery_readings(change.after),
+                        _battery_readings(change.before, change.after),
                         now_ms=now,
                     )
         applied = [

@@ -38,7 +38,7 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from sqlalchemy import and_, bindparam, delete, select, update
+from sqlalchemy import and_, bindparam, delete, false, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -827,6 +827,14 @@ class AlertService:
             .where(
                 alerts.c.state.in_(ACTIVE_STATES),
                 alerts.c.rule.in_([r.value for r in _BATTERY_RULES]),
+                # Only batteries reading unknown (or gone): a fleet's open battery alerts are
+                # mostly known readings, and turning every one into a row on each sweep stalled
+                # the event loop for tens of milliseconds.
+                or_(
+                    channels.c.tx_present.is_(None),
+                    channels.c.tx_present.is_(false()),
+                    and_(channels.c.battery_bars.is_(None), channels.c.battery_percent.is_(None)),
+                ),
             )
         )
         rows = (await conn.execute(query)).mappings().all()

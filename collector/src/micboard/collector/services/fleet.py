@@ -11,6 +11,7 @@ import functools
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import (
@@ -607,14 +608,13 @@ class FleetView:
             "model": state.get("model"),
             "status": change.status_after,
             "updated_ms": change.updated_ms,
-            "last_bars": None,
         }
+        head = _DEVICE_PART(device)
         rows: list[tuple[Any, ...]] = []
         for row in channel_rows(change.pk, state, wanted):
             if row["battery_bars"] is None or row["index"] not in wanted:
                 continue
-            values = {**device, **row}
-            rows.append(tuple(values[name] for name in _CHANNEL_ROW_NAMES))
+            rows.append((*head, *_CHANNEL_PART(row), None))  # last_bars: only read for unknown
             wanted.discard(row["index"])
         return cls._channel_items(rows), wanted
 
@@ -807,3 +807,9 @@ class FleetView:
 
 #: The names of a channel row's positions, as :meth:`FleetView._channel_items` unpacks them.
 _CHANNEL_ROW_NAMES = (*(column.name for column in FleetView._CHANNEL_COLUMNS), "last_bars")
+# A committed channel row's positions: the device's columns, then the channel row's (channel_rows).
+_DEVICE_NAMES = ("device_id", "site", "agent", "device_key", "device_name", "model", "status", "updated_ms")
+if _CHANNEL_ROW_NAMES[: len(_DEVICE_NAMES)] != _DEVICE_NAMES:  # pragma: no cover - a coding error
+    raise RuntimeError("FleetView._CHANNEL_COLUMNS must start with the device's columns")
+_DEVICE_PART = itemgetter(*_DEVICE_NAMES)
+_CHANNEL_PART = itemgetter(*_CHANNEL_ROW_NAMES[len(_DEVICE_NAMES) : -1])

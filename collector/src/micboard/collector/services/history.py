@@ -25,12 +25,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BigInteger, case, delete, func, literal_column, select
+from sqlalchemy import BigInteger, bindparam, case, delete, func, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
 from micboard.collector.errors import InvalidHistoryQueryError
+from micboard.collector.store.prepared import Prepared, prepare
 from micboard.collector.store.schema_alerts import history_samples
 from micboard.shared.envelope import MeterBody
 from micboard.shared.model import Device
@@ -105,6 +106,28 @@ def _greatest(current: ColumnElement[Any], new: ColumnElement[Any]) -> ColumnEle
 
 _Key = tuple[str, str, int, int]  # agent, device_key, channel, bucket_ms
 
+#: Aggregates written per transaction by :meth:`HistoryService.flush`, and the pause between two.
+FLUSH_CHUNK = 500
+FLUSH_PAUSE_S = 0.01
+
+
+def _row(key: _Key, agg: _Aggregate) -> dict[str, Any]:
+    agent, device_key, channel, bucket_ms = key
+    return {
+        "agent": agent,
+        "device_key": device_key,
+        "channel": channel,
+        "bucket_ms": bucket_ms,
+        "site": agg.site,
+        "battery_percent": agg.battery_percent,
+        "battery_bars": agg.battery_bars,
+        "rf_dbm": agg.rf_dbm,
+        "rf_dbm_min": agg.rf_dbm_min,
+        "audio_dbfs": agg.audio_dbfs,
+        "audio_peak_dbfs": agg.audio_peak_dbfs,
+        "samples": agg.samples,
+    }
+
 
 class HistoryService:
     """Records downsampled channel samples, answers chart queries and prunes old rows."""
@@ -129,6 +152,7 @@ class HistoryService:
         self.max_pending = max_pending
         self.stats = HistoryStats()
         self._pending: dict[_Key, _Aggregate] = {}
+        self._prepared: dict[str, Prepared] = {}
         self._task: asyncio.Task[None] | None = None
 
     # -- recording (synchronous, in memory) ---------------------------------------------------
@@ -205,48 +229,76 @@ class HistoryService:
 
     # -- writing ------------------------------------------------------------------------------
 
-    async def flush(self) -> int:
-        """Write every pending aggregate, merging with rows already stored; returns rows written."""
+    async def flush(self, *, spread_s: float = 0.0) -> int:
+        """Write every pending aggregate, merging with rows already stored; returns rows written.
+
+        Rows go in transactions of :data:`FLUSH_CHUNK` with a pause between two, spread over
+        ``spread_s`` at most: on SQLite, ingest's batches wait for the write lock meanwhile, and
+        a fleet's samples written in one go held them up for seconds. Aggregates a failed write
+        did not store are kept for the next flush (merged with what arrived meanwhile).
+        """
         if not self._pending:
             return 0
-        pending, self._pending = self._pending, {}
-        rows = [
-            {
-                "agent": agent,
-                "device_key": device_key,
-                "channel": channel,
-                "bucket_ms": bucket_ms,
-                "site": agg.site,
-                "battery_percent": agg.battery_percent,
-                "battery_bars": agg.battery_bars,
-                "rf_dbm": agg.rf_dbm,
-                "rf_dbm_min": agg.rf_dbm_min,
-                "audio_dbfs": agg.audio_dbfs,
-                "audio_peak_dbfs": agg.audio_peak_dbfs,
-                "samples": agg.samples,
-            }
-            for (agent, device_key, channel, bucket_ms), agg in pending.items()
-        ]
-        dialect = sqlite if self.engine.dialect.name == "sqlite" else postgresql
-        statement = dialect.insert(history_samples)
-        new = statement.excluded
-        table = history_samples.c
-        statement = statement.on_conflict_do_update(
-            index_elements=[table.agent, table.device_key, table.channel, table.bucket_ms],
-            set_={
-                "battery_percent": _least(table.battery_percent, new.battery_percent),
-                "battery_bars": _least(table.battery_bars, new.battery_bars),
-                "rf_dbm": _greatest(table.rf_dbm, new.rf_dbm),
-                "rf_dbm_min": _least(table.rf_dbm_min, new.rf_dbm_min),
-                "audio_dbfs": _greatest(table.audio_dbfs, new.audio_dbfs),
-                "audio_peak_dbfs": _greatest(table.audio_peak_dbfs, new.audio_peak_dbfs),
-                "samples": table.samples + new.samples,
-            },
-        )
-        async with self.engine.begin() as conn:
-            await conn.execute(statement, rows)
-        self.stats.flushed_rows += len(rows)
-        return len(rows)
+        items = list(self._pending.items())
+        self._pending = {}
+        chunks = -(-len(items) // FLUSH_CHUNK)
+        pause = max(FLUSH_PAUSE_S, spread_s / chunks) if chunks > 1 else 0.0
+        written = 0
+        try:
+            for start in range(0, len(items), FLUSH_CHUNK):
+                if start:
+                    await asyncio.sleep(pause)
+                chunk = items[start : start + FLUSH_CHUNK]
+                async with self.engine.begin() as conn:
+                    await self._upsert(conn).executemany(conn, [_row(key, agg) for key, agg in chunk])
+                written += len(chunk)
+                self.stats.flushed_rows += len(chunk)
+        except BaseException:
+            self._keep(items[written:])
+            raise
+        return written
+
+    def _upsert(self, conn: AsyncConnection) -> Prepared:
+        prepared = self._prepared.get(conn.dialect.name)
+        if prepared is None:
+            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+            # Only the columns a row holds: compiled without values, every column (the id) binds.
+            columns = _row(("", "", 0, 0), _Aggregate(""))
+            statement = dialect.insert(history_samples).values({c: bindparam(c) for c in columns})
+            new = statement.excluded
+            table = history_samples.c
+            statement = statement.on_conflict_do_update(
+                index_elements=[table.agent, table.device_key, table.channel, table.bucket_ms],
+                set_={
+                    "battery_percent": _least(table.battery_percent, new.battery_percent),
+                    "battery_bars": _least(table.battery_bars, new.battery_bars),
+                    "rf_dbm": _greatest(table.rf_dbm, new.rf_dbm),
+                    "rf_dbm_min": _least(table.rf_dbm_min, new.rf_dbm_min),
+                    "audio_dbfs": _greatest(table.audio_dbfs, new.audio_dbfs),
+                    "audio_peak_dbfs": _greatest(table.audio_peak_dbfs, new.audio_peak_dbfs),
+                    "samples": table.samples + new.samples,
+                },
+            )
+            prepared = self._prepared[conn.dialect.name] = prepare(statement, conn.dialect)
+        return prepared
+
+    def _keep(self, items: list[tuple[_Key, _Aggregate]]) -> None:
+        """Put unwritten aggregates back, folded into any that arrived since (bounded as recording is)."""
+        for key, agg in items:
+            current = self._pending.get(key)
+            if current is None:
+                if len(self._pending) >= self.max_pending:
+                    self.stats.dropped += agg.samples
+                    continue
+                self._pending[key] = agg
+                continue
+            current.battery_percent = _min(current.battery_percent, agg.battery_percent)
+            current.battery_bars = _min(current.battery_bars, agg.battery_bars)
+            current.rf_dbm = _max(current.rf_dbm, agg.rf_dbm)
+            current.rf_dbm_min = _min(current.rf_dbm_min, agg.rf_dbm_min)
+            current.audio_dbfs = _max(current.audio_dbfs, agg.audio_dbfs)
+            current.audio_peak_dbfs = _max(current.audio_peak_dbfs, agg.audio_peak_dbfs)
+            current.samples += agg.samples
 
     async def prune(self, now_ms: int | None = None) -> int:
         """Delete rows older than the retention period; returns how many."""
@@ -345,7 +397,8 @@ class HistoryService:
         while True:
             await asyncio.sleep(self.flush_interval_s)
             try:
-                await self.flush()
+                # Spread over half the interval: the next flush never overlaps this one.
+                await self.flush(spread_s=self.flush_interval_s / 2)
                 if time.monotonic() >= next_prune:
                     await self.prune()
                     next_prune = time.monotonic() + self.prune_interval_s

@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -32,6 +31,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from micboard.collector.store.keys import composite_in, ints_in, values_in
+from micboard.collector.store.prepared import prepare
 from micboard.collector.store.schema import agents, applied_events, channels, devices, discovered, sites
 from micboard.shared.envelope import (
     AnyEvent,
@@ -75,6 +75,14 @@ _CLAIM_POSTGRESQL = (
     "INSERT INTO applied_events (agent, boot, seq, applied_ms) "
     "SELECT k.agent, k.boot, k.seq, $4 FROM unnest($1::varchar[], $2::varchar[], $3::bigint[]) "
     "AS k(agent, boot, seq) ON CONFLICT DO NOTHING RETURNING agent, boot, seq"
+)
+# The revision of each known device of a batch, in id order (PostgreSQL: locking the rows).
+_REVISIONS_SQLITE = (
+    "SELECT id, agent, device_key, revision FROM devices "
+    "WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id"
+)
+_REVISIONS_POSTGRESQL = (
+    "SELECT id, agent, device_key, revision FROM devices WHERE id = ANY($1::integer[]) ORDER BY id FOR UPDATE"
 )
 #: Devices whose state a service keeps in memory between batches (about 2 KB each).
 DEFAULT_DEVICE_CACHE = 50_000
@@ -153,6 +161,15 @@ class _Cached:
             last_ts=self.last_ts, base_seq=self.base_seq, field_seq=dict(self.field_seq),
             revision=self.revision, before=self.state, status_before=self.reported_status,
         )  # fmt: skip
+
+
+def _cached(row: Any) -> _Cached:
+    """A device row of :data:`_WORK_COLUMNS` as kept between batches."""
+    return _Cached(
+        pk=row.id, revision=row.revision, site=row.site, state=row.state,
+        reported_status=row.reported_status, last_boot=row.last_boot, last_seq=row.last_seq,
+        last_ts=row.last_ts, base_seq=row.base_seq, field_seq=dict(row.field_seq or {}),
+    )  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -608,22 +625,24 @@ class SynchronizationService:
         if by_pk:
             # One light statement: the revision of every known device (locking the rows on
             # PostgreSQL, in id order). A cached state whose revision still matches is used as is.
-            query = (
-                select(devices.c.id, devices.c.agent, devices.c.device_key, devices.c.revision)
-                .where(ints_in(devices.c.id, by_pk, conn.dialect.name))
-                .order_by(devices.c.id)
-                .with_for_update()
-            )
+            # Straight through the driver: it runs for every batch, and SQLAlchemy's statement
+            # and row handling cost more than the lookup.
+            ids = sorted(by_pk)
+            if conn.dialect.name == "postgresql":
+                result = await conn.exec_driver_sql(_REVISIONS_POSTGRESQL, (ids,))
+            else:
+                result = await conn.exec_driver_sql(_REVISIONS_SQLITE, (orjson.dumps(ids).decode(),))
+            rows: Sequence[Any] = result.all()
             reload: list[int] = []
-            for row in (await conn.execute(query)).all():
-                pair = (row.agent, row.device_key)
-                if by_pk.get(row.id) != pair:
+            for pk, agent, device_key, revision in rows:
+                pair = (agent, device_key)
+                if by_pk.get(pk) != pair:
                     continue  # the id was reused for another device: look it up by key below
                 cached = self._devices.get(pair)
-                if cached is not None and cached.pk == row.id and cached.revision == row.revision:
+                if cached is not None and cached.pk == pk and cached.revision == revision:
                     found[pair] = cached.work(pair)
                 else:
-                    reload.append(row.id)
+                    reload.append(pk)
             if reload:
                 await self._select_devices(
                     conn, ints_in(devices.c.id, reload, conn.dialect.name), wanted, found, memo
@@ -660,12 +679,28 @@ class SynchronizationService:
             if key not in wanted:
                 continue
             self._device_pks[key] = row.id
-            cached = memo.devices[key] = _Cached(
-                pk=row.id, revision=row.revision, site=row.site, state=row.state,
-                reported_status=row.reported_status, last_boot=row.last_boot, last_seq=row.last_seq,
-                last_ts=row.last_ts, base_seq=row.base_seq, field_seq=dict(row.field_seq or {}),
-            )  # fmt: skip
+            cached = memo.devices[key] = _cached(row)
             found[key] = cached.work(key)
+
+    async def warm(self, conn: AsyncConnection, *, limit: int | None = None) -> int:
+        """Keep the committed state of the most recently written devices in memory; returns how many.
+
+        For a service whose caller reports commits, at start: otherwise the first event of each
+        device reads its whole state, and a collector starting or restarting under a fleet's load
+        falls behind for its first seconds. The revision check of every batch still decides
+        whether a kept state is current, so a device another collector writes later is read again.
+        """
+        count = self.device_cache if limit is None else limit
+        if count <= 0:
+            return 0
+        query = select(*_WORK_COLUMNS).order_by(devices.c.updated_ms.desc(), devices.c.id.desc()).limit(count)
+        rows = (await conn.execute(query)).all()
+        for row in reversed(rows):  # the most recent last: evicted last
+            key = (row.agent, row.device_key)
+            self._device_pks[key] = row.id
+            self._devices.pop(key, None)
+            self._devices[key] = _cached(row)
+        return len(rows)
 
     async def _apply_devices(
         self,
@@ -710,9 +745,9 @@ class SynchronizationService:
         if old:
             rows = []
             for w in old:
-                row = {f"_{c}": v for c, v in _device_columns(w, now).items()}
-                row["_pk"] = w.pk
-                row["_state"], row["_field_seq"] = _json_text(row["_state"]), _json_text(row["_field_seq"])
+                row = _device_columns(w, now)
+                row["pk"] = w.pk
+                row["state"], row["field_seq"] = _json_text(row["state"]), _json_text(row["field_seq"])
                 rows.append(row)
             await self._executemany(
                 conn,
@@ -723,6 +758,7 @@ class SynchronizationService:
                     .values({c: bindparam(f"_{c}") for c in _device_columns(old[0], now)})
                 ),
                 rows,
+                prefix="_",
             )
         await self._write_channels(conn, dirty)
         for w in dirty:
@@ -775,25 +811,15 @@ class SynchronizationService:
         name: str,
         build: Callable[[], Any],
         rows: list[dict[str, Any]],
+        *,
+        prefix: str = "",
     ) -> None:
-        """Run a hot statement for many rows straight through the driver.
-
-        SQLAlchemy's per-row parameter processing costs more than the database's work for the
-        few statements every event pays for, so they are compiled once per dialect and their
-        rows handed to the driver as tuples (JSON values serialized by the caller).
-        """
+        """Run a hot statement for many rows straight through the driver (see :func:`prepare`)."""
         key = (conn.dialect.name, name)
         prepared = self._statements.get(key)
         if prepared is None:
-            compiled = build().compile(dialect=conn.dialect)
-            if compiled.positiontup is None:  # pragma: no cover - both dialects bind positionally
-                raise NotImplementedError(f"{conn.dialect.name} does not bind parameters by position")
-            names = tuple(compiled.positiontup)
-            # itemgetter of one name returns a bare value, not a 1-tuple.
-            getter = itemgetter(*names) if len(names) > 1 else lambda row: (row[names[0]],)
-            prepared = self._statements[key] = (str(compiled), getter)
-        sql, getter = prepared
-        await conn.exec_driver_sql(sql, [getter(row) for row in rows])
+            prepared = self._statements[key] = prepare(build(), conn.dialect, prefix=prefix)
+        await prepared.executemany(conn, rows)
 
     @staticmethod
     def _merge(
