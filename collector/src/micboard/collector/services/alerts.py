@@ -773,13 +773,14 @@ class AlertService:
             heard_ms = max(row["last_heartbeat_ms"] or 0, row["last_seen_ms"] or 0)
             age_s = (now - heard_ms) / 1000
             stale_after_s = thresholds.agent_stale_intervals * float(row["heartbeat_interval_s"] or 10.0)
+            stale, offline = age_s > stale_after_s, age_s > thresholds.agent_offline_s
+            target = _target(row["agent"], None, None)
+            open_rules = {rule for rule in _AGENT_RULES if (target, rule) in active}
+            if not (stale or offline or open_rules):
+                continue  # heard lately, nothing open: neither rule changes anything (most agents)
             for rule, breached, message in (
-                (AlertRule.AGENT_STALE, age_s > stale_after_s, f"agent {row['agent']}: no heartbeat"),
-                (
-                    AlertRule.AGENT_OFFLINE,
-                    age_s > thresholds.agent_offline_s,
-                    f"agent {row['agent']} is offline",
-                ),
+                (AlertRule.AGENT_STALE, stale, f"agent {row['agent']}: no heartbeat"),
+                (AlertRule.AGENT_OFFLINE, offline, f"agent {row['agent']} is offline"),
             ):
                 condition = _Condition(
                     row["site"], row["agent"], None, None, rule, breached, round(age_s, 1), message
