@@ -587,6 +587,9 @@ class LiveFeed:
     async def _site_loop(self) -> None:
         # Stale devices and agents change without an event (a sweep marks them); refresh sites
         # now and then so that the fleet view follows.
+        # Half a period out of step with the collector's other periodic jobs (the alert sweep
+        # every 5 s from start): started together, they all landed on the event loop at once.
+        await asyncio.sleep(SITE_REFRESH_S / 2)
         while True:
             await asyncio.sleep(SITE_REFRESH_S)
             if not self._subscribed:

@@ -394,6 +394,8 @@ class HistoryService:
 
     async def _run(self) -> None:
         next_prune = time.monotonic()
+        # Out of step with the collector's other periodic jobs, which start with it.
+        await asyncio.sleep(self.flush_interval_s / 8)
         while True:
             await asyncio.sleep(self.flush_interval_s)
             try:
