@@ -52,7 +52,7 @@ def start_rack(env: dict[str, str], config: Path) -> subprocess.Popen[bytes]:
     rack = subprocess.Popen(  # noqa: S603 - our own entry point
         [BIN / "micboard-agent", "simulate", *(a for k in DEMO_RACK for a in ("--device", k)),
          "--any-port", "--no-announce", "--time-scale", "10"],
-        env=env, stdout=subprocess.PIPE,
+        env=env, stdout=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     assert rack.stdout is not None
     entries: list[str] = []
@@ -97,7 +97,10 @@ def main() -> int:
 
     port = args.port if args.port and port_is_free(args.port) else free_port()
     args.state_dir.mkdir(parents=True, exist_ok=True)
-    nats = EmbeddedNats(store_dir=args.state_dir / "nats")
+    # Every service in a session of its own: a Ctrl-C in the terminal reaches only this script,
+    # which stops them in order (the agent, then the collector, then NATS) instead of all at
+    # once, when the services lost NATS while still stopping and logged reconnect errors.
+    nats = EmbeddedNats(store_dir=args.state_dir / "nats", new_session=True)
     nats.start()
     env = {
         **os.environ,
@@ -112,10 +115,16 @@ def main() -> int:
     }
     children: list[subprocess.Popen[bytes]] = []
     try:
-        children.append(subprocess.Popen([BIN / "micboard-collector", "run"], env=env))  # noqa: S603
+        children.append(
+            subprocess.Popen([BIN / "micboard-collector", "run"], env=env, start_new_session=True)  # noqa: S603
+        )
         config = args.state_dir / "demo-agent.toml"
         children.append(start_rack(env, config))
-        children.append(subprocess.Popen([BIN / "micboard-agent", "run", "--config", config], env=env))  # noqa: S603
+        children.append(
+            subprocess.Popen(  # noqa: S603
+                [BIN / "micboard-agent", "run", "--config", config], env=env, start_new_session=True
+            )
+        )
         url = f"http://127.0.0.1:{port}"
         token = env["MICBOARD_BOOTSTRAP_TOKEN"]
         items = wait_for_device(url, token, timeout_s=30, expected=len(DEMO_RACK))
@@ -136,13 +145,14 @@ def main() -> int:
     finally:
         # A second Ctrl-C must not cut the shutdown short and leave services running.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for child in children:
+        # The agent first (it flushes what it holds to NATS), then the rack and the collector.
+        for child in reversed(children):
             child.terminate()
-        for child in children:
             try:
                 child.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 child.kill()
+                child.wait()
         nats.stop()
 
 

@@ -57,6 +57,17 @@ def test_start_kill_restart_keeps_ports_and_store(tmp_path: Path) -> None:
     assert (tmp_path / "store").is_dir()  # a given store is the caller's to remove
 
 
+def test_a_server_in_a_session_of_its_own_misses_its_starters_ctrl_c(tmp_path: Path) -> None:
+    with (
+        EmbeddedNats(store_dir=tmp_path / "own", new_session=True) as own,
+        EmbeddedNats(store_dir=tmp_path / "shared") as shared,
+    ):
+        assert own._process is not None and shared._process is not None
+        # A terminal's Ctrl-C goes to its foreground process group: ours, not the own-session server's.
+        assert os.getpgid(own._process.pid) == own._process.pid != os.getpgid(0)
+        assert os.getpgid(shared._process.pid) == os.getpgid(0)
+
+
 def test_own_store_is_removed_on_cleanup() -> None:
     server = EmbeddedNats().start()
     store = server.store_dir

@@ -77,6 +77,7 @@ class EmbeddedNats:
         server_name: str | None = None,
         ready_timeout_s: float = 15.0,
         log_file: Path | None = None,
+        new_session: bool = False,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
@@ -89,6 +90,9 @@ class EmbeddedNats:
         self.server_name = server_name or f"micboard-{self.port}"
         self.ready_timeout_s = ready_timeout_s
         self.log_file = log_file or (self.store_dir / "nats-server.log")
+        # Out of the terminal's process group: a Ctrl-C there then reaches only the program that
+        # started the server, which stops it after the services using it (the demo does).
+        self.new_session = new_session
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -124,7 +128,10 @@ class EmbeddedNats:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         log.info("starting nats-server", extra={"url": self.url, "store": str(self.store_dir)})
         self._process = subprocess.Popen(  # noqa: S603 - the binary path is resolved above  # nosec B603
-            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            self.command(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=self.new_session,
         )
         self._wait_ready()
         return self
