@@ -425,3 +425,17 @@ async def test_a_failing_alert_evaluation_costs_neither_the_state_nor_the_event(
     assert ingest.stats.failed_batches == 0
     assert await count(engine, devices) == 1
     assert await count(engine, alerts_table) == 0
+
+
+async def test_start_without_device_state_to_load_logs_and_binds(
+    nats_private: EmbeddedNats, nc: Client, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A database the schema is not in yet: loading device state fails, ingest still starts.
+    empty = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}")
+    try:
+        ingest = IngestConsumer(nc, empty, settings_for(nats_private, tmp_path))
+        await ingest.start()
+        assert ingest._fetcher is not None
+        assert "could not load device state at start" in caplog.text
+    finally:
+        await empty.dispose()
