@@ -775,8 +775,7 @@ class AlertService:
             stale_after_s = thresholds.agent_stale_intervals * float(row["heartbeat_interval_s"] or 10.0)
             stale, offline = age_s > stale_after_s, age_s > thresholds.agent_offline_s
             target = _target(row["agent"], None, None)
-            open_rules = {rule for rule in _AGENT_RULES if (target, rule) in active}
-            if not (stale or offline or open_rules):
+            if not (stale or offline or any((target, rule) in active for rule in _AGENT_RULES)):
                 continue  # heard lately, nothing open: neither rule changes anything (most agents)
             for rule, breached, message in (
                 (AlertRule.AGENT_STALE, stale, f"agent {row['agent']}: no heartbeat"),

@@ -599,17 +599,11 @@ class FleetView:
         if change.pk is None or change.updated_ms is None:
             return [], wanted
         state = change.after
-        device = {
-            "device_id": change.pk,
-            "site": change.site,
-            "agent": change.agent,
-            "device_key": change.device_key,
-            "device_name": state.get("name"),
-            "model": state.get("model"),
-            "status": change.status_after,
-            "updated_ms": change.updated_ms,
-        }
-        head = _DEVICE_PART(device)
+        # The device's columns, in the order of _DEVICE_NAMES.
+        head = (
+            change.pk, change.site, change.agent, change.device_key, state.get("name"),
+            state.get("model"), change.status_after, change.updated_ms,
+        )  # fmt: skip
         rows: list[tuple[Any, ...]] = []
         for row in channel_rows(change.pk, state, wanted):
             if row["battery_bars"] is None or row["index"] not in wanted:
@@ -811,5 +805,4 @@ _CHANNEL_ROW_NAMES = (*(column.name for column in FleetView._CHANNEL_COLUMNS), "
 _DEVICE_NAMES = ("device_id", "site", "agent", "device_key", "device_name", "model", "status", "updated_ms")
 if _CHANNEL_ROW_NAMES[: len(_DEVICE_NAMES)] != _DEVICE_NAMES:  # pragma: no cover - a coding error
     raise RuntimeError("FleetView._CHANNEL_COLUMNS must start with the device's columns")
-_DEVICE_PART = itemgetter(*_DEVICE_NAMES)
 _CHANNEL_PART = itemgetter(*_CHANNEL_ROW_NAMES[len(_DEVICE_NAMES) : -1])
