@@ -439,3 +439,42 @@ async def test_start_without_device_state_to_load_logs_and_binds(
         assert "could not load device state at start" in caplog.text
     finally:
         await empty.dispose()
+
+
+async def test_a_batch_is_topped_up_with_what_arrived_while_the_one_before_was_applied(
+    nats_private: EmbeddedNats, nc: Client, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    factory = EnvelopeFactory("venue", "pi-1")
+    ingest = IngestConsumer(nc, engine, settings_for(nats_private, tmp_path, batch_size=5))
+    await ingest.start()
+    assert ingest._fetcher is not None
+    await publish(nc, [factory.make(DeviceBody(device_key="rx", snapshot=receiver("rx")))])
+    # What the prefetch took early: one event. Six more arrive before the batch is applied.
+    prefetched = await ingest._fetcher.fetch(5, 2.0)
+    later = [factory.make(DeviceBody(device_key="rx", changes={"name": f"Rack {n}"})) for n in range(6)]
+    await publish(nc, later)
+    batch = await ingest._top_up(ingest._decode(prefetched))
+    # Topped up to the batch size, oldest first; the last event waits for the next batch.
+    assert [event.seq for _msg, event in batch.good] == [1, 2, 3, 4, 5]
+    await ingest._apply_decoded(batch)
+    await drain(ingest, lambda: ingest.stats.events >= 7)
+    assert ingest.stats.outcomes == {"applied": 7}
+    assert (await stored_device(engine, "pi-1", "rx"))["name"] == "Rack 5"
+
+
+async def test_a_failed_top_up_applies_the_batch_in_hand(
+    nats_private: EmbeddedNats,
+    nc: Client,
+    engine: AsyncEngine,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ingest = IngestConsumer(nc, engine, settings_for(nats_private, tmp_path, batch_size=5))
+    await ingest.start()
+    assert ingest._fetcher is not None
+    await publish(nc, [EnvelopeFactory("venue", "pi-1").make(HelloBody(version="1", hostname="pi"))])
+    batch = ingest._decode(await ingest._fetcher.fetch(5, 2.0))
+    await nc.close()  # the link goes: the top-up's request cannot be sent
+    assert await ingest._top_up(batch) is batch
+    assert ingest.stats.fetch_errors == 1
+    assert "top-up fetch failed" in caplog.text

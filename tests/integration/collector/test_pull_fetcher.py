@@ -109,3 +109,23 @@ async def test_ingest_counts_a_refused_fetch(nc: Client, tmp_path: Path) -> None
         assert ingest.stats.fetch_errors >= 1
     finally:
         await engine.dispose()
+
+
+async def test_fetch_available_takes_what_is_there_and_does_not_wait_for_more(nc: Client) -> None:
+    fetcher = PullFetcher(nc, STREAM, "d")
+    with pytest.raises(RuntimeError, match="start"):
+        await fetcher.fetch_available(1, 0.1)
+    await fetcher.start()
+    await publish(nc, 5)
+    first = await fetcher.fetch_available(3, 5.0)
+    rest = await fetcher.fetch_available(10, 5.0)
+    assert [int(m.data) for m in first] == [0, 1, 2]
+    assert [int(m.data) for m in rest] == [3, 4]
+    # Nothing there: an empty answer at once, where fetch() would wait for the next event.
+    assert await fetcher.fetch_available(10, 5.0) == []
+    await publish(nc, 1, start=5)
+    assert [int(m.data) for m in await fetcher.fetch_available(10, 5.0)] == [5]
+    for msg in [*first, *rest]:
+        await msg.ack()
+    assert fetcher.unexpected_status == 0
+    await fetcher.close()

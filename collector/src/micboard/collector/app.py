@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 #: SQLite's automatic checkpoint threshold (pages of 4 KiB, so 64 MiB of WAL) while checkpoints run in
 #: the background: only a backstop for when they cannot keep up.
 _WAL_BACKSTOP_PAGES = 16_384
+# How long stop() lets a periodic job finish the run in hand before cancelling it.
+_PERIODIC_GRACE_S = 5.0
 
 
 @dataclass(slots=True)
@@ -60,8 +63,9 @@ class Collector:
         self._nc: Client | None = None
         self._engine: AsyncEngine | None = None
         self._ingest_task: asyncio.Task[None] | None = None
-        # Periodic jobs (stale agents, alert sweep, watchdog); cancelled and awaited by stop().
+        # Periodic jobs (stale agents, alert sweep, watchdog); stopped and awaited by stop().
         self._periodic: list[asyncio.Task[None]] = []
+        self._quit = asyncio.Event()
         self.notifier = SystemdNotifier()
         # In-process fan-out of committed changes, alerts and meters to live views.
         self.hub = LiveHub()
@@ -91,6 +95,7 @@ class Collector:
 
     async def _start(self) -> RunningCollector:
         settings = self.settings
+        self._quit = asyncio.Event()
         nats_url = settings.nats_url
         # Computed before anything is started, so that a bad option (a missing seed file, TLS
         # required of a plaintext URL) fails with nothing to clean up. The embedded server's
@@ -175,14 +180,19 @@ class Collector:
             self._periodic.append(asyncio.create_task(self._feed_watchdog(watchdog_s), name="watchdog"))
         return self.running
 
+    async def _pause(self, seconds: float) -> bool:
+        """Wait ``seconds``; False once stop() has begun, so that a job returns between two runs."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._quit.wait(), seconds)
+        return not self._quit.is_set()
+
     async def _mark_stale_agents(self, ingest: IngestConsumer) -> None:
         """Every ``stale_check_interval_s``: agents silent for 3 heartbeat intervals become stale.
 
         Their ``agent_stale`` alerts open in the same transaction, and live views are told of
         the devices whose shown status changed.
         """
-        while True:
-            await asyncio.sleep(self.settings.stale_check_interval_s)
+        while await self._pause(self.settings.stale_check_interval_s):
             now = time.time_ns() // 1_000_000
             try:
                 async with ingest.engine.begin() as conn:
@@ -212,12 +222,12 @@ class Collector:
                     log.info("pruned dedup records", extra={"count": pruned})
             except (SQLAlchemyError, OSError) as exc:
                 log.warning("dedup prune failed; retrying next interval", extra={"error": str(exc)})
-            await asyncio.sleep(self.settings.dedup_prune_interval_s)
+            if not await self._pause(self.settings.dedup_prune_interval_s):
+                return
 
     async def _checkpoint_wal(self, engine: AsyncEngine) -> None:
         """Every ``sqlite_checkpoint_interval_s``: a PASSIVE checkpoint of the SQLite WAL."""
-        while True:
-            await asyncio.sleep(self.settings.sqlite_checkpoint_interval_s)
+        while await self._pause(self.settings.sqlite_checkpoint_interval_s):
             try:
                 busy, frames, done = await checkpoint_wal(engine)
             except (SQLAlchemyError, OSError) as exc:
@@ -234,8 +244,7 @@ class Collector:
 
     async def _sweep_alerts(self, alerts: AlertService) -> None:
         """Every ``alert_sweep_interval_s``: held resolutions, agent rules, aged-out batteries."""
-        while True:
-            await asyncio.sleep(self.settings.alert_sweep_interval_s)
+        while await self._pause(self.settings.alert_sweep_interval_s):
             try:
                 await alerts.sweep()
             except (SQLAlchemyError, OSError) as exc:
@@ -248,7 +257,8 @@ class Collector:
                 log.error("ingest stopped unexpectedly; no more watchdog pings")
                 return
             self.notifier.watchdog()
-            await asyncio.sleep(interval_s)
+            if not await self._pause(interval_s):
+                return
 
     async def stop(self) -> None:
         """Stop in reverse order: HTTP, periodic jobs, ingest (finishing its batch), meters,
@@ -259,9 +269,14 @@ class Collector:
             # HTTP first: the live feed (and its meter subscription) stops with the application.
             await running.runner.cleanup()
             running.ingest.stop()
-        for task in self._periodic:
-            task.cancel()
-        await asyncio.gather(*self._periodic, return_exceptions=True)
+        # Asked, not cancelled: a job cancelled in the middle of a statement could leave its
+        # connection holding SQLite's write lock, and the history flush below then failed.
+        self._quit.set()
+        if self._periodic:
+            _done, overrun = await asyncio.wait(self._periodic, timeout=_PERIODIC_GRACE_S)
+            for task in overrun:
+                task.cancel()
+            await asyncio.gather(*self._periodic, return_exceptions=True)
         self._periodic.clear()
         if self._ingest_task is not None:
             try:

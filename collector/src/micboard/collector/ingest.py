@@ -53,6 +53,7 @@ from micboard.collector.services.sync import (
     SynchronizationService,
 )
 from micboard.collector.settings import CollectorSettings
+from micboard.collector.store.database import write_turn
 from micboard.collector.store.schema import poison_events
 from micboard.shared.codec import decode
 from micboard.shared.envelope import AnyEvent
@@ -342,7 +343,8 @@ class IngestConsumer:
 
         The next batch is fetched and decoded while the current one is written (the database
         works in its own thread or server meanwhile), and no further ahead: what arrives during
-        a batch waits in the stream for the batch after, not decoded in memory.
+        a batch waits in the stream for the batch after, not decoded in memory. A batch that is
+        not full when its turn comes is topped up with what arrived meanwhile (:meth:`_top_up`).
         """
         if self._fetcher is None:
             await self.start()
@@ -359,6 +361,8 @@ class IngestConsumer:
                     if fetcher.done():
                         fetcher.result()  # the fetcher died: raise its error to our owner
                     continue
+                if len(batch.msgs) < self.settings.batch_size and not self._stopping.is_set():
+                    batch = await self._top_up(batch)
                 ready.task_done()  # the prefetcher may fetch the next batch now
                 await self._apply_decoded(batch)
         finally:
@@ -375,6 +379,26 @@ class IngestConsumer:
             for msg in unsettled:
                 with contextlib.suppress(NatsError):
                     await msg.nak()
+
+    async def _top_up(self, batch: _Decoded) -> _Decoded:
+        # The prefetched batch holds what arrived before the batch in front of it was applied;
+        # what arrived while it was would otherwise wait one more batch, decoded, in memory.
+        # Applying it now takes one batch's time off the delay to live views. Under a backlog
+        # the prefetched batch is full and nothing is asked for.
+        assert self._fetcher is not None, "start() first"
+        try:
+            more = await self._fetcher.fetch_available(
+                self.settings.batch_size - len(batch.msgs), self.settings.fetch_timeout_s
+            )
+        except (NatsError, TimeoutError) as exc:
+            # The prefetched batch is applied as it is; the next fetch meets the same trouble.
+            self.stats.fetch_errors += 1
+            log.warning("top-up fetch failed", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+            return batch
+        if not more:
+            return batch
+        extra = self._decode(more)
+        return _Decoded(batch.msgs + extra.msgs, batch.good + extra.good, batch.poison + extra.poison)
 
     async def _prefetch(self, ready: asyncio.Queue[_Decoded]) -> None:
         while not self._stopping.is_set():
@@ -430,7 +454,7 @@ class IngestConsumer:
         msgs, good, poison = batch.msgs, batch.good, batch.poison
         events = [event for _msg, event in good]
         try:
-            async with self.engine.begin() as conn:
+            async with write_turn(self.engine), self.engine.begin() as conn:
                 changes, alert_changes = await self._apply_events(conn, events)
                 if poison:
                     await conn.execute(insert(poison_events), [self._set_aside_row(p) for p in poison])
@@ -479,7 +503,7 @@ class IngestConsumer:
         for index, (msg, event) in enumerate(good):
             self.stats.isolated_events += 1
             try:
-                async with self.engine.begin() as conn:
+                async with write_turn(self.engine), self.engine.begin() as conn:
                     changes, alert_changes = await self._apply_events(conn, [event])
             except Exception as exc:  # noqa: BLE001 - this one event is what fails; set it apart
                 if not await self._database_reachable():

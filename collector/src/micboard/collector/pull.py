@@ -8,6 +8,7 @@ collects the deliveries on an inbox subscription in one callback.
 - A fetch first asks for up to ``batch`` messages without waiting (``no_wait``); only when none are
   available does it wait, up to the timeout, for the next one. So a backlog is fetched in full
   batches and a quiet stream still hands over each event as it arrives.
+  :meth:`PullFetcher.fetch_available` is the first half alone: what is there now, if anything.
 - Deliveries of an earlier request that arrive late (a long poll answered after its fetch timed
   out) are kept and returned by the next fetch: everything delivered is handed over exactly
   once. :meth:`PullFetcher.take_buffered` returns what is held, to be nak'ed at stop.
@@ -75,13 +76,26 @@ class PullFetcher:
 
     async def fetch(self, batch: int, wait_s: float) -> list[Msg]:
         """Up to ``batch`` messages; waits up to ``wait_s`` seconds when none are available."""
+        taken = await self.fetch_available(batch, wait_s)
+        if taken:
+            return taken
+        expires_ns = int(max(wait_s - _EXPIRES_MARGIN_S, 0.01) * 1e9)
+        await self._request(1, wait_s, {"batch": 1, "expires": expires_ns})
+        return self._take(batch)
+
+    async def fetch_available(self, batch: int, wait_s: float) -> list[Msg]:
+        """Up to ``batch`` of the messages available now: never waits for new ones to arrive.
+
+        ``wait_s`` bounds only the wait for the server's answer to the request.
+        """
         if self._sub is None:
             raise RuntimeError("PullFetcher.start() first")
-        if not self._buffer:
-            await self._request(batch, wait_s, {"batch": batch, "no_wait": True})
-        if not self._buffer:
-            expires_ns = int(max(wait_s - _EXPIRES_MARGIN_S, 0.01) * 1e9)
-            await self._request(1, wait_s, {"batch": 1, "expires": expires_ns})
+        missing = batch - len(self._buffer)
+        if missing > 0:
+            await self._request(missing, wait_s, {"batch": missing, "no_wait": True})
+        return self._take(batch)
+
+    def _take(self, batch: int) -> list[Msg]:
         buffer = self._buffer
         if len(buffer) <= batch:
             taken = list(buffer)

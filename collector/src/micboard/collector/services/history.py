@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
 from micboard.collector.errors import InvalidHistoryQueryError
+from micboard.collector.store.database import write_turn
 from micboard.collector.store.prepared import Prepared, prepare
 from micboard.collector.store.schema_alerts import history_samples
 from micboard.shared.envelope import MeterBody
@@ -109,6 +110,8 @@ _Key = tuple[str, str, int, int]  # agent, device_key, channel, bucket_ms
 #: Aggregates written per transaction by :meth:`HistoryService.flush`, and the pause between two.
 FLUSH_CHUNK = 500
 FLUSH_PAUSE_S = 0.01
+#: How long :meth:`HistoryService.close` lets a flush in progress finish before cancelling it.
+CLOSE_GRACE_S = 10.0
 
 
 def _row(key: _Key, agg: _Aggregate) -> dict[str, Any]:
@@ -154,6 +157,8 @@ class HistoryService:
         self._pending: dict[_Key, _Aggregate] = {}
         self._prepared: dict[str, Prepared] = {}
         self._task: asyncio.Task[None] | None = None
+        # Set by close(): the periodic task stops, and a flush in progress stops pausing.
+        self._closing = asyncio.Event()
 
     # -- recording (synchronous, in memory) ---------------------------------------------------
 
@@ -246,10 +251,11 @@ class HistoryService:
         written = 0
         try:
             for start in range(0, len(items), FLUSH_CHUNK):
-                if start:
-                    await asyncio.sleep(pause)
+                if start and not self._closing.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._closing.wait(), pause)
                 chunk = items[start : start + FLUSH_CHUNK]
-                async with self.engine.begin() as conn:
+                async with write_turn(self.engine), self.engine.begin() as conn:
                     await self._upsert(conn).executemany(conn, [_row(key, agg) for key, agg in chunk])
                 written += len(chunk)
                 self.stats.flushed_rows += len(chunk)
@@ -381,23 +387,37 @@ class HistoryService:
     async def start(self) -> None:
         """Start the periodic flush and prune task (idempotent)."""
         if self._task is None:
+            self._closing = asyncio.Event()
             self._task = asyncio.create_task(self._run(), name="history")
 
     async def close(self) -> None:
-        """Stop the periodic task and flush what is pending."""
-        if self._task is not None:
-            self._task.cancel()
+        """Stop the periodic task and flush what is pending.
+
+        A flush in progress finishes, without its pauses, rather than being cancelled in the
+        middle of a transaction (whose connection could then keep SQLite's write lock).
+        """
+        self._closing.set()
+        task, self._task = self._task, None
+        if task is not None:
+            _done, overrun = await asyncio.wait([task], timeout=CLOSE_GRACE_S)
+            if overrun:
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
         await self.flush()
+
+    async def _pause(self, seconds: float) -> bool:
+        # False once close() has begun.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), seconds)
+        return not self._closing.is_set()
 
     async def _run(self) -> None:
         next_prune = time.monotonic()
         # Out of step with the collector's other periodic jobs, which start with it.
-        await asyncio.sleep(self.flush_interval_s / 8)
-        while True:
-            await asyncio.sleep(self.flush_interval_s)
+        if not await self._pause(self.flush_interval_s / 8):
+            return
+        while await self._pause(self.flush_interval_s):
             try:
                 # Spread over half the interval: the next flush never overlaps this one.
                 await self.flush(spread_s=self.flush_interval_s / 2)

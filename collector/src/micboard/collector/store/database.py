@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import weakref
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import orjson
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from micboard.collector.store.schema import metadata
@@ -55,6 +59,29 @@ def create_engine(url: str, *, echo: bool = False, wal_autocheckpoint: int | Non
     return create_async_engine(
         url, echo=echo, pool_size=10, max_overflow=10, pool_pre_ping=True, **json_options
     )
+
+
+_WRITE_TURNS: weakref.WeakKeyDictionary[Engine, tuple[asyncio.AbstractEventLoop, asyncio.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def write_turn(engine: AsyncEngine) -> AbstractAsyncContextManager[Any]:
+    """Hold around a write transaction on ``engine``: on SQLite, one at a time in this process.
+
+    SQLite has one write lock, and a transaction that finds it taken sleeps in its busy handler
+    (1, 2, 5, ... up to 100 ms at a time) before trying again: two writers of one process,
+    such as ingest and the history flush, then each waited tens of milliseconds for a lock held
+    for a few. Queued here instead, a writer starts the moment the one before it commits.
+    PostgreSQL locks rows, not the database: no turn is taken.
+    """
+    if engine.dialect.name != "sqlite":
+        return contextlib.nullcontext()
+    loop = asyncio.get_running_loop()
+    held = _WRITE_TURNS.get(engine.sync_engine)
+    if held is None or held[0] is not loop:
+        held = _WRITE_TURNS[engine.sync_engine] = (loop, asyncio.Lock())
+    return held[1]
 
 
 async def checkpoint_wal(engine: AsyncEngine) -> tuple[int, int, int]:
