@@ -523,3 +523,60 @@ async def test_shutdown_closes_every_socket_even_before_auth(sqlite_api: LiveApi
             msg = await ws.receive(timeout=3)
         assert msg.type is aiohttp.WSMsgType.CLOSE
         assert ws.close_code == aiohttp.WSCloseCode.GOING_AWAY
+
+
+async def test_the_site_refresh_shows_what_changed_without_an_event(
+    sqlite_api: LiveApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counts that move with no event for the live feed (a stale mark, here a direct write)."""
+    api = sqlite_api
+    monkeypatch.setattr(live_ws, "SITE_REFRESH_S", 0.2)
+    await api.seed.devices("venue-a", "pi-a", [api.receiver("rx1")])
+    ws = await connect(api)
+    await ws.send_json({"type": "subscribe", "scope": "fleet"})
+    [before] = (await next_of(ws, "snapshot"))["sites"]
+    await api.seed.offline("venue-a", "pi-a", "rx1")  # the store only: the hub hears nothing
+    after = (await next_of(ws, "site", timeout_s=15))["item"]
+    assert after["site"] == "venue-a" and after != before
+    _, listed = await api.get("/api/v1/sites")
+    assert [after] == listed["items"]
+    await ws.close()
+
+
+async def test_the_site_refresh_never_shows_an_older_read_than_a_flush_did(
+    sqlite_api: LiveApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refresh reads outside the lock: a flush may show a newer summary meanwhile."""
+    api = sqlite_api
+    monkeypatch.setattr(live_ws, "SITE_REFRESH_S", 0.2)
+    await api.seed.devices("venue-a", "pi-a", [api.receiver("rx1")])
+    feed = context_of(api.app).live
+    assert feed is not None
+    real_list_sites = feed.fleet.list_sites
+    armed, refresh_read, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def slow_refresh(*args: Any, **kwargs: Any) -> Any:
+        found = await real_list_sites(*args, **kwargs)
+        # Once armed, the only read of every site is the refresh's (the snapshot came before).
+        if armed.is_set() and kwargs.get("only") is None and not refresh_read.is_set():
+            # The refresh's read is done, with the device online; its answer is held back.
+            refresh_read.set()
+            await release.wait()
+        return found
+
+    monkeypatch.setattr(feed.fleet, "list_sites", slow_refresh)
+    ws = await connect(api)
+    await ws.send_json({"type": "subscribe", "scope": "fleet"})
+    [online] = (await next_of(ws, "snapshot"))["sites"]
+    armed.set()
+    await asyncio.wait_for(refresh_read.wait(), timeout=15)
+    # Meanwhile the device goes offline and a flush shows the site as it is now.
+    await api.seed.offline("venue-a", "pi-a", "rx1")
+    api.hub.publish_device("venue-a", "pi-a", "rx1", {"kind": "offline", "seq": 99})
+    offline = (await next_of(ws, "site", timeout_s=5))["item"]
+    assert offline != online
+    release.set()
+    # The refresh's older read is not shown after it, and later refreshes find nothing new.
+    with pytest.raises(TimeoutError):
+        await next_of(ws, "site", timeout_s=1.5)
+    await ws.close()

@@ -29,7 +29,7 @@ from micboard.collector.services.history import HistoryService
 from micboard.collector.services.meters import MeterService
 from micboard.collector.services.webhooks import WebhookDispatcher
 from micboard.collector.settings import CollectorSettings
-from micboard.collector.store.database import checkpoint_wal, create_engine
+from micboard.collector.store.database import checkpoint_wal, create_engine, write_turn
 from micboard.collector.store.migrate import prepare
 from micboard.shared.natsd import EmbeddedNats
 from micboard.shared.sdnotify import SystemdNotifier
@@ -195,7 +195,7 @@ class Collector:
         while await self._pause(self.settings.stale_check_interval_s):
             now = time.time_ns() // 1_000_000
             try:
-                async with ingest.engine.begin() as conn:
+                async with write_turn(ingest.engine), ingest.engine.begin() as conn:
                     stale = await ingest.sync.mark_stale(conn, now)
                     changes = (
                         await self.alerts.agents_changed(conn, stale=stale.agents, now_ms=now)
@@ -214,7 +214,7 @@ class Collector:
         while True:
             now = time.time_ns() // 1_000_000
             try:
-                async with ingest.engine.begin() as conn:
+                async with write_turn(ingest.engine), ingest.engine.begin() as conn:
                     pruned = await ingest.sync.prune_applied(
                         conn, now - int(self.settings.dedup_retention_s * 1000)
                     )

@@ -337,6 +337,10 @@ class LiveFeed:
         # What the subscribed clients were last shown, to send only what changed.
         self._channel_cache: dict[ChannelKey, dict[str, Any]] = {}
         self._site_cache: dict[str, dict[str, Any]] = {}
+        # Site summaries shown so far, and the number of the one last shown for each site: the
+        # periodic refresh, which reads outside the lock, must not show an older one after it.
+        self._site_reads_shown = 0
+        self._site_shown_at: dict[str, int] = {}
         # Clients waiting for a snapshot, by scope: whoever gets the lock serves them all at once.
         self._joining: dict[Hashable, list[_Client]] = {}
         self._keys: dict[tuple[str, str], tuple[int, str]] = {}
@@ -571,6 +575,8 @@ class LiveFeed:
 
     def _send_site(self, item: dict[str, Any]) -> None:
         site = str(item["site"])
+        self._site_reads_shown += 1
+        self._site_shown_at[site] = self._site_reads_shown
         shown = _shown(item, "last_seen_ms")
         if self._site_cache.get(site) == shown:
             return
@@ -595,9 +601,17 @@ class LiveFeed:
             if not self._subscribed:
                 continue
             try:
+                # Read outside the lock: a flush waiting for it would hold every change committed
+                # meanwhile for the length of the read (tens of milliseconds for a large fleet).
+                mark = self._site_reads_shown
+                listing = await self.fleet.list_sites(PageRequest(_SNAPSHOT_SITES, 0))
                 async with self._lock:
                     with self._bursting():
-                        await self._send_sites()
+                        for item in listing.items:
+                            # A site shown since this read began may have been read after it:
+                            # what this read found could be older than what clients now see.
+                            if self._site_shown_at.get(str(item["site"]), 0) <= mark:
+                                self._send_site(item)
             except Exception:
                 log.exception("live site refresh failed")
 

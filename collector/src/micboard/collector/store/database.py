@@ -73,6 +73,9 @@ def write_turn(engine: AsyncEngine) -> AbstractAsyncContextManager[Any]:
     (1, 2, 5, ... up to 100 ms at a time) before trying again: two writers of one process,
     such as ingest and the history flush, then each waited tens of milliseconds for a lock held
     for a few. Queued here instead, a writer starts the moment the one before it commits.
+    Taken by the transactions that write from their first statement (ingest's batches, the
+    history flush, the stale check, the dedup prune); one that mostly reads, such as the alert
+    sweep, takes SQLite's lock only if it writes, and only for that long.
     PostgreSQL locks rows, not the database: no turn is taken.
     """
     if engine.dialect.name != "sqlite":
