@@ -33,11 +33,12 @@ async def stored_samples(engine: AsyncEngine) -> int:
 
 async def test_writers_take_turns_on_sqlite_and_not_on_postgresql(engine: AsyncEngine) -> None:
     order: list[str] = []
-    second_in = asyncio.Event()
+    first_in, second_in = asyncio.Event(), asyncio.Event()
 
     async def first() -> None:
         async with write_turn(engine), engine.begin() as conn:
             order.append("first in")
+            first_in.set()
             await conn.execute(text("UPDATE agents SET boot = 'x' WHERE agent = 'none'"))
             # Held until the second writer is in too; on SQLite, long enough to show it cannot be
             # (on PostgreSQL it is, once its connection is open: that may take a while when busy).
@@ -46,7 +47,7 @@ async def test_writers_take_turns_on_sqlite_and_not_on_postgresql(engine: AsyncE
             order.append("first out")
 
     async def second() -> None:
-        await asyncio.sleep(0)  # the first writer starts first
+        await first_in.wait()  # the first writer is in its transaction
         async with write_turn(engine), engine.begin() as conn:
             order.append("second in")
             second_in.set()

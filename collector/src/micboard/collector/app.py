@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -20,7 +19,7 @@ from micboard.collector.api.app import create_app
 from micboard.collector.api.live_ws import publish_batch, publish_committed
 from micboard.collector.ingest import IngestConsumer
 from micboard.collector.live import LiveHub
-from micboard.collector.runtime import tune_gc
+from micboard.collector.runtime import pause, tune_gc
 from micboard.collector.security.natsauth import collector_connect_options
 from micboard.collector.services.alerts import AlertService, AlertThresholds
 from micboard.collector.services.commands import CommandService
@@ -180,19 +179,13 @@ class Collector:
             self._periodic.append(asyncio.create_task(self._feed_watchdog(watchdog_s), name="watchdog"))
         return self.running
 
-    async def _pause(self, seconds: float) -> bool:
-        """Wait ``seconds``; False once stop() has begun, so that a job returns between two runs."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._quit.wait(), seconds)
-        return not self._quit.is_set()
-
     async def _mark_stale_agents(self, ingest: IngestConsumer) -> None:
         """Every ``stale_check_interval_s``: agents silent for 3 heartbeat intervals become stale.
 
         Their ``agent_stale`` alerts open in the same transaction, and live views are told of
         the devices whose shown status changed.
         """
-        while await self._pause(self.settings.stale_check_interval_s):
+        while await pause(self._quit, self.settings.stale_check_interval_s):
             now = time.time_ns() // 1_000_000
             try:
                 async with write_turn(ingest.engine), ingest.engine.begin() as conn:
@@ -222,12 +215,12 @@ class Collector:
                     log.info("pruned dedup records", extra={"count": pruned})
             except (SQLAlchemyError, OSError) as exc:
                 log.warning("dedup prune failed; retrying next interval", extra={"error": str(exc)})
-            if not await self._pause(self.settings.dedup_prune_interval_s):
+            if not await pause(self._quit, self.settings.dedup_prune_interval_s):
                 return
 
     async def _checkpoint_wal(self, engine: AsyncEngine) -> None:
         """Every ``sqlite_checkpoint_interval_s``: a PASSIVE checkpoint of the SQLite WAL."""
-        while await self._pause(self.settings.sqlite_checkpoint_interval_s):
+        while await pause(self._quit, self.settings.sqlite_checkpoint_interval_s):
             try:
                 busy, frames, done = await checkpoint_wal(engine)
             except (SQLAlchemyError, OSError) as exc:
@@ -244,7 +237,7 @@ class Collector:
 
     async def _sweep_alerts(self, alerts: AlertService) -> None:
         """Every ``alert_sweep_interval_s``: held resolutions, agent rules, aged-out batteries."""
-        while await self._pause(self.settings.alert_sweep_interval_s):
+        while await pause(self._quit, self.settings.alert_sweep_interval_s):
             try:
                 await alerts.sweep()
             except (SQLAlchemyError, OSError) as exc:
@@ -257,7 +250,7 @@ class Collector:
                 log.error("ingest stopped unexpectedly; no more watchdog pings")
                 return
             self.notifier.watchdog()
-            if not await self._pause(interval_s):
+            if not await pause(self._quit, interval_s):
                 return
 
     async def stop(self) -> None:

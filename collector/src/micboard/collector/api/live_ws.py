@@ -337,9 +337,9 @@ class LiveFeed:
         # What the subscribed clients were last shown, to send only what changed.
         self._channel_cache: dict[ChannelKey, dict[str, Any]] = {}
         self._site_cache: dict[str, dict[str, Any]] = {}
-        # Site summaries shown so far, and the number of the one last shown for each site: the
-        # periodic refresh, which reads outside the lock, must not show an older one after it.
-        self._site_reads_shown = 0
+        # Site summaries handed to _send_site so far, and the number of the last one for each
+        # site: the periodic refresh, which reads outside the lock, must not show an older one.
+        self._site_shows = 0
         self._site_shown_at: dict[str, int] = {}
         # Clients waiting for a snapshot, by scope: whoever gets the lock serves them all at once.
         self._joining: dict[Hashable, list[_Client]] = {}
@@ -575,8 +575,8 @@ class LiveFeed:
 
     def _send_site(self, item: dict[str, Any]) -> None:
         site = str(item["site"])
-        self._site_reads_shown += 1
-        self._site_shown_at[site] = self._site_reads_shown
+        self._site_shows += 1
+        self._site_shown_at[site] = self._site_shows
         shown = _shown(item, "last_seen_ms")
         if self._site_cache.get(site) == shown:
             return
@@ -603,7 +603,7 @@ class LiveFeed:
             try:
                 # Read outside the lock: a flush waiting for it would hold every change committed
                 # meanwhile for the length of the read (tens of milliseconds for a large fleet).
-                mark = self._site_reads_shown
+                mark = self._site_shows
                 listing = await self.fleet.list_sites(PageRequest(_SNAPSHOT_SITES, 0))
                 async with self._lock:
                     with self._bursting():

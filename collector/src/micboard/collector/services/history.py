@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
 from micboard.collector.errors import InvalidHistoryQueryError
+from micboard.collector.runtime import pause
 from micboard.collector.store.database import write_turn
 from micboard.collector.store.prepared import Prepared, prepare
 from micboard.collector.store.schema_alerts import history_samples
@@ -247,13 +248,12 @@ class HistoryService:
         items = list(self._pending.items())
         self._pending = {}
         chunks = -(-len(items) // FLUSH_CHUNK)
-        pause = max(FLUSH_PAUSE_S, spread_s / chunks) if chunks > 1 else 0.0
+        gap = max(FLUSH_PAUSE_S, spread_s / chunks) if chunks > 1 else 0.0
         written = 0
         try:
             for start in range(0, len(items), FLUSH_CHUNK):
-                if start and not self._closing.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._closing.wait(), pause)
+                if start:
+                    await pause(self._closing, gap)
                 chunk = items[start : start + FLUSH_CHUNK]
                 async with write_turn(self.engine), self.engine.begin() as conn:
                     await self._upsert(conn).executemany(conn, [_row(key, agg) for key, agg in chunk])
@@ -406,18 +406,12 @@ class HistoryService:
                 await task
         await self.flush()
 
-    async def _pause(self, seconds: float) -> bool:
-        # False once close() has begun.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._closing.wait(), seconds)
-        return not self._closing.is_set()
-
     async def _run(self) -> None:
         next_prune = time.monotonic()
         # Out of step with the collector's other periodic jobs, which start with it.
-        if not await self._pause(self.flush_interval_s / 8):
+        if not await pause(self._closing, self.flush_interval_s / 8):
             return
-        while await self._pause(self.flush_interval_s):
+        while await pause(self._closing, self.flush_interval_s):
             try:
                 # Spread over half the interval: the next flush never overlaps this one.
                 await self.flush(spread_s=self.flush_interval_s / 2)
