@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import nats
 
 from micboard.agent.daemon import AgentDaemon
@@ -97,3 +98,34 @@ async def test_commands_the_daemon_cannot_carry_out(nats_server: EmbeddedNats, t
         await nc.close()
         await daemon.close()
     await daemon.close()  # closed already
+
+
+async def test_subscribed_means_the_server_has_the_command_subscription(
+    nats_private: EmbeddedNats, tmp_path: Path
+) -> None:
+    """``wait_subscribed()`` returns once the server routes commands to the agent, not before.
+
+    nats-py writes a flush's PING ahead of a SUB still queued for its flusher task, so one flush
+    after subscribing could return before the server had the subscription (a command sent then
+    found no responder, about one run in twenty on a busy machine).
+    """
+    settings = AgentSettings(
+        site=SITE,
+        agent=AGENT,
+        nats_url=nats_private.url,
+        state_dir=tmp_path / "state",
+        discovery_mdns=False,
+        discovery_slp=False,
+        connect_timeout_s=0.3,
+    )
+    daemon = AgentDaemon(settings)
+    await daemon.start()
+    try:
+        await asyncio.wait_for(daemon.wait_subscribed(), 10)
+        # Asked of the server itself, at once and once: no retry to hide a late SUB.
+        url = f"http://{nats_private.host}:{nats_private.monitor_port}/subsz?subs=1&test={daemon.cmd_subject}"
+        async with aiohttp.ClientSession() as http, http.get(url) as response:
+            subs = await response.json()
+        assert [s["subject"] for s in subs["subscriptions_list"]] == [daemon.cmd_subject]
+    finally:
+        await daemon.close()

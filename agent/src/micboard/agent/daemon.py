@@ -340,7 +340,12 @@ class AgentDaemon:
         while (nc := self.sender.nc) is None:  # noqa: ASYNC110 - the sender offers no event to wait on
             await asyncio.sleep(0.1)
         self._cmd_sub = await nc.subscribe(self.cmd_subject, cb=self._on_command_msg)
-        await nc.flush(timeout=max(1, int(self.settings.publish_timeout_s)))
+        # nats-py writes a flush's PING straight to the socket, ahead of a SUB still queued for
+        # its flusher task (seen in the server's trace: a command sent once this returned found
+        # no responder). The first round trip gets the SUB written; the second proves the server
+        # has it, so that "subscribed" means a command sent now reaches us.
+        for _ in range(2):
+            await nc.flush(timeout=max(1, int(self.settings.publish_timeout_s)))
         self._subscribed.set()
         log.info("commands subscribed", extra={"subject": self.cmd_subject})
 
