@@ -7,6 +7,7 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import nats
@@ -37,6 +38,20 @@ async def eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> 
         await asyncio.sleep(0.02)
 
 
+def agent_settings(server: EmbeddedNats, tmp_path: Path, **overrides: Any) -> AgentSettings:
+    """An agent on ``server`` with discovery off and a short connect timeout."""
+    values: dict[str, Any] = {
+        "site": SITE,
+        "agent": AGENT,
+        "nats_url": server.url,
+        "state_dir": tmp_path / "state",
+        "discovery_mdns": False,
+        "discovery_slp": False,
+        "connect_timeout_s": 0.3,
+    }
+    return AgentSettings(**{**values, **overrides})
+
+
 def command(action: CommandAction, **body: object) -> bytes:
     return encode(
         CommandEvent(
@@ -51,14 +66,9 @@ def command(action: CommandAction, **body: object) -> bytes:
 
 
 async def test_commands_the_daemon_cannot_carry_out(nats_server: EmbeddedNats, tmp_path: Path) -> None:
-    settings = AgentSettings(
-        site=SITE,
-        agent=AGENT,
-        nats_url=nats_server.url,
-        state_dir=tmp_path / "state",
-        discovery_mdns=False,
-        discovery_slp=False,
-        connect_timeout_s=0.3,
+    settings = agent_settings(
+        nats_server,
+        tmp_path,
         reconnect_backoff_initial_s=0.2,
         reconnect_backoff_max_s=0.5,
         shutdown_timeout_s=3.0,
@@ -109,16 +119,7 @@ async def test_subscribed_means_the_server_has_the_command_subscription(
     after subscribing could return before the server had the subscription (a command sent then
     found no responder, about one run in twenty on a busy machine).
     """
-    settings = AgentSettings(
-        site=SITE,
-        agent=AGENT,
-        nats_url=nats_private.url,
-        state_dir=tmp_path / "state",
-        discovery_mdns=False,
-        discovery_slp=False,
-        connect_timeout_s=0.3,
-    )
-    daemon = AgentDaemon(settings)
+    daemon = AgentDaemon(agent_settings(nats_private, tmp_path))
     await daemon.start()
     try:
         await asyncio.wait_for(daemon.wait_subscribed(), 10)

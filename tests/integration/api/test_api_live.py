@@ -525,13 +525,17 @@ async def test_shutdown_closes_every_socket_even_before_auth(sqlite_api: LiveApi
         assert ws.close_code == aiohttp.WSCloseCode.GOING_AWAY
 
 
-async def test_the_site_refresh_shows_what_changed_without_an_event(
-    sqlite_api: LiveApi, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Counts that move with no event for the live feed (a stale mark, here a direct write)."""
-    api = sqlite_api
+@pytest.fixture
+async def refreshing_api(sqlite_api: LiveApi, monkeypatch: pytest.MonkeyPatch) -> LiveApi:
+    """The API with one device on venue-a and the live feed's site refresh every 0.2 s."""
     monkeypatch.setattr(live_ws, "SITE_REFRESH_S", 0.2)
-    await api.seed.devices("venue-a", "pi-a", [api.receiver("rx1")])
+    await sqlite_api.seed.devices("venue-a", "pi-a", [sqlite_api.receiver("rx1")])
+    return sqlite_api
+
+
+async def test_the_site_refresh_shows_what_changed_without_an_event(refreshing_api: LiveApi) -> None:
+    """Counts that move with no event for the live feed (a stale mark, here a direct write)."""
+    api = refreshing_api
     ws = await connect(api)
     await ws.send_json({"type": "subscribe", "scope": "fleet"})
     [before] = (await next_of(ws, "snapshot"))["sites"]
@@ -544,12 +548,10 @@ async def test_the_site_refresh_shows_what_changed_without_an_event(
 
 
 async def test_the_site_refresh_never_shows_an_older_read_than_a_flush_did(
-    sqlite_api: LiveApi, monkeypatch: pytest.MonkeyPatch
+    refreshing_api: LiveApi, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The refresh reads outside the lock: a flush may show a newer summary meanwhile."""
-    api = sqlite_api
-    monkeypatch.setattr(live_ws, "SITE_REFRESH_S", 0.2)
-    await api.seed.devices("venue-a", "pi-a", [api.receiver("rx1")])
+    api = refreshing_api
     feed = context_of(api.app).live
     assert feed is not None
     real_list_sites = feed.fleet.list_sites

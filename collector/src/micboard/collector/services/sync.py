@@ -234,6 +234,17 @@ def _json_text(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+async def _driver_rows(
+    conn: AsyncConnection, sqlite_sql: str, postgresql_sql: str, values: list[Any]
+) -> Sequence[Any]:
+    """The rows of a statement taking one list of ``values``: JSON text (SQLite), an array (PostgreSQL)."""
+    if conn.dialect.name == "postgresql":
+        result = await conn.exec_driver_sql(postgresql_sql, (values,))
+    else:
+        result = await conn.exec_driver_sql(sqlite_sql, (orjson.dumps(values).decode(),))
+    return result.all()
+
+
 def _is_deferred(result: ApplyResult | None) -> bool:
     return result is not None and result.outcome is ApplyOutcome.DEFERRED
 
@@ -568,12 +579,7 @@ class SynchronizationService:
             await conn.execute(site_stmt, rows)
             changes.memo.sites.update(dict.fromkeys(due, now))
         # Straight through the driver: it runs for every batch, and almost always finds nothing.
-        heard = sorted(updates)
-        if conn.dialect.name == "postgresql":
-            result = await conn.exec_driver_sql(_BACK_POSTGRESQL, (heard,))
-        else:
-            result = await conn.exec_driver_sql(_BACK_SQLITE, (orjson.dumps(heard).decode(),))
-        back_rows: Sequence[Any] = result.all()
+        back_rows = await _driver_rows(conn, _BACK_SQLITE, _BACK_POSTGRESQL, sorted(updates))
         if back_rows:
             back = sorted(row[1] for row in back_rows)
             # The desk sees the devices as the agent last reported them again.
@@ -635,12 +641,7 @@ class SynchronizationService:
             # PostgreSQL, in id order). A cached state whose revision still matches is used as is.
             # Straight through the driver: it runs for every batch, and SQLAlchemy's statement
             # and row handling cost more than the lookup.
-            ids = sorted(by_pk)
-            if conn.dialect.name == "postgresql":
-                result = await conn.exec_driver_sql(_REVISIONS_POSTGRESQL, (ids,))
-            else:
-                result = await conn.exec_driver_sql(_REVISIONS_SQLITE, (orjson.dumps(ids).decode(),))
-            rows: Sequence[Any] = result.all()
+            rows = await _driver_rows(conn, _REVISIONS_SQLITE, _REVISIONS_POSTGRESQL, sorted(by_pk))
             reload: list[int] = []
             for pk, agent, device_key, revision in rows:
                 pair = (agent, device_key)
