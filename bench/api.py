@@ -31,10 +31,16 @@ by the real :class:`AlertService` as ingest does. The real :class:`Collector` th
    wake-up goes out as one batch frame joined from the messages' bytes, with the collector's
    bounds (2,000 items, 1 MiB).
 
+With ``--split`` the collector runs as two processes, as a deployment may: a second collector
+process (``micboard-collector run``, same database and NATS) ingests, and the benchmarked one is
+started with ``ingest=False`` and serves the live WebSocket only; committed changes reach it over
+the live bridge (``micboard.live.v1.*``), and it reads the changed channels from the store.
+Ingest progress is then the consumer's ack floor.
+
 The clients run in a separate process so that their work does not queue behind the servers';
 timestamps on both sides are ``time.monotonic_ns()`` (one system-wide clock on Linux).
 Goals: p99 < 50 ms for a site's channels; delta-to-client p99 < 250 ms at 5,000 deltas/s.
-Run: ``.venv/bin/python bench/api.py [--quick]``.
+Run: ``.venv/bin/python bench/api.py [--quick] [--split]``.
 """
 
 from __future__ import annotations
@@ -46,12 +52,15 @@ import contextlib
 import json
 import logging
 import multiprocessing
+import os
 import random
 import re
+import signal
+import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +71,7 @@ import nats
 import orjson
 from aiohttp import WSMsgType, web
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -84,6 +94,7 @@ from micboard.shared.envelope import (
     HelloEvent,
 )
 from micboard.shared.model import Device, Family, ReceiverChannel, Transmitter, Vendor
+from micboard.shared.natsd import free_port
 from micboard.shared.subjects import build_subject, msg_id
 from report import emit
 
@@ -912,26 +923,51 @@ async def fan_out_run(
     return analyse(results, deltas, scheduled), len(deltas.events) / seconds, subscribe_s
 
 
+Progress = Callable[[], Awaitable[int]]
+"""How many events ingest has applied so far (a counter that only grows)."""
+
+
+def ingest_progress(
+    running: RunningCollector, settings: CollectorSettings, js: JetStreamContext | None
+) -> Progress:
+    """Events fetched by the collector's own ingest, or else acknowledged on the consumer (``js``)."""
+    ingest = running.ingest
+    if ingest is not None:
+
+        async def fetched() -> int:
+            return ingest.stats.events
+
+        return fetched
+    assert js is not None, "a collector without ingest needs the consumer's ack floor"
+    consumer = js
+
+    async def acked() -> int:
+        info = await consumer.consumer_info(settings.stream_name, settings.durable_name)
+        return int(info.ack_floor.consumer_seq if info.ack_floor else 0)
+
+    return acked
+
+
 def collector_feed(
-    pool: ProcessPoolExecutor, running: RunningCollector, deltas: Deltas, in_flight: int
+    pool: ProcessPoolExecutor, nats_url: str, progress: Progress, deltas: Deltas, in_flight: int
 ) -> Feed:
     """Publish the deltas into JetStream from another process and wait until ingest applied them all."""
     messages = encoded(deltas)
 
     async def feed() -> tuple[list[int], float]:
-        before = running.ingest.stats.events
-        load = PublishLoad(running.nats_url, messages, deltas.rate, in_flight)
+        before = await progress()
+        load = PublishLoad(nats_url, messages, deltas.rate, in_flight)
         start, seconds = await asyncio.get_running_loop().run_in_executor(pool, publish_worker, load)
         interval_ns = 1e9 / deltas.rate
         published = time.monotonic()
-        while running.ingest.stats.events - before < len(messages):
+        while (done := await progress() - before) < len(messages):
             if time.monotonic() - published > 60:
-                print(f"  ingest applied only {running.ingest.stats.events - before:,} of {len(messages):,}")
+                print(f"  ingest applied only {done:,} of {len(messages):,}")
                 break
             await asyncio.sleep(0.01)
         lag = time.monotonic() - published
         # Ingest's own rate over the phase: below the publishing rate, a backlog grew.
-        applied = (running.ingest.stats.events - before) / (seconds + lag)
+        applied = done / (seconds + lag)
         print(
             f"  published at {len(messages) / seconds:,.0f}/s; ingest done {lag:.2f} s after the last ack "
             f"(applied {applied:,.0f}/s over the phase)"
@@ -977,6 +1013,7 @@ async def bench_live(
     pool: ProcessPoolExecutor,
     tmp: Path,
     running: RunningCollector,
+    progress: Progress,
     seeded: Seeded,
     plans: Sequence[SitePlan],
     args: argparse.Namespace,
@@ -994,11 +1031,17 @@ async def bench_live(
         f"{len(scopes) - fleet_n - big_n} on other sites); {len(deltas.events):,} battery deltas "
         f"at {args.rate:,.0f}/s for {args.ws_seconds:g} s, {args.drain_seconds:g} s to drain"
     )
-    print("  collector: agents' events -> JetStream -> IngestConsumer -> store -> live feed -> WebSocket")
+    if args.split:
+        print(
+            "  collector: agents' events -> JetStream -> IngestConsumer (ingest process) -> store -> "
+            "live bridge -> live feed (this process) -> WebSocket"
+        )
+    else:
+        print("  collector: agents' events -> JetStream -> IngestConsumer -> store -> live feed -> WebSocket")
     ws_url = running.url.replace("http://", "ws://") + "/api/v1/live"
     live = context_of(running.runner.app).live
     assert live is not None
-    feed = collector_feed(pool, running, deltas, args.in_flight)
+    feed = collector_feed(pool, running.nats_url, progress, deltas, args.in_flight)
     figures, rate, subscribe_s = await fan_out_run(
         pool, tmp, "collector", ws_url, scopes, deltas, feed, args.drain_seconds
     )
@@ -1041,6 +1084,48 @@ async def bench_live(
     emit(BENCH, "ws p99 / bare", round(p99 / b99, 1), "x")
 
 
+@contextlib.asynccontextmanager
+async def ingest_process(settings: CollectorSettings, nats_url: str, tmp: Path) -> AsyncIterator[None]:
+    """``micboard-collector run`` in a process of its own, ingesting into ``settings``' database."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "MICBOARD_NATS_URL": nats_url,
+        "MICBOARD_DATABASE_URL": settings.resolved_database_url(),
+        "MICBOARD_STATE_DIR": str(tmp / "ingest"),
+        "MICBOARD_HTTP_HOST": "127.0.0.1",
+        "MICBOARD_HTTP_PORT": str(port),
+        "MICBOARD_STALE_CHECK_INTERVAL_S": str(settings.stale_check_interval_s),
+        "MICBOARD_LOG_LEVEL": "WARNING",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "micboard.collector.cli", "run", env=env
+    )
+    try:
+        deadline = time.monotonic() + 60
+        async with aiohttp.ClientSession() as http:
+            while True:
+                if process.returncode is not None:
+                    raise SystemExit(f"the ingest process exited with {process.returncode}")
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
+                        if response.status == 200:
+                            break
+                if time.monotonic() > deadline:
+                    raise SystemExit("the ingest process was not healthy within 60 s")
+                await asyncio.sleep(0.2)
+        print(f"  ingest process {process.pid} ready on port {port}")
+        yield
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 30)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
 # -- main ---------------------------------------------------------------------------------------
 
 
@@ -1055,7 +1140,7 @@ async def run(args: argparse.Namespace) -> None:
         tmp = Path(tmp_name)
         settings = CollectorSettings(
             state_dir=tmp, http_host="127.0.0.1", http_port=0, bootstrap_token=SecretStr(TOKEN),
-            stale_check_interval_s=3600.0,
+            stale_check_interval_s=3600.0, ingest=not args.split,
         )  # fmt: skip
         engine = create_engine(settings.resolved_database_url())
         try:
@@ -1072,24 +1157,46 @@ async def run(args: argparse.Namespace) -> None:
         collector = Collector(settings)
         running = await collector.start()
         try:
-            small = next(p.site for p in plans if p.receivers == 4)
-            endpoints = [
-                Endpoint("GET /sites?limit=1000", "/api/v1/sites?limit=1000"),
-                Endpoint(
-                    f"GET /channels?site={BIG_SITE}&limit=1000",
-                    f"/api/v1/channels?site={BIG_SITE}&limit=1000",
-                    50.0,
-                ),
-                Endpoint(f"GET /channels?site={small}", f"/api/v1/channels?site={small}", 50.0),
-                Endpoint("GET /devices?limit=100", "/api/v1/devices?limit=100"),
-                Endpoint("GET /alerts", "/api/v1/alerts"),
-            ]
-            if not args.skip_rest:
-                await bench_rest(pool, running.url, endpoints, args)
-            if not args.skip_live:
-                await bench_live(pool, tmp, running, seeded, plans, args)
+            async with contextlib.AsyncExitStack() as stack:
+                js = None
+                if args.split:
+                    await stack.enter_async_context(ingest_process(settings, running.nats_url, tmp))
+                    nc = await nats.connect(running.nats_url)
+                    stack.push_async_callback(nc.close)
+                    js = nc.jetstream()
+                await run_phases(
+                    pool, tmp, running, ingest_progress(running, settings, js), seeded, plans, args
+                )
         finally:
             await collector.stop()
+
+
+async def run_phases(
+    pool: ProcessPoolExecutor,
+    tmp: Path,
+    running: RunningCollector,
+    progress: Progress,
+    seeded: Seeded,
+    plans: Sequence[SitePlan],
+    args: argparse.Namespace,
+) -> None:
+    """The REST phase, then the live phase, against the started collector."""
+    small = next(p.site for p in plans if p.receivers == 4)
+    endpoints = [
+        Endpoint("GET /sites?limit=1000", "/api/v1/sites?limit=1000"),
+        Endpoint(
+            f"GET /channels?site={BIG_SITE}&limit=1000",
+            f"/api/v1/channels?site={BIG_SITE}&limit=1000",
+            50.0,
+        ),
+        Endpoint(f"GET /channels?site={small}", f"/api/v1/channels?site={small}", 50.0),
+        Endpoint("GET /devices?limit=100", "/api/v1/devices?limit=100"),
+        Endpoint("GET /alerts", "/api/v1/alerts"),
+    ]
+    if not args.skip_rest:
+        await bench_rest(pool, running.url, endpoints, args)
+    if not args.skip_live:
+        await bench_live(pool, tmp, running, progress, seeded, plans, args)
 
 
 def main() -> None:
@@ -1109,6 +1216,9 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=256, help="bound on unacknowledged publishes")
     parser.add_argument("--skip-rest", action="store_true")
     parser.add_argument("--skip-live", action="store_true")
+    parser.add_argument(
+        "--split", action="store_true", help="ingest in a second collector process; this one only serves"
+    )
     args = parser.parse_args()
     if args.quick:
         args.http_seconds, args.http_requests = 1.0, 500

@@ -74,6 +74,7 @@ async def test_device_snapshot_travels_to_the_api(
         assert device["channels"][0]["name"] == "HH01 Fatai"
         assert device["channels"][0]["transmitter"]["battery_bars"] == 4
         assert agent.published >= 3  # hello, snapshot, at least one heartbeat
+        assert running.ingest is not None
         assert running.ingest.stats.poison == 0
         async with aiohttp.ClientSession() as http, http.get(f"{running.url}/healthz") as response:
             health = await response.json()
@@ -122,6 +123,7 @@ async def test_poison_is_terminated_and_kept(
         spoofed = EnvelopeFactory("venue-b", "pi-x").make(HelloBody(version="x"))
         await js.publish("micboard.v1.venue-a.pi-c.hello", encode(spoofed))
         await nc.close()
+        assert running.ingest is not None
         for _ in range(100):
             if running.ingest.stats.poison >= 2:
                 break

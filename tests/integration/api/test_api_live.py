@@ -582,3 +582,81 @@ async def test_the_site_refresh_never_shows_an_older_read_than_a_flush_did(
     with pytest.raises(TimeoutError):
         await next_of(ws, "site", timeout_s=1.5)
     await ws.close()
+
+
+async def test_a_collector_that_only_serves_shows_what_another_ingests(
+    nats_private: EmbeddedNats, db_url: str, tmp_path: Path, make_receiver: Callable[..., Device]
+) -> None:
+    """Ingest in one collector process, the dashboard's live view in another (``ingest=False``):
+    applied changes and the alerts they open reach the serving one's clients over the live bridge,
+    and what its API changes (an acknowledged alert) reaches the ingesting one's."""
+    token = "mbt_live-test-token-0123456789abcdefghij"
+    common = {
+        "nats_url": nats_private.url, "database_url": db_url, "http_port": 0, "fetch_timeout_s": 0.2,
+        "bootstrap_token": token, "auto_migrate": "always",
+    }  # fmt: skip
+    ingesting = Collector(CollectorSettings(state_dir=tmp_path / "ingest", **common))  # type: ignore[arg-type]
+    serving = Collector(CollectorSettings(state_dir=tmp_path / "serve", ingest=False, **common))  # type: ignore[arg-type]
+    ingester = await ingesting.start()
+    server = await serving.start()
+    nc = await nats.connect(nats_private.url)
+    try:
+        assert server.ingest is None and ingester.ingest is not None
+        publisher = JetStreamPublisher(nc)
+        factory = EnvelopeFactory("venue-s", "pi-s")
+        await publisher.publish(factory.make(HelloBody(version="1.0")))
+        await publisher.publish(
+            factory.make(DeviceBody(device_key="rx1", snapshot=make_receiver("rx1", bars=(5, 4))))
+        )
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
+            deadline = time.monotonic() + 10
+            while True:
+                async with http.get(f"{server.url}/api/v1/channels") as r:
+                    if (await r.json())["total"] == 2 or time.monotonic() > deadline:
+                        break
+                await asyncio.sleep(0.05)
+            ws = await http.ws_connect(f"{server.url}/api/v1/live")
+            await ws.send_json({"type": "auth", "token": token})
+            await ws.send_json({"type": "subscribe", "scope": "fleet"})
+            assert [c["battery_state"] for c in (await next_of(ws, "snapshot"))["channels"]] == [
+                "good",
+                "good",
+            ]
+            other = await http.ws_connect(f"{ingester.url}/api/v1/live")
+            await other.send_json({"type": "auth", "token": token})
+            await other.send_json({"type": "subscribe", "scope": "fleet"})
+            await next_of(other, "snapshot")
+
+            sent = time.monotonic()
+            tx = Transmitter(model="ULXD2", battery_bars=1, battery_percent=8, runtime_min=10, muted=False)
+            await publisher.publish(
+                factory.make(
+                    DeviceBody(device_key="rx1", changes={"channels": {1: {"transmitter": tx.model_dump()}}})
+                )
+            )
+            seen: dict[str, dict[str, Any]] = {}
+            while not {"channel", "alert"} <= seen.keys():  # the alert may come first
+                message = await next_message(ws, timeout_s=10)
+                seen.setdefault(message["type"], message.get("item", {}))
+            assert time.monotonic() - sent < 2
+            item, opened = seen["channel"], seen["alert"]
+            assert (item["index"], item["battery_state"], item["tx"]["battery_percent"]) == (1, "critical", 8)
+            assert opened["state"] == "open" and opened["rule"].startswith("battery")
+
+            # The serving process acknowledges: the ingesting one's client hears of it.
+            async with http.post(f"{server.url}/api/v1/alerts/{opened['id']}/acknowledge") as r:
+                assert r.status == 200, await r.text()
+            while True:
+                alert = (await next_of(other, "alert", timeout_s=10))["item"]
+                if alert["id"] == opened["id"] and alert["state"] == "acknowledged":
+                    break
+            async with http.get(f"{server.url}/metrics") as r:
+                metrics = await r.text()
+            assert "micboard_live_bridge_peers 1.0" in metrics
+            assert "micboard_ingest_events" not in metrics  # this process ingests nothing
+            await ws.close()
+            await other.close()
+    finally:
+        await nc.close()
+        await serving.stop()
+        await ingesting.stop()

@@ -68,6 +68,7 @@ async def test_ingest_metrics(
         await publisher.publish(factory.make(HelloBody(version="1.0")))
         await publisher.publish(factory.make(DeviceBody(device_key="rx1", snapshot=make_receiver("rx1"))))
         await nc.jetstream().publish("micboard.v1.venue-i.pi-i.hello", b"\xc1")
+        assert running.ingest is not None
         for _ in range(100):
             if running.ingest.stats.events >= 3:
                 break

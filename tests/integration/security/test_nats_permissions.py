@@ -14,6 +14,7 @@ from micboard.agent.natsauth import agent_connect_options, command_allowed
 from micboard.agent.publisher import EnvelopeFactory, JetStreamPublisher, connect
 from micboard.agent.settings import AgentSettings
 from micboard.collector.ingest import check_event, ensure_stream
+from micboard.collector.live_bridge import LIVE_SUBJECT_PREFIX
 from micboard.collector.security.identities import NatsConfigOptions
 from micboard.collector.security.natsauth import collector_connect_options
 from micboard.collector.settings import CollectorSettings
@@ -126,6 +127,7 @@ async def test_agent_cannot_publish_as_another_agent_or_site(
         f"$JS.API.STREAM.INFO.{STREAM}",  # reading the event stream through the JetStream API
         f"$JS.API.CONSUMER.CREATE.{STREAM}",
         "micboard.v1.hall.pi-1.device.extra",  # a deeper subject under its own prefix
+        "micboard.live.v1.forged",  # the collectors' live bridge: no agent may feed dashboards
     ],
 )
 async def test_agent_cannot_publish_commands_or_use_the_jetstream_api(
@@ -147,6 +149,7 @@ async def test_agent_cannot_publish_commands_or_use_the_jetstream_api(
         build_subject(*AGENT_B, Kind.METER),
         "_INBOX_collector.>",  # the collector's replies (stream deliveries)
         "_INBOX_agent.hall.pi-2.>",  # another agent's acks and replies
+        "micboard.live.v1.*",  # what collectors share with each other's live views
         ">",
     ],
 )
@@ -245,3 +248,28 @@ async def test_revoked_agent_is_refused_after_the_configuration_is_regenerated(
         await clients.connect(secure_nats.url, nkeys_seed=str(kept))
     still_there = await clients.agent(AGENT_A, secure_nats.url)
     assert still_there.nc.is_connected
+
+
+async def test_collector_processes_share_live_changes_over_the_bridge(
+    secure_nats: EmbeddedNats, clients: ClientFactory
+) -> None:
+    """Two collector connections (one NKey) may publish and receive on ``micboard.live.v1.*``."""
+    first = await clients.collector(secure_nats.url)
+    second = await clients.collector(secure_nats.url)
+    received: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on_message(msg: Msg) -> None:
+        await received.put(msg.data)
+
+    await second.nc.subscribe(f"{LIVE_SUBJECT_PREFIX}.*", cb=on_message)
+    # Published until one arrives: nats-py's flush does not prove the SUB reached the server.
+    for _ in range(30):
+        await first.nc.publish(f"{LIVE_SUBJECT_PREFIX}.abc123", b"payload")
+        try:
+            assert await asyncio.wait_for(received.get(), 0.1) == b"payload"
+            break
+        except TimeoutError:
+            continue
+    else:
+        raise AssertionError("nothing arrived on the live bridge subject")
+    assert first.errors.errors == [] and second.errors.errors == []

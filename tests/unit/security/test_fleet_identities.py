@@ -46,11 +46,16 @@ def test_inbox_prefixes_of_different_agents_never_overlap() -> None:
 
 def test_collector_permissions_are_scoped_to_its_stream() -> None:
     perms = collector_permissions("EVENTS")
+    live = "micboard.live.v1.*"
     published = perms["publish"]["allow"]
     assert "micboard.v1.*.*.cmd" in published
-    assert all(s.startswith(("$JS.API.INFO", "micboard.v1")) or ".EVENTS" in s for s in published)
+    assert all(
+        s.startswith(("$JS.API.INFO", "micboard.v1")) or ".EVENTS" in s for s in published if s != live
+    )
     assert not any("DELETE" in s or "PURGE" in s for s in published)
     assert "_INBOX_collector.>" in perms["subscribe"]["allow"]
+    # The live bridge: collector processes talk to each other there, both ways.
+    assert live in published and live in perms["subscribe"]["allow"]
 
 
 def test_registry_add_rotate_revoke(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from micboard.collector.api.app import create_app
 from micboard.collector.api.live_ws import publish_batch, publish_committed
 from micboard.collector.ingest import IngestConsumer
 from micboard.collector.live import LiveHub
+from micboard.collector.live_bridge import LiveBridge
 from micboard.collector.runtime import pause, tune_gc
 from micboard.collector.security.natsauth import collector_connect_options
 from micboard.collector.services.alerts import AlertService, AlertThresholds
@@ -48,7 +49,8 @@ class RunningCollector:
     url: str
     nats_url: str
     engine: AsyncEngine
-    ingest: IngestConsumer
+    #: None in a process started with ``ingest=False`` (API, dashboard and live views only).
+    ingest: IngestConsumer | None
     runner: web.AppRunner
 
 
@@ -72,6 +74,7 @@ class Collector:
         self.history: HistoryService | None = None
         self.webhooks: WebhookDispatcher | None = None
         self.meters: MeterService | None = None
+        self.bridge: LiveBridge | None = None
 
     def alert_defaults(self) -> AlertThresholds:
         """The alert thresholds of a site without overrides, from the settings."""
@@ -126,29 +129,18 @@ class Collector:
             flush_interval_s=settings.history_flush_interval_s,
             prune_interval_s=settings.history_prune_interval_s,
         )
-        await self.history.start()
+        if settings.live_bridge:
+            # Before anything publishes on the hub: the other processes' views see it all.
+            self.bridge = LiveBridge(nc, self.hub)
+            await self.bridge.start()
         self.webhooks = WebhookDispatcher(engine)
         await self.webhooks.start()
         self.alerts = AlertService(
             engine, hub=self.hub, webhooks=self.webhooks, defaults=self.alert_defaults()
         )
-        self.meters = MeterService(alerts=self.alerts, history=self.history, hub=self.hub)
-        await self.meters.start()
-        ingest = IngestConsumer(
-            nc,
-            engine,
-            settings,
-            on_committed=functools.partial(publish_batch, self.hub),
-            alerts=self.alerts,
-            history=self.history,
-        )
-        await ingest.start()
-        self._ingest_task = asyncio.create_task(ingest.run(), name="ingest")
-        self._periodic.append(asyncio.create_task(self._mark_stale_agents(ingest), name="stale-agents"))
-        self._periodic.append(asyncio.create_task(self._sweep_alerts(self.alerts), name="alert-sweep"))
-        self._periodic.append(asyncio.create_task(self._prune_dedup(ingest), name="dedup-prune"))
-        if background_checkpoints:
-            self._periodic.append(asyncio.create_task(self._checkpoint_wal(engine), name="wal-checkpoint"))
+        ingest = await self._start_ingest(nc, engine, background_checkpoints) if settings.ingest else None
+        if ingest is None:
+            log.info("ingest disabled: serving the API, dashboard and live views only")
         api = create_app(
             DeviceService(engine),
             settings=settings,
@@ -158,7 +150,8 @@ class Collector:
             alerts=self.alerts,
             history=self.history,
             commands=CommandService(engine, nc),
-            meter_listeners=[self.meters.submit],
+            meter_listeners=[] if self.meters is None else [self.meters.submit],
+            bridge=self.bridge,
         )
         # Handlers still running at shutdown get a bounded grace, not aiohttp's default minute.
         runner = web.AppRunner(api, access_log=None, shutdown_timeout=settings.http_shutdown_timeout_s)
@@ -178,6 +171,31 @@ class Collector:
         if watchdog_s is not None:
             self._periodic.append(asyncio.create_task(self._feed_watchdog(watchdog_s), name="watchdog"))
         return self.running
+
+    async def _start_ingest(
+        self, nc: Client, engine: AsyncEngine, background_checkpoints: bool
+    ) -> IngestConsumer:
+        """Ingest, what meters feed (alerts, history) and the jobs that keep the store: the writer's part."""
+        assert self.history is not None and self.alerts is not None
+        await self.history.start()
+        self.meters = MeterService(alerts=self.alerts, history=self.history, hub=self.hub)
+        await self.meters.start()
+        ingest = IngestConsumer(
+            nc,
+            engine,
+            self.settings,
+            on_committed=functools.partial(publish_batch, self.hub),
+            alerts=self.alerts,
+            history=self.history,
+        )
+        await ingest.start()
+        self._ingest_task = asyncio.create_task(ingest.run(), name="ingest")
+        self._periodic.append(asyncio.create_task(self._mark_stale_agents(ingest), name="stale-agents"))
+        self._periodic.append(asyncio.create_task(self._sweep_alerts(self.alerts), name="alert-sweep"))
+        self._periodic.append(asyncio.create_task(self._prune_dedup(ingest), name="dedup-prune"))
+        if background_checkpoints:
+            self._periodic.append(asyncio.create_task(self._checkpoint_wal(engine), name="wal-checkpoint"))
+        return ingest
 
     async def _mark_stale_agents(self, ingest: IngestConsumer) -> None:
         """Every ``stale_check_interval_s``: agents silent for 3 heartbeat intervals become stale.
@@ -255,13 +273,15 @@ class Collector:
 
     async def stop(self) -> None:
         """Stop in reverse order: HTTP, periodic jobs, ingest (finishing its batch), meters,
-        webhooks, history (flushing), NATS, store, embedded NATS. Safe after a partial start."""
+        webhooks, live bridge, history (flushing), NATS, store, embedded NATS. Safe after a partial
+        start."""
         running, self.running = self.running, None
         if running is not None:
             self.notifier.stopping()
             # HTTP first: the live feed (and its meter subscription) stops with the application.
             await running.runner.cleanup()
-            running.ingest.stop()
+            if running.ingest is not None:
+                running.ingest.stop()
         # Asked, not cancelled: a job cancelled in the middle of a statement could leave its
         # connection holding SQLite's write lock, and the history flush below then failed.
         self._quit.set()
@@ -284,6 +304,9 @@ class Collector:
         if self.webhooks is not None:
             await self.webhooks.close()
             self.webhooks = None
+        if self.bridge is not None:
+            await self.bridge.close()
+            self.bridge = None
         if self.history is not None:
             try:
                 await self.history.close()

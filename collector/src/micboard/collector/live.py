@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -132,6 +132,9 @@ class LiveHub:
         self.default_max_queue = default_max_queue
         self.stats = HubStats()
         self._subscriptions: set[Subscription] = set()
+        #: Called with each message published here (not with one published ``forward=False``):
+        #: the :class:`~micboard.collector.live_bridge.LiveBridge` to other collector processes.
+        self.forward: Callable[[LiveMessage], None] | None = None
 
     @property
     def subscriber_count(self) -> int:
@@ -157,8 +160,13 @@ class LiveHub:
         """Forget ``subscription`` (closing it does this)."""
         self._subscriptions.discard(subscription)
 
-    def publish(self, message: LiveMessage) -> int:
-        """Offer ``message`` to every interested subscriber without waiting; returns how many got it."""
+    def publish(self, message: LiveMessage, *, forward: bool = True) -> int:
+        """Offer ``message`` to every interested subscriber without waiting; returns how many got it.
+
+        ``forward``: also hand it to :attr:`forward` (false for what came from another process).
+        """
+        if forward and self.forward is not None:
+            self.forward(message)
         self.stats.published += 1
         self.stats.by_topic[message.topic.value] = self.stats.by_topic.get(message.topic.value, 0) + 1
         reached = 0

@@ -72,6 +72,16 @@ class CollectorSettings(MicboardSettings):
         description="an admin API token created at start if absent (for demos and first setup)",
     )
     auth_failures_per_min: int = Field(default=10, ge=1, description="failed auth per address, then 429")
+    ingest: bool = Field(
+        default=True,
+        description="consume the event stream in this process; false: serve the API, dashboard and live "
+        "views only while other collector processes ingest",
+    )
+    live_bridge: bool = Field(
+        default=True,
+        description="share committed changes and alerts with the live views of other collector processes "
+        "over core NATS (micboard.live.v1.*); needed whenever more than one collector process runs",
+    )
     live_queue_messages: int = Field(default=512, ge=8, description="a WebSocket client's send queue bound")
     live_meter_hz: float = Field(default=10.0, gt=0, le=50, description="meter updates per channel per s")
 

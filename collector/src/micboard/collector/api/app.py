@@ -31,6 +31,7 @@ from micboard.shared import __version__
 
 if TYPE_CHECKING:
     from micboard.collector.ingest import IngestConsumer
+    from micboard.collector.live_bridge import LiveBridge
     from micboard.collector.services.alerts import AlertService
     from micboard.collector.services.commands import CommandService
     from micboard.collector.services.history import HistoryService
@@ -111,6 +112,7 @@ def create_app(
     commands: CommandService | None = None,
     dashboard: bool = True,
     meter_listeners: Sequence[MeterListener] = (),
+    bridge: LiveBridge | None = None,
 ) -> web.Application:
     """Build the web application around the given services.
 
@@ -151,6 +153,7 @@ def create_app(
         history=history,
         commands=commands,
         live=live,
+        bridge=bridge,
     )
     metrics.context = ctx
     app = web.Application(middlewares=[error_middleware(metrics.observe)], client_max_size=1024**2)

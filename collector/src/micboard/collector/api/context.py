@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from micboard.collector.api.live_ws import LiveFeed
     from micboard.collector.api.metrics import ApiMetrics
     from micboard.collector.ingest import IngestConsumer
+    from micboard.collector.live_bridge import LiveBridge
     from micboard.collector.services.alerts import AlertService
     from micboard.collector.services.commands import CommandService
     from micboard.collector.services.history import HistoryService
@@ -40,6 +41,7 @@ class ApiContext:
     history: HistoryService | None = None
     commands: CommandService | None = None
     live: LiveFeed | None = None
+    bridge: LiveBridge | None = None
 
 
 CONTEXT: web.AppKey[ApiContext] = web.AppKey("api_context", ApiContext)

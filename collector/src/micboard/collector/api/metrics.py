@@ -173,6 +173,27 @@ class _StateCollector(Collector):
                 "Meter events refused (undecodable or unknown)",
                 value=live.meters_bad,
             )
+        if ctx.bridge is not None:
+            bridge = ctx.bridge.stats
+            forwarded = CounterMetricFamily(
+                "micboard_live_bridge_messages",
+                "Live messages shared with other collector processes",
+                labels=["direction"],
+            )
+            forwarded.add_metric(["sent"], bridge.sent)
+            forwarded.add_metric(["received"], bridge.received)
+            forwarded.add_metric(["failed"], bridge.failed)
+            yield forwarded
+            yield CounterMetricFamily(
+                "micboard_live_bridge_bad",
+                "Live bridge payloads refused (undecodable or malformed)",
+                value=bridge.bad,
+            )
+            yield GaugeMetricFamily(
+                "micboard_live_bridge_peers",
+                "Other collector processes heard from on the live bridge",
+                value=ctx.bridge.peers(),
+            )
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

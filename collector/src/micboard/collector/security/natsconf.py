@@ -15,6 +15,8 @@ collector
     of the event stream and its consumers (info, create, update, next, direct get), acks.
     subscribe: live meters ``micboard.v1.*.*.meter`` and its inbox prefix ``_INBOX_collector.>``
     (stream deliveries and API replies arrive there).
+    both: ``micboard.live.v1.*``, on which collector processes share committed changes with each
+    other's live views (:mod:`micboard.collector.live_bridge`); no agent may publish there.
 
 A client without a known NKey is refused: there is no ``no_auth_user``.
 """
@@ -26,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from micboard.collector.live_bridge import LIVE_SUBJECT_PREFIX
 from micboard.collector.security.identities import FleetRegistry, NatsConfigOptions
 from micboard.shared.errors import ConfigError
 from micboard.shared.natsauth import COLLECTOR_INBOX_PREFIX, agent_inbox_prefix
@@ -73,9 +76,16 @@ def collector_permissions(stream: str) -> Permissions:
                 f"{api}.CONSUMER.LIST.{stream}",
                 f"{api}.CONSUMER.MSG.NEXT.{stream}.>",
                 f"$JS.ACK.{stream}.>",
+                f"{LIVE_SUBJECT_PREFIX}.*",
             ]
         },
-        "subscribe": {"allow": [f"{SUBJECT_PREFIX}.*.*.{Kind.METER.value}", f"{COLLECTOR_INBOX_PREFIX}.>"]},
+        "subscribe": {
+            "allow": [
+                f"{SUBJECT_PREFIX}.*.*.{Kind.METER.value}",
+                f"{COLLECTOR_INBOX_PREFIX}.>",
+                f"{LIVE_SUBJECT_PREFIX}.*",
+            ]
+        },
     }
 
 
