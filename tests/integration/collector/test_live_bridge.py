@@ -131,6 +131,7 @@ async def test_nothing_is_forwarded_without_another_collector(nats_server: Embed
         ),
         msgpack.packb({"v": 1, "m": [["alert", 5, {}]]}),
         msgpack.packb({"v": 1, "m": [["alert", "venue"]]}),
+        msgpack.packb({"v": 1, "m": [[["device"], "venue", {}]]}),
     ],
 )
 async def test_bad_payloads_are_counted_and_the_bridge_goes_on(
@@ -185,6 +186,20 @@ def test_any_bytes_decode_or_raise_bridge_error(payload: bytes) -> None:
     except BridgeError:
         return
     assert all(m.topic in (Topic.DEVICE, Topic.ALERT) for m in messages)
+
+
+@given(
+    st.fixed_dictionaries(
+        {"v": st.sampled_from([1, 1, 2, "1"]), "m": st.lists(st.lists(_json, max_size=4) | _json, max_size=4)}
+    )
+    | _json
+)
+def test_any_msgpack_structure_decodes_or_raises_bridge_error(body: Any) -> None:
+    try:
+        messages = decode_messages(msgpack.packb(body))
+    except BridgeError:
+        return
+    assert isinstance(body, dict) and len(messages) == len(body["m"])
 
 
 @given(

@@ -106,7 +106,13 @@ def decode_messages(payload: bytes) -> list[LiveMessage]:
         if not (isinstance(item, list) and len(item) == 3):
             raise BridgeError("a message is not [topic, site, data]")
         topic, site, data = item
-        if topic not in _TOPICS or not isinstance(site, str) or not isinstance(data, dict):
+        # The str test first: a list or a map from msgpack is unhashable, and `in` would raise.
+        if (
+            not isinstance(topic, str)
+            or topic not in _TOPICS
+            or not isinstance(site, str)
+            or not isinstance(data, dict)
+        ):
             raise BridgeError(f"a message has a bad topic, site or data: {str(item)[:120]}")
         if topic == Topic.DEVICE.value and not _device_data_ok(data):
             raise BridgeError(f"a device message lacks its device: {str(data)[:120]}")
