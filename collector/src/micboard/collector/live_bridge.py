@@ -48,6 +48,7 @@ from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
 from micboard.collector.live import LiveHub, LiveMessage, Topic
+from micboard.collector.runtime import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,6 @@ class BridgeStats:
     received: int = 0
     bad: int = 0
     failed: int = 0
-    peers: int = 0
 
 
 class BridgeError(ValueError):
@@ -156,8 +156,17 @@ class LiveBridge:
             if now - seen > 3 * self.announce_s:
                 del self._peers[origin]
                 log.info("live bridge: a collector process went quiet", extra={"origin": origin})
-        self.stats.peers = len(self._peers)
-        return self.stats.peers
+        if not self._peers:
+            self._hook(on=False)
+        return len(self._peers)
+
+    def _hook(self, *, on: bool) -> None:
+        # Hooked into the hub only while another process listens: a lone collector's ingest
+        # publishes on its hub without calling the bridge at all.
+        if on:
+            self.hub.forward = self._forward
+        elif self.hub.forward == self._forward:
+            self.hub.forward = None
 
     async def start(self) -> None:
         """Subscribe to the other processes' messages, announce this one, start forwarding."""
@@ -169,31 +178,26 @@ class LiveBridge:
             await asyncio.wait_for(self._echoed.wait(), SUBSCRIBE_WAIT_S)
         except TimeoutError:
             log.warning("live bridge: own announcement not seen back; going on")
-        self.hub.forward = self._forward
         self._tasks = [
             asyncio.create_task(self._run(), name="live-bridge"),
             asyncio.create_task(self._announce_loop(), name="live-bridge-announce"),
         ]
 
     async def close(self) -> None:
-        """Stop forwarding, send what is waiting, unsubscribe."""
-        if self.hub.forward == self._forward:
-            self.hub.forward = None
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
-        await self._send_waiting()
+        """Unsubscribe, stop forwarding, send what is waiting."""
+        # Unsubscribed first: a peer heard from now would hook the bridge into the hub again.
         if self._sub is not None:
             with contextlib.suppress(NatsError, OSError):
                 await self._sub.unsubscribe()
             self._sub = None
+        self._hook(on=False)
+        await cancel_all(self._tasks)
+        self._tasks = []
+        await self._send_waiting()
 
     def _forward(self, message: LiveMessage) -> None:
         # Called by the hub for each message it publishes; never waits.
-        if message.topic is Topic.METER or not self._peers:
+        if message.topic is Topic.METER:
             return
         self._outbox.append(message)
         self._wake.set()
@@ -248,8 +252,8 @@ class LiveBridge:
             return
         joined = origin not in self._peers
         self._peers[origin] = time.monotonic()
-        self.stats.peers = len(self._peers)
         if joined:
+            self._hook(on=True)
             log.info("live bridge: another collector process joined", extra={"origin": origin})
             # It started after this one's last announcement: answer, so that it forwards too.
             await self._announce()

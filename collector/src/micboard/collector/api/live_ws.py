@@ -51,6 +51,7 @@ from micboard.collector.api.auth import Authenticator
 from micboard.collector.api.errors import ApiError
 from micboard.collector.api.models import AlertItem
 from micboard.collector.live import LiveHub, LiveMessage, Topic
+from micboard.collector.runtime import cancel_all
 from micboard.collector.services.fleet import FleetView, PageRequest
 from micboard.collector.services.groups import GroupStore
 from micboard.collector.services.sync import DeviceChange, DeviceRef
@@ -375,11 +376,7 @@ class LiveFeed:
                 await self._nats_sub.unsubscribe()
             self._nats_sub = None
         self._hub_sub.close()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         self._tasks = []
         await asyncio.gather(*(_close_going_away(ws) for ws in list(self._sockets)))
 
