@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from nats.aio.client import Client
 
+from micboard.collector import live_bridge
 from micboard.collector.live import LiveHub, LiveMessage, Subscription, Topic
 from micboard.collector.live_bridge import (
     LIVE_SUBJECT_PREFIX,
@@ -114,6 +115,26 @@ async def test_nothing_is_forwarded_without_another_collector(nats_server: Embed
         hub.publish_device("venue", "pi-1", "rx1", {"kind": "status"})
         await _until(lambda: bridge.stats.sent == 1)
         await _until(lambda: bridge.peers() == 0, timeout_s=2.0)
+    finally:
+        await _close(bridge)
+
+
+async def test_a_connection_that_never_hears_itself_warns_and_still_bridges(
+    nats_server: EmbeddedNats, nc: Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # no_echo: the server never hands a connection its own messages, so the announcement that
+    # proves the subscription never comes back. start() waits its bound, says so, and goes on.
+    monkeypatch.setattr(live_bridge, "SUBSCRIBE_WAIT_S", 0.2)
+    hub = LiveHub()
+    bridge = LiveBridge(await nats.connect(nats_server.url, no_echo=True), hub, origin="deaf")
+    await bridge.start()
+    sub = hub.subscribe()
+    try:
+        assert "own announcement not seen back" in caplog.text
+        good = LiveMessage(Topic.DEVICE, "venue", {"agent": "pi-1", "device_key": "rx1", "kind": "status"})
+        await nc.publish(f"{LIVE_SUBJECT_PREFIX}.peer", encode_messages([good]))
+        assert await _next(sub) == good
+        assert bridge.peers() == 1
     finally:
         await _close(bridge)
 
