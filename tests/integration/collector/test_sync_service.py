@@ -231,3 +231,53 @@ async def test_old_dedup_records_are_pruned_and_state_still_refuses_old_events(e
     assert await apply(engine, older) is ApplyOutcome.OUTDATED
     [row] = await stored(engine)
     assert row["device"]["channels"][0]["name"] == "HH01 New"
+
+
+async def test_channel_deltas_keep_the_descriptive_columns_and_device_deltas_move_them(
+    engine: AsyncEngine,
+) -> None:
+    # A channel-only delta writes the state and status columns alone; a device-level field or a
+    # new site rewrites the descriptive ones, also in a batch that has both kinds of device.
+    sync = SynchronizationService()
+
+    async def batch(*events: AnyEvent) -> None:
+        async with engine.begin() as conn:
+            changes = await sync.apply_batch_changes(conn, events)
+        sync.committed(changes)
+        assert {r.outcome for r in changes.results} == {ApplyOutcome.APPLIED}
+
+    async def row(key: str) -> dict[str, Any]:
+        async with engine.connect() as conn:
+            found = await conn.execute(select(devices).where(devices.c.device_key == key))
+            return dict(found.mappings().one())
+
+    second = device().model_copy(update={"device_key": "dev-2"})
+    await batch(
+        DeviceEvent(**envelope(1), body=DeviceBody(device_key="dev-1", snapshot=device())),
+        DeviceEvent(**envelope(2), body=DeviceBody(device_key="dev-2", snapshot=second)),
+    )
+    renamed = {"channels": {1: {"name": "HH01 Ines"}}}
+    await batch(
+        DeviceEvent(**envelope(3), body=DeviceBody(device_key="dev-1", changes=renamed)),
+        DeviceEvent(
+            **envelope(4), body=DeviceBody(device_key="dev-2", changes={"name": "Rack B", "model": "X"})
+        ),
+    )
+    one, two = await row("dev-1"), await row("dev-2")
+    assert (one["name"], one["model"], one["state"]["channels"][0]["name"]) == (None, "ULXD4", "HH01 Ines")
+    assert (two["name"], two["model"], two["revision"]) == ("Rack B", "X", 1)
+    moved = {**envelope(5), "site": "annex"}
+    await batch(
+        DeviceEvent(
+            **moved, body=DeviceBody(device_key="dev-1", changes={"channels": {1: {"name": "HH01"}}})
+        ),
+        OfflineEvent(**envelope(6), body=OfflineBody(device_key="dev-2")),
+    )
+    one, two = await row("dev-1"), await row("dev-2")
+    assert (one["site"], one["model"], one["revision"]) == ("annex", "ULXD4", 2)
+    assert (two["site"], two["name"], two["status"], two["reported_status"]) == (
+        "venue",
+        "Rack B",
+        "offline",
+        "offline",
+    )
