@@ -236,8 +236,8 @@ async def test_old_dedup_records_are_pruned_and_state_still_refuses_old_events(e
 async def test_channel_deltas_keep_the_descriptive_columns_and_device_deltas_move_them(
     engine: AsyncEngine,
 ) -> None:
-    # A channel-only delta writes the state and status columns alone; a device-level field or a
-    # new site rewrites the descriptive ones, also in a batch that has both kinds of device.
+    # The descriptive columns (model, name, site) follow a device-level delta and a new site, and
+    # a channel delta leaves them as they were, also in batches that mix both kinds of device.
     sync = SynchronizationService()
 
     async def batch(*events: AnyEvent) -> None:
