@@ -15,11 +15,11 @@ one per message. Evaluation failures are logged and counted (``stats.failed``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 
 from micboard.collector.live import LiveHub
+from micboard.collector.runtime import cancel_all
 from micboard.collector.services.alerts import AlertService
 from micboard.collector.services.history import HistoryService
 from micboard.shared.envelope import MeterEvent
@@ -85,9 +85,7 @@ class MeterService:
     async def close(self) -> None:
         """Stop the evaluation task; meters still waiting are dropped (they are live data)."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_all([self._task])
             self._task = None
         self._pending.clear()
 

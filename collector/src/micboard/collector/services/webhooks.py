@@ -15,7 +15,6 @@ of the attempt.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
@@ -32,6 +31,7 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from micboard.collector.errors import InvalidWebhookError, WebhookNotFoundError
+from micboard.collector.runtime import cancel_all
 from micboard.collector.store.schema_alerts import webhook_deliveries, webhooks
 
 log = logging.getLogger(__name__)
@@ -225,12 +225,7 @@ class WebhookDispatcher:
 
     async def close(self) -> None:
         """Cancel the worker and every delivery in flight, then close the HTTP session."""
-        tasks = [t for t in (self._worker, *self._deliveries) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(t for t in (self._worker, *self._deliveries) if t is not None)
         self._worker = None
         self._deliveries.clear()
         if self._session is not None:
