@@ -42,7 +42,7 @@ from micboard.agent.drivers.base import DriverCommand, DriverOptions
 from micboard.agent.metrics import Metric, MetricsServer
 from micboard.agent.natsauth import DEFAULT_NATS_URL, agent_connect_options, command_allowed
 from micboard.agent.outbox import Outbox
-from micboard.agent.publisher import EnvelopeFactory
+from micboard.agent.publisher import EnvelopeFactory, round_trip
 from micboard.agent.sender import EventSender
 from micboard.agent.settings import AgentSettings
 from micboard.agent.state import DeviceState, StateTracker
@@ -344,8 +344,14 @@ class AgentDaemon:
         # its flusher task (seen in the server's trace: a command sent once this returned found
         # no responder). The first round trip gets the SUB written; the second proves the server
         # has it, so that "subscribed" means a command sent now reaches us.
-        for _ in range(2):
-            await nc.flush(timeout=max(1, int(self.settings.publish_timeout_s)))
+        while True:
+            try:
+                for _ in range(2):
+                    await round_trip(nc, self.settings.publish_timeout_s)
+                break
+            except NatsError as exc:  # a slow or lost link: the SUB stands, ask again
+                log.warning("commands subscription not confirmed yet", extra={"error": type(exc).__name__})
+                await asyncio.sleep(1.0)
         self._subscribed.set()
         log.info("commands subscribed", extra={"subject": self.cmd_subject})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -9,6 +10,7 @@ from typing import Any
 
 import nats
 from nats.aio.client import Client
+from nats.errors import FlushTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from pydantic import BaseModel
@@ -105,6 +107,37 @@ class JetStreamPublisher:
             return await self.js.publish(subject, payload, timeout=self.timeout_s, headers=headers)
         await self.nc.publish(subject, payload)
         return None
+
+
+#: How long a round trip that missed its deadline may still wait for its PONG (see :func:`round_trip`).
+#: By then the client's stale-connection check (two unanswered pings, 2 min apart by default) has
+#: reconnected, which drops every PONG still awaited on the old connection.
+_LATE_PONG_S = 600
+
+
+async def round_trip(nc: Client, timeout_s: float) -> None:
+    """Wait until the server has answered a PING sent after everything written so far.
+
+    ``Client.flush(timeout)`` cancels the future its PONG resolves when the deadline passes. The
+    PONG that arrives later then meets a cancelled future: nats-py's read loop fails on it and
+    stops, and nothing more is received on that connection (JetStream acks, commands) until its
+    stale-connection check reconnects minutes later. Here the deadline is kept outside the
+    flush, which goes on waiting for its PONG in the background (at most ``_LATE_PONG_S``).
+
+    Raises :class:`nats.errors.FlushTimeoutError` when no answer came within ``timeout_s``.
+    """
+    flush = asyncio.ensure_future(nc.flush(timeout=_LATE_PONG_S))
+    # Past our deadline or our cancellation, how the background flush ends is not news.
+    flush.add_done_callback(_ignore_result)
+    try:
+        await asyncio.wait_for(asyncio.shield(flush), timeout_s)
+    except TimeoutError:
+        raise FlushTimeoutError from None
+
+
+def _ignore_result(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def connect(url: str, *, name: str, connect_timeout_s: float = 2.0, **options: Any) -> Client:

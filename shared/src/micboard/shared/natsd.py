@@ -105,6 +105,11 @@ class EmbeddedNats:
         """Whether the child process is alive."""
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """Process id of the running server (fault tests pause it), ``None`` when not running."""
+        return self._process.pid if self.running and self._process is not None else None
+
     def command(self) -> list[str]:
         """The command line the server is started with."""
         cmd = [str(self.binary)]
