@@ -79,6 +79,17 @@ async def test_sign_in_lists_the_site_in_the_fleet_view(fleet: LiveFleet, browse
     await card.wait_for()
     assert await card.locator("[data-stat='online'] dd").inner_text() == "1"
     assert await card.locator("[data-stat='channels'] dd").inner_text() == "4"
+    # The header's open-alert count shows once it is known, and then the API's count.
+    badge = page.locator("#alert-count:not([hidden])")
+    await badge.wait_for()
+    for _ in range(20):
+        status, body = await fleet.api("GET", "/alerts?state=open&limit=1")
+        assert status == 200, body
+        if await badge.inner_text() == str(body["total"]):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError(f"badge {await badge.inner_text()!r}, open alerts {body['total']}")
     # The token lives in sessionStorage, never in the address.
     assert fleet.tokens["viewer"] not in page.url
     stored = await page.evaluate("sessionStorage.getItem('micboard.token')")
@@ -307,12 +318,14 @@ async def test_history_chart_opens_from_a_tile(fleet: LiveFleet, browser_page: B
     await sign_in(browser_page, fleet)
     await open_site(browser_page, fleet)
     page = browser_page.page
-    await asyncio.sleep(1.0)  # a few history samples
+    await asyncio.sleep(1.0)  # a few history samples, recorded but not written yet (every 10 s)
     tile = page.locator(TILE.format(index=1))
     await tile.hover()
     await tile.locator("button[data-act='history']").click()
-    await page.wait_for_selector("#history-dialog[open] svg.battery-chart")
-    await page.wait_for_selector("#history-dialog[open] svg.rf-chart")
+    # The current minute is charted at once: a reading's dot, not "no readings".
+    await page.wait_for_selector("#history-dialog[open] svg.battery-chart circle.series-dot")
+    await page.wait_for_selector("#history-dialog[open] svg.rf-chart circle.series-dot")
+    assert await page.locator("#history-dialog .chart-empty").count() == 0
     await browser_page.shot("history")
     await page.keyboard.press("Escape")
     await page.wait_for_selector("#history-dialog", state="hidden")

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from micboard.collector.errors import CollectorErrorCode, InvalidHistoryQueryError
-from micboard.collector.services.history import HistoryService
+from micboard.collector.services.history import FLUSH_CHUNK, HistoryPoint, HistoryService
 from micboard.collector.store.schema_alerts import history_samples
 from micboard.shared.envelope import MeterBody
 from micboard.shared.model import ChannelMeter, Device, Family, ReceiverChannel, Transmitter, Vendor
@@ -120,3 +120,49 @@ async def test_pending_bound_counts_drops_and_periodic_task(engine: AsyncEngine)
     finally:
         await history.close()
     assert history._task is None
+
+
+async def test_a_query_shows_what_is_not_written_yet(engine: AsyncEngine) -> None:
+    """The current minute is on the chart at once, and flushing it changes nothing shown."""
+    history = HistoryService(engine)
+    history.record_meter("venue", "pi-1", meter((-60.0,)), now_ms=T0 + 5_000)
+    history.record_device("venue", "pi-1", device(4, 70), now_ms=T0 + 6_000)
+    await history.flush()  # minute 0 stored
+    history.record_meter("venue", "pi-1", meter((-50.0,), audio=-20.0), now_ms=T0 + 30_000)  # minute 0 again
+    history.record_meter("venue", "pi-1", meter((-65.0,)), now_ms=T0 + MIN + 1_000)  # minute 1, pending
+    history.record_device("venue", "pi-1", device(3, 40), now_ms=T0 + MIN + 2_000)
+    history.record_meter("venue", "pi-1", meter((-40.0,)), now_ms=T0 + 3 * MIN)  # outside the range
+    assert await count(engine) == 1
+
+    def shown(points: list[HistoryPoint]) -> list[tuple[int, int | None, float | None, float | None, int]]:
+        return [(p.bucket_ms, p.battery_percent, p.rf_dbm, p.rf_dbm_min, p.samples) for p in points]
+
+    before = await history.query("pi-1", "dev-1", 1, start_ms=T0, end_ms=T0 + 2 * MIN)
+    assert shown(before) == [(T0, 70, -50.0, -60.0, 3), (T0 + MIN, 40, -65.0, -65.0, 2)]
+    coarse = await history.query("pi-1", "dev-1", 1, start_ms=T0, end_ms=T0 + 5 * MIN, resolution_s=300)
+    assert shown(coarse) == [(T0, 40, -40.0, -65.0, 6)]
+    assert await history.query("pi-1", "dev-1", 2, start_ms=T0, end_ms=T0 + 2 * MIN) == []
+    await history.flush()
+    assert shown(await history.query("pi-1", "dev-1", 1, start_ms=T0, end_ms=T0 + 2 * MIN)) == shown(before)
+
+
+async def test_a_query_during_a_flush_shows_the_chunks_not_written_yet(engine: AsyncEngine) -> None:
+    """Aggregates a flush has taken but not stored yet stay on the chart (chunks pause between)."""
+    history = HistoryService(engine)
+    devices = -(-(FLUSH_CHUNK + 10) // 8)  # two chunks of eight-channel devices, a pause between
+    for n in range(devices):
+        body = MeterBody(
+            device_key=f"dev-{n}",
+            channels=tuple(ChannelMeter(index=i, rf_dbm=(-60.0 - i,)) for i in range(1, 9)),
+        )
+        history.record_meter("venue", "pi-1", body, now_ms=T0 + 1_000)
+    flush = asyncio.create_task(history.flush(spread_s=2.0))
+    while await count(engine) == 0:  # the first chunk committed: the flush pauses before the next
+        await asyncio.sleep(0.01)
+    assert not flush.done()
+    last = await history.query("pi-1", f"dev-{devices - 1}", 8, start_ms=T0, end_ms=T0 + MIN)
+    assert [(p.rf_dbm, p.samples) for p in last] == [(-68.0, 1)]
+    first = await history.query("pi-1", "dev-0", 1, start_ms=T0, end_ms=T0 + MIN)
+    assert [(p.rf_dbm, p.samples) for p in first] == [(-61.0, 1)]  # stored, counted once
+    assert await flush == devices * 8
+    assert await count(engine) == devices * 8

@@ -150,6 +150,9 @@ async def test_a_failed_flush_keeps_its_aggregates_within_the_bound(tmp_path: Pa
         # reading, both samples); channel 2 found no room and is counted as dropped.
         assert history.pending == 3 and history.stats.dropped == 1
         await upgrade(broken)
+        # Put back, they are still shown before they are stored, and once only.
+        kept = await history.query("pi-1", "dev-1", 1, start_ms=0, end_ms=60_000)
+        assert [(p.battery_percent, p.samples) for p in kept] == [(45, 2)]
         assert await history.flush() == 3
         points = {
             ch: await history.query("pi-1", "dev-1", ch, start_ms=0, end_ms=60_000) for ch in (1, 2, 3, 4)

@@ -6,8 +6,9 @@ at most one row per channel per bucket whatever the meter rate, and several coll
 the same bucket merge rather than overwrite. Each row keeps the *worst* battery (minimum percent
 and bars), the RF envelope (``rf_dbm`` the maximum and ``rf_dbm_min`` the minimum of the best
 antenna), the loudest audio (maximum ``audio_dbfs`` and ``audio_peak_dbfs``) and how many
-samples were folded. Queries re-bucket with the same aggregates. Battery is sampled when device
-state arrives (it changes rarely); charts draw it as a step.
+samples were folded. Queries re-bucket with the same aggregates, and fold in this process's
+aggregates not written yet: a chart shows the current minute at once, not after the next flush.
+Battery is sampled when device state arrives (it changes rarely); charts draw it as a step.
 
 Bounds: at most ``max_pending`` aggregates wait in memory (one per channel per bucket); beyond
 that new samples are dropped and counted (``stats.dropped``). Retention: rows older than
@@ -115,6 +116,22 @@ FLUSH_PAUSE_S = 0.01
 CLOSE_GRACE_S = 10.0
 
 
+def _folded(point: HistoryPoint | None, bucket_ms: int, agg: _Aggregate) -> HistoryPoint:
+    """``point`` (``None``: no stored row) with ``agg`` folded in, as the merging upsert would."""
+    if point is None:
+        point = HistoryPoint(bucket_ms, None, None, None, None, None, None, 0)
+    return HistoryPoint(
+        bucket_ms=bucket_ms,
+        battery_percent=_min(point.battery_percent, agg.battery_percent),
+        battery_bars=_min(point.battery_bars, agg.battery_bars),
+        rf_dbm=_max(point.rf_dbm, agg.rf_dbm),
+        rf_dbm_min=_min(point.rf_dbm_min, agg.rf_dbm_min),
+        audio_dbfs=_max(point.audio_dbfs, agg.audio_dbfs),
+        audio_peak_dbfs=_max(point.audio_peak_dbfs, agg.audio_peak_dbfs),
+        samples=point.samples + agg.samples,
+    )
+
+
 def _row(key: _Key, agg: _Aggregate) -> dict[str, Any]:
     agent, device_key, channel, bucket_ms = key
     return {
@@ -156,6 +173,11 @@ class HistoryService:
         self.max_pending = max_pending
         self.stats = HistoryStats()
         self._pending: dict[_Key, _Aggregate] = {}
+        # The buckets of the pending aggregates, and those a flush has taken and not written yet:
+        # a query looks a channel's unwritten aggregates up by key instead of scanning them all.
+        self._pending_buckets: set[int] = set()
+        self._flushing: dict[_Key, _Aggregate] = {}
+        self._flushing_buckets: set[int] = set()
         self._prepared: dict[str, Prepared] = {}
         self._task: asyncio.Task[None] | None = None
         # Set by close(): the periodic task stops, and a flush in progress stops pausing.
@@ -173,6 +195,7 @@ class HistoryService:
                 self.stats.dropped += 1
                 return None
             aggregate = self._pending[key] = _Aggregate(site)
+            self._pending_buckets.add(key[3])
         self.stats.recorded += 1
         aggregate.samples += 1
         return aggregate
@@ -246,7 +269,9 @@ class HistoryService:
         if not self._pending:
             return 0
         items = list(self._pending.items())
-        self._pending = {}
+        self._flushing.update(self._pending)
+        self._flushing_buckets |= self._pending_buckets
+        self._pending, self._pending_buckets = {}, set()
         chunks = -(-len(items) // FLUSH_CHUNK)
         gap = max(FLUSH_PAUSE_S, spread_s / chunks) if chunks > 1 else 0.0
         written = 0
@@ -259,10 +284,21 @@ class HistoryService:
                     await self._upsert(conn).executemany(conn, [_row(key, agg) for key, agg in chunk])
                 written += len(chunk)
                 self.stats.flushed_rows += len(chunk)
+                self._written(chunk)
         except BaseException:
             self._keep(items[written:])
+            self._written(items[written:])
             raise
         return written
+
+    def _written(self, items: list[tuple[_Key, _Aggregate]]) -> None:
+        """Forget aggregates a flush has stored (or put back as pending): queries read them there."""
+        flushing = self._flushing
+        for key, agg in items:
+            if flushing.get(key) is agg:  # not one a concurrent flush took later
+                del flushing[key]
+        if not flushing:
+            self._flushing_buckets = set()
 
     def _upsert(self, conn: AsyncConnection) -> Prepared:
         prepared = self._prepared.get(conn.dialect.name)
@@ -297,6 +333,7 @@ class HistoryService:
                     self.stats.dropped += agg.samples
                     continue
                 self._pending[key] = agg
+                self._pending_buckets.add(key[3])
                 continue
             current.battery_percent = _min(current.battery_percent, agg.battery_percent)
             current.battery_bars = _min(current.battery_bars, agg.battery_bars)
@@ -328,7 +365,10 @@ class HistoryService:
         end_ms: int,
         resolution_s: int | None = None,
     ) -> list[HistoryPoint]:
-        """A channel's points in ``[start_ms, end_ms)``, at ``resolution_s`` (a bucket multiple)."""
+        """A channel's points in ``[start_ms, end_ms)``, at ``resolution_s`` (a bucket multiple).
+
+        Stored rows and this process's aggregates not written yet, folded alike.
+        """
         resolution_ms = self.bucket_ms if resolution_s is None else resolution_s * 1000
         if end_ms <= start_ms:
             raise InvalidHistoryQueryError("end_ms must be after start_ms")
@@ -368,8 +408,8 @@ class HistoryService:
         )
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return [
-            HistoryPoint(
+        points = {
+            int(row[0]): HistoryPoint(
                 bucket_ms=int(row[0]),
                 battery_percent=row[1],
                 battery_bars=row[2],
@@ -380,7 +420,29 @@ class HistoryService:
                 samples=int(row[7] or 0),
             )
             for row in rows
-        ]
+        }
+        # An aggregate whose chunk commits while this reads may, for this one answer, be in both
+        # (its samples counted twice, its extremes the same) or in neither; the next is exact.
+        for bucket_ms, agg in self._unwritten(agent, device_key, channel, start_ms, end_ms):
+            point = bucket_ms - bucket_ms % resolution_ms
+            points[point] = _folded(points.get(point), point, agg)
+        return [points[key] for key in sorted(points)]
+
+    def _unwritten(
+        self, agent: str, device_key: str, channel: int, start_ms: int, end_ms: int
+    ) -> list[tuple[int, _Aggregate]]:
+        """The channel's aggregates in ``[start_ms, end_ms)`` that no flush has stored yet."""
+        found = []
+        for aggregates, buckets in (
+            (self._pending, self._pending_buckets),
+            (self._flushing, self._flushing_buckets),
+        ):
+            for bucket_ms in buckets:
+                if start_ms <= bucket_ms < end_ms:
+                    agg = aggregates.get((agent, device_key, channel, bucket_ms))
+                    if agg is not None:
+                        found.append((bucket_ms, agg))
+        return found
 
     # -- the periodic job ---------------------------------------------------------------------
 

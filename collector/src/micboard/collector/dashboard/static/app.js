@@ -707,6 +707,7 @@ function setAlertCount(count) {
   const badge = $("#alert-count");
   badge.textContent = String(count);
   badge.dataset.count = String(count);
+  badge.hidden = false; // hidden until the first count: a "0" before it would be a guess
 }
 
 // ---------------------------------------------------------------------------------------
