@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import sys
@@ -58,6 +59,22 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         if IN_CI:
             raise pytest.UsageError(f"{message} (CI=true requires it)")
         warnings.warn(message, stacklevel=1)
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_restored() -> Iterator[None]:
+    """Take out the stderr handler a test's ``configure_logging()`` installed, when it ends.
+
+    That handler writes to the stderr pytest captured for the test, closed afterwards: left in
+    place, every later log record prints a "Logging error" traceback, slowly, in later tests.
+    """
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if type(handler) is logging.StreamHandler and handler not in before:
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -347,7 +347,9 @@ async def test_a_rep_err_fails_only_the_request_it_answers() -> None:
 
 
 async def test_slow_device_times_out_commands() -> None:
-    async with rig("ulxd4", FAST) as r:
+    # Meters keep flowing while answers are late; a silence timeout as short as the command's
+    # could still win the race on a loaded machine (a stalled loop looks like a silent device).
+    async with rig("ulxd4", replace(FAST, silence_timeout_s=5.0)) as r:
         r.sim.faults.delay_s = 0.8
         reply = await r.driver.execute(DriverCommand(CommandAction.MUTE, channel=1))
         assert reply.outcome is CommandOutcome.FAILED
