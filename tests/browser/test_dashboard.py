@@ -194,6 +194,43 @@ async def test_rename_from_the_tile_reaches_the_receiver(fleet: LiveFleet, brows
     await browser_page.shot("renamed")
 
 
+async def test_live_updates_keep_the_elements_a_click_lands_on(
+    fleet: LiveFleet, browser_page: BrowserPage
+) -> None:
+    """A site card and an alert row stay the same elements while live updates change them.
+
+    Elements rebuilt under the pointer lose clicks: a press and a release that land on two
+    different elements make no click, so a card re-rendered at that moment did not open.
+    """
+    await sign_in(browser_page, fleet)
+    page = browser_page.page
+    sim = fleet.simulators[0]
+    selector = f".site-card[data-site='{fleet.site}']"
+    card = await page.locator(selector).element_handle()
+    alerts = await page.locator(f"{selector} [data-stat='alerts'] dd").inner_text()
+    sim.set_battery(4, bars=1)  # critical: an alert opens and the site's count moves
+    await page.wait_for_function(
+        f"""() => document.querySelector("{selector} [data-stat='alerts'] dd").textContent !== {alerts!r}""",
+        timeout=15_000,
+    )
+    assert await card.evaluate("node => node.isConnected"), "the card was replaced, not updated"
+
+    await page.keyboard.press("a")
+    row = page.locator("#alert-rows tr[data-alert-id]").first
+    await row.wait_for()
+    kept = await row.element_handle()
+    rows = await page.locator("#alert-rows tr[data-alert-id]").count()
+    sim.set_battery(3, bars=1)  # another alert: the list re-renders
+    await page.wait_for_function(
+        f"() => document.querySelectorAll('#alert-rows tr[data-alert-id]').length > {rows}", timeout=15_000
+    )
+    assert await kept.evaluate("node => node.isConnected"), "an unchanged alert row was rebuilt"
+    await browser_page.shot("alerts-updated")
+    await page.keyboard.press("f")
+    await page.click(selector)  # the kept card still opens its site
+    await page.wait_for_function("() => document.querySelectorAll('#tiles .tile').length >= 4")
+
+
 async def test_acknowledging_an_alert(fleet: LiveFleet, browser_page: BrowserPage) -> None:
     sim = fleet.simulators[0]
     sim.set_battery(3, bars=1)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+from pathlib import Path
 
 import nats
 import pytest
@@ -24,6 +26,26 @@ async def _subscribed(nc: Client, subject: str) -> asyncio.Queue[Msg]:
     for _ in range(2):
         await nc.flush(timeout=2)
     return got
+
+
+def _all_stopped(pid: int) -> bool:
+    """Whether every thread of process ``pid`` is stopped (state T in /proc)."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            stat = (task / "stat").read_text()
+            states.append(stat[stat.rindex(")") + 2])
+    return bool(states) and all(state in "Tt" for state in states)
+
+
+async def _stopped(pid: int) -> None:
+    """Wait until process ``pid`` is stopped: SIGSTOP takes effect a moment after ``kill``
+    returns, and a server thread still running could answer a PING meanwhile."""
+    for _ in range(500):
+        if _all_stopped(pid):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"process {pid} did not stop")
 
 
 async def _arrives(got: asyncio.Queue[Msg]) -> bool:
@@ -50,6 +72,7 @@ async def test_a_late_pong_leaves_the_connection_receiving(nats_private: Embedde
         to_plain = await _subscribed(plain, "late.pong.plain")
         os.kill(pid, signal.SIGSTOP)
         try:
+            await _stopped(pid)
             with pytest.raises(FlushTimeoutError):
                 await round_trip(ours, 0.3)
             with pytest.raises(FlushTimeoutError):

@@ -157,7 +157,9 @@ async def test_a_query_during_a_flush_shows_the_chunks_not_written_yet(engine: A
         )
         history.record_meter("venue", "pi-1", body, now_ms=T0 + 1_000)
     flush = asyncio.create_task(history.flush(spread_s=2.0))
-    while await count(engine) == 0:  # the first chunk committed: the flush pauses before the next
+    for _ in range(500):  # until the first chunk is committed: the flush pauses before the next
+        if await count(engine):
+            break
         await asyncio.sleep(0.01)
     assert not flush.done()
     last = await history.query("pi-1", f"dev-{devices - 1}", 8, start_ms=T0, end_ms=T0 + MIN)

@@ -203,33 +203,59 @@ function sortedSites() {
     || String(a.site).localeCompare(String(b.site)));
 }
 
-function siteCard(item) {
-  const devices = item.devices ?? {};
-  const stat = (label, value, kind) =>
-    el("div", { class: `stat ${kind ?? ""}`, "data-stat": kind ?? label.toLowerCase() },
-      el("dt", { text: label }), el("dd", { text: String(value ?? 0) }));
-  return el("a", {
-    class: "site-card card", href: siteHash(item.site), "data-site": item.site,
-    "data-worst": item.worst ?? "ok",
-  },
-  el("div", { class: "site-card-head" },
-    el("span", { class: "site-name", text: item.site }),
-    el("span", { class: "worst", text: WORST_LABELS[item.worst] ?? item.worst ?? "OK" })),
-  el("dl", { class: "stats" },
-    stat("Online", devices.online, "online"),
-    stat("Offline", devices.offline, "offline"),
-    stat("Stale", devices.stale, "stale"),
-    stat("Channels", item.channels, "channels"),
-    stat("Alerts", item.open_alerts, "alerts")),
-  el("div", { class: "seen", text: `last seen ${formatAgo(item.last_seen_ms)}` }));
+// Live updates must not replace the element under the user's pointer: a click whose mousedown
+// and mouseup land on different (replaced) elements is lost. Lists keep each item's element,
+// change it in place, and move nodes only when the order or the set changes.
+function placeInOrder(container, nodes) {
+  const current = container.children;
+  if (current.length !== nodes.length || nodes.some((node, i) => current[i] !== node)) {
+    container.replaceChildren(...nodes);
+  }
 }
+
+const SITE_STATS = [["Online", "online"], ["Offline", "offline"], ["Stale", "stale"], ["Channels", "channels"], ["Alerts", "alerts"]];
+
+function siteCard(site) {
+  return el("a", { class: "site-card card", href: siteHash(site), "data-site": site },
+    el("div", { class: "site-card-head" },
+      el("span", { class: "site-name", text: site }),
+      el("span", { class: "worst" })),
+    el("dl", { class: "stats" }, ...SITE_STATS.map(([label, kind]) =>
+      el("div", { class: `stat ${kind}`, "data-stat": kind }, el("dt", { text: label }), el("dd")))),
+    el("div", { class: "seen" }));
+}
+
+function setText(node, text) {
+  if (node.textContent !== text) node.textContent = text;
+}
+
+function fillSiteCard(card, item) {
+  const devices = item.devices ?? {};
+  const values = {
+    online: devices.online, offline: devices.offline, stale: devices.stale,
+    channels: item.channels, alerts: item.open_alerts,
+  };
+  card.dataset.worst = item.worst ?? "ok";
+  setText(card.querySelector(".worst"), WORST_LABELS[item.worst] ?? item.worst ?? "OK");
+  for (const [, kind] of SITE_STATS) {
+    setText(card.querySelector(`[data-stat='${kind}'] dd`), String(values[kind] ?? 0));
+  }
+  setText(card.querySelector(".seen"), `last seen ${formatAgo(item.last_seen_ms)}`);
+  return card;
+}
+
+const siteCards = new Map();
 
 function renderFleet() {
   if (state.route.view !== "fleet") return;
-  const cards = sortedSites()
-    .filter((item) => matchesFilter(item.site))
-    .map(siteCard);
-  $("#site-list").replaceChildren(...cards);
+  const shown = sortedSites().filter((item) => matchesFilter(item.site));
+  const cards = shown.map((item) => {
+    let card = siteCards.get(item.site);
+    if (!card) siteCards.set(item.site, (card = siteCard(item.site)));
+    return fillSiteCard(card, item);
+  });
+  for (const site of siteCards.keys()) if (!state.sites.has(site)) siteCards.delete(site);
+  placeInOrder($("#site-list"), cards);
   $("#fleet-empty").hidden = state.sites.size > 0;
   const sum = (fn) => [...state.sites.values()].reduce((total, item) => total + (fn(item) ?? 0), 0);
   const totals = [
@@ -641,19 +667,32 @@ function alertRow(alert) {
     el("td", {}, el("a", { href: siteHash(alert.site), text: alert.site })),
     el("td", { text: `${alert.device_key ?? ""}${channel}` }),
     el("td", {}, el("strong", { text: alert.message ?? alert.rule }), el("small", { text: alert.rule })),
-    el("td", { title: new Date(alert.opened_ms).toISOString(), text: `${formatClock(alert.opened_ms)} · ${formatAgo(alert.opened_ms)}` }),
+    el("td", { class: "opened", title: new Date(alert.opened_ms).toISOString() }),
     el("td", { class: "state", text: `${alert.state}${who}` }),
     actions);
 }
 
+const alertRows = new Map(); // alert id -> { row, signature }: a row is rebuilt only when it changed
+
 function renderAlerts() {
   if (state.route.view !== "alerts") return;
   const order = { critical: 0, warning: 1, info: 2 };
-  const rows = [...state.alerts.values()]
+  const alerts = [...state.alerts.values()]
     .filter((a) => matchesFilter([a.site, a.device_key, a.rule, a.message, a.severity].join(" ")))
-    .sort((a, b) => (order[a.severity] ?? 9) - (order[b.severity] ?? 9) || b.opened_ms - a.opened_ms)
-    .map(alertRow);
-  $("#alert-rows").replaceChildren(...rows);
+    .sort((a, b) => (order[a.severity] ?? 9) - (order[b.severity] ?? 9) || b.opened_ms - a.opened_ms);
+  const rows = alerts.map((alert) => {
+    const signature = JSON.stringify(alert);
+    const kept = alertRows.get(alert.id);
+    if (kept && kept.signature === signature) return kept.row;
+    const row = alertRow(alert);
+    alertRows.set(alert.id, { row, signature });
+    return row;
+  });
+  alerts.forEach((alert, i) => {
+    setText(rows[i].querySelector("td.opened"), `${formatClock(alert.opened_ms)} · ${formatAgo(alert.opened_ms)}`);
+  });
+  for (const id of alertRows.keys()) if (!state.alerts.has(id)) alertRows.delete(id);
+  placeInOrder($("#alert-rows"), rows);
   $("#alerts-empty").hidden = rows.length > 0;
 }
 
@@ -890,9 +929,10 @@ function wire() {
   $("#history-dialog").addEventListener("close", () => { historyView = null; });
   document.addEventListener("keydown", onKey);
   window.addEventListener("hashchange", route);
-  // Ages on fleet cards drift; refresh them now and then without refetching.
+  // Ages on fleet cards and alert rows drift; refresh them now and then without refetching.
   setInterval(() => {
     if (state.route.view === "fleet") renderFleet();
+    else if (state.route.view === "alerts") renderAlerts();
   }, 15_000);
   setInterval(tickClock, 10_000);
 }
