@@ -361,12 +361,9 @@ function layoutTiles() {
     rest = [];
   }
   const showOthers = Boolean(group && state.arranging);
-  // A fragment moves existing nodes in one go: one layout afterwards instead of one per tile.
-  const place = (container, views) => {
-    const fragment = document.createDocumentFragment();
-    for (const view of views) fragment.append(view.root);
-    container.replaceChildren(fragment);
-  };
+  // Nodes move in one go (one layout afterwards), and not at all when nothing moved: a
+  // snapshot after a reconnect leaves the tiles under the pointer where they are.
+  const place = (container, views) => placeInOrder(container, views.map((view) => view.root));
   place(main, inGroup);
   place(others, showOthers ? rest : []);
   others.hidden = !showOthers;
