@@ -116,20 +116,15 @@ FLUSH_PAUSE_S = 0.01
 CLOSE_GRACE_S = 10.0
 
 
-def _folded(point: HistoryPoint | None, bucket_ms: int, agg: _Aggregate) -> HistoryPoint:
-    """``point`` (``None``: no stored row) with ``agg`` folded in, as the merging upsert would."""
-    if point is None:
-        point = HistoryPoint(bucket_ms, None, None, None, None, None, None, 0)
-    return HistoryPoint(
-        bucket_ms=bucket_ms,
-        battery_percent=_min(point.battery_percent, agg.battery_percent),
-        battery_bars=_min(point.battery_bars, agg.battery_bars),
-        rf_dbm=_max(point.rf_dbm, agg.rf_dbm),
-        rf_dbm_min=_min(point.rf_dbm_min, agg.rf_dbm_min),
-        audio_dbfs=_max(point.audio_dbfs, agg.audio_dbfs),
-        audio_peak_dbfs=_max(point.audio_peak_dbfs, agg.audio_peak_dbfs),
-        samples=point.samples + agg.samples,
-    )
+def _fold(into: _Aggregate, other: _Aggregate | HistoryPoint) -> None:
+    """Fold ``other`` into ``into`` as the merging upsert does: worst battery, RF envelope, loudest audio."""
+    into.battery_percent = _min(into.battery_percent, other.battery_percent)
+    into.battery_bars = _min(into.battery_bars, other.battery_bars)
+    into.rf_dbm = _max(into.rf_dbm, other.rf_dbm)
+    into.rf_dbm_min = _min(into.rf_dbm_min, other.rf_dbm_min)
+    into.audio_dbfs = _max(into.audio_dbfs, other.audio_dbfs)
+    into.audio_peak_dbfs = _max(into.audio_peak_dbfs, other.audio_peak_dbfs)
+    into.samples += other.samples
 
 
 def _row(key: _Key, agg: _Aggregate) -> dict[str, Any]:
@@ -335,13 +330,7 @@ class HistoryService:
                 self._pending[key] = agg
                 self._pending_buckets.add(key[3])
                 continue
-            current.battery_percent = _min(current.battery_percent, agg.battery_percent)
-            current.battery_bars = _min(current.battery_bars, agg.battery_bars)
-            current.rf_dbm = _max(current.rf_dbm, agg.rf_dbm)
-            current.rf_dbm_min = _min(current.rf_dbm_min, agg.rf_dbm_min)
-            current.audio_dbfs = _max(current.audio_dbfs, agg.audio_dbfs)
-            current.audio_peak_dbfs = _max(current.audio_peak_dbfs, agg.audio_peak_dbfs)
-            current.samples += agg.samples
+            _fold(current, agg)
 
     async def prune(self, now_ms: int | None = None) -> int:
         """Delete rows older than the retention period; returns how many."""
@@ -425,7 +414,21 @@ class HistoryService:
         # (its samples counted twice, its extremes the same) or in neither; the next is exact.
         for bucket_ms, agg in self._unwritten(agent, device_key, channel, start_ms, end_ms):
             point = bucket_ms - bucket_ms % resolution_ms
-            points[point] = _folded(points.get(point), point, agg)
+            folded = _Aggregate(agg.site)
+            stored = points.get(point)
+            if stored is not None:
+                _fold(folded, stored)
+            _fold(folded, agg)
+            points[point] = HistoryPoint(
+                bucket_ms=point,
+                battery_percent=folded.battery_percent,
+                battery_bars=folded.battery_bars,
+                rf_dbm=folded.rf_dbm,
+                rf_dbm_min=folded.rf_dbm_min,
+                audio_dbfs=folded.audio_dbfs,
+                audio_peak_dbfs=folded.audio_peak_dbfs,
+                samples=folded.samples,
+            )
         return [points[key] for key in sorted(points)]
 
     def _unwritten(
