@@ -1,4 +1,4 @@
-"""MeterService on the real store: history, live hub and alert evaluation, coalescing and failures."""
+"""MeterService on the real store and NATS: history, alert evaluation, coalescing, failures, sharing."""
 
 from __future__ import annotations
 
@@ -8,16 +8,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import nats
 import pytest
+from nats.aio.msg import Msg
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from micboard.collector.live import LiveHub, Topic
 from micboard.collector.services.alerts import AlertRule, AlertService, AlertState
 from micboard.collector.services.history import HistoryService
-from micboard.collector.services.meters import MeterService
+from micboard.collector.services.meters import METER_SUBJECTS, MeterService
 from micboard.collector.store.database import create_engine
+from micboard.collector.store.schema_alerts import history_samples
+from micboard.shared.codec import encode
 from micboard.shared.envelope import MeterBody, MeterEvent
 from micboard.shared.model import ChannelMeter
+from micboard.shared.natsd import EmbeddedNats
 
 SITE, AGENT = "venue", "pi-1"
 
@@ -51,21 +56,16 @@ async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> No
         await asyncio.sleep(0.01)
 
 
-async def test_meters_feed_history_hub_and_alerts_latest_wins(engine: AsyncEngine) -> None:
-    hub = LiveHub()
-    alerts = AlertService(engine, hub=hub)
+async def test_meters_feed_history_and_alerts_latest_wins(engine: AsyncEngine) -> None:
+    alerts = AlertService(engine)
     history = HistoryService(engine)
-    meters = MeterService(alerts=alerts, history=history, hub=hub)
-    subscription = hub.subscribe(topics=frozenset({Topic.METER}))
+    meters = MeterService(alerts=alerts, history=history)
     # Before the task runs, a second meter of the same device replaces the first one waiting.
     meters.submit(meter_event("dev-1", peak=-30.0, seq=1))
     meters.submit(meter_event("dev-1", peak=-0.5, seq=2))
     meters.submit(meter_event("dev-2", peak=-30.0, seq=3))
     assert (meters.stats.received, meters.stats.superseded) == (3, 1)
-    assert subscription.pending() == 3 and history.pending == 2
-    first = await subscription.get()
-    assert first is not None and first.data["device_key"] == "dev-1"
-    assert first.data["channels"][0]["audio_peak_dbfs"] == -30.0
+    assert history.pending == 2
     await meters.start()
     await meters.start()  # idempotent: still one task
     try:
@@ -77,7 +77,7 @@ async def test_meters_feed_history_hub_and_alerts_latest_wins(engine: AsyncEngin
     finally:
         await meters.close()
     assert meters._task is None
-    # After close, meters still reach history and the hub but wait for no evaluation.
+    # After close, meters still reach history but wait for no evaluation.
     meters.submit(meter_event("dev-3", peak=-30.0))
     await meters.close()  # nothing waiting afterwards
     assert meters._pending == {} and meters.stats.evaluated == 2
@@ -106,17 +106,62 @@ async def test_failed_evaluation_is_counted_and_the_task_goes_on(
         await broken.dispose()
 
 
-async def test_without_alerts_there_is_no_task_and_no_waiting_meter() -> None:
-    hub = LiveHub()
-    meters = MeterService(hub=hub)
-    subscription = hub.subscribe()
+async def test_without_alerts_there_is_no_task_and_no_waiting_meter(engine: AsyncEngine) -> None:
+    history = HistoryService(engine)
+    meters = MeterService(history=history)
     await meters.start()
     assert meters._task is None
     meters.submit(meter_event("dev-1", peak=-0.5))
-    assert meters.stats.received == 1 and meters._pending == {}
-    message = await subscription.get()
-    assert message is not None and message.topic is Topic.METER and message.site == SITE
+    assert meters.stats.received == 1 and meters._pending == {} and history.pending == 1
     await meters.close()
     bare = MeterService()
     bare.submit(meter_event("dev-1", peak=-10.0))
     assert bare.stats.received == 1 and bare.stats.superseded == 0
+
+
+async def test_collectors_share_the_meters_and_record_each_once(
+    engine: AsyncEngine, nats_server: EmbeddedNats
+) -> None:
+    """Two collectors' meter services on one NATS: each meter is recorded by exactly one of them."""
+    services = [MeterService(history=HistoryService(engine)) for _ in range(2)]
+    connections = [await nats.connect(nats_server.url) for _ in services]
+    watcher = await nats.connect(nats_server.url)
+    seen_by_watcher: list[Msg] = []
+
+    async def watch(msg: Msg) -> None:
+        seen_by_watcher.append(msg)
+
+    try:
+        # A plain subscriber, as each process's live feed: it still sees every meter.
+        await watcher.subscribe(METER_SUBJECTS, cb=watch)
+        await watcher.flush()
+        for service, nc in zip(services, connections, strict=True):
+            await service.start(nc)
+            await service.start(nc)  # idempotent: one subscription
+            await nc.flush()
+        count = 200
+        for seq in range(count):
+            event = meter_event(f"dev-{seq % 10}", peak=-20.0 - seq % 7, seq=seq)
+            await watcher.publish(f"micboard.v1.{SITE}.{AGENT}.meter", encode(event))
+        # Garbage, and a meter that claims another agent than its subject: counted, not recorded.
+        await watcher.publish(f"micboard.v1.{SITE}.{AGENT}.meter", b"\xc1 not msgpack")
+        await watcher.publish(f"micboard.v1.{SITE}.pi-2.meter", encode(meter_event("dev-1", peak=-1.0)))
+        await watcher.flush()
+        await wait_for(lambda: sum(s.stats.received + s.stats.bad for s in services) == count + 2)
+        await wait_for(lambda: len(seen_by_watcher) == count + 2)
+        # Which member gets a meter is the server's choice (it may favour one for a while); with
+        # two plain subscriptions instead of the queue group, the sum here would be twice as much.
+        assert sum(s.stats.received for s in services) == count
+        assert sum(s.stats.bad for s in services) == 2
+        for service in services:
+            assert service.history is not None
+            await service.history.flush()
+        async with engine.connect() as connection:
+            recorded = (await connection.execute(select(func.sum(history_samples.c.samples)))).scalar_one()
+        assert recorded == count
+    finally:
+        for service in services:
+            await service.close()
+            await service.close()  # idempotent
+        for nc in (*connections, watcher):
+            await nc.close()

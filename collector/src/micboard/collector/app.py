@@ -150,7 +150,7 @@ class Collector:
             alerts=self.alerts,
             history=self.history,
             commands=CommandService(engine, nc),
-            meter_listeners=[] if self.meters is None else [self.meters.submit],
+            meters=self.meters,
             bridge=self.bridge,
         )
         # Handlers still running at shutdown get a bounded grace, not aiohttp's default minute.
@@ -178,8 +178,8 @@ class Collector:
         """Ingest, what meters feed (alerts, history) and the jobs that keep the store: the writer's part."""
         assert self.history is not None and self.alerts is not None
         await self.history.start()
-        self.meters = MeterService(alerts=self.alerts, history=self.history, hub=self.hub)
-        await self.meters.start()
+        self.meters = MeterService(alerts=self.alerts, history=self.history)
+        await self.meters.start(nc)
         ingest = IngestConsumer(
             nc,
             engine,

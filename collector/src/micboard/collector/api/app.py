@@ -4,7 +4,6 @@ and the dashboard, around the services of the running collector."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -16,7 +15,7 @@ from micboard.collector.api import routes_admin, routes_alerts, routes_devices, 
 from micboard.collector.api.auth import Authenticator, FailedAuthLimiter, Role, TokenStore
 from micboard.collector.api.context import CONTEXT, ApiContext, context_of
 from micboard.collector.api.errors import ApiError, ApiErrorCode, error_middleware
-from micboard.collector.api.live_ws import LiveFeed, MeterListener
+from micboard.collector.api.live_ws import LiveFeed
 from micboard.collector.api.metrics import ApiMetrics, metrics_handler
 from micboard.collector.api.models import Health
 from micboard.collector.api.openapi import build_openapi, docs_html
@@ -35,6 +34,7 @@ if TYPE_CHECKING:
     from micboard.collector.services.alerts import AlertService
     from micboard.collector.services.commands import CommandService
     from micboard.collector.services.history import HistoryService
+    from micboard.collector.services.meters import MeterService
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +111,14 @@ def create_app(
     history: HistoryService | None = None,
     commands: CommandService | None = None,
     dashboard: bool = True,
-    meter_listeners: Sequence[MeterListener] = (),
+    meters: MeterService | None = None,
     bridge: LiveBridge | None = None,
 ) -> web.Application:
     """Build the web application around the given services.
 
     With a ``hub`` the live WebSocket is served (and the hub is fed from ``on_committed``); the
-    feed starts and stops with the application. Its one meter subscription also feeds
-    ``meter_listeners`` (alerts and history), so meters are decoded once per process.
+    feed starts and stops with the application. ``meters`` (the process's share of recording
+    meters, when it ingests) is only reported in the metrics.
     """
     settings = settings or CollectorSettings()
     engine = device_service.engine
@@ -137,7 +137,6 @@ def create_app(
             queue_messages=settings.live_queue_messages,
             meter_hz=settings.live_meter_hz,
             nc=nc,
-            meter_listeners=meter_listeners,
         )
     ctx = ApiContext(
         settings=settings,
@@ -154,6 +153,7 @@ def create_app(
         commands=commands,
         live=live,
         bridge=bridge,
+        meters=meters,
     )
     metrics.context = ctx
     app = web.Application(middlewares=[error_middleware(metrics.observe)], client_max_size=1024**2)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from micboard.collector.services.alerts import AlertService
     from micboard.collector.services.commands import CommandService
     from micboard.collector.services.history import HistoryService
+    from micboard.collector.services.meters import MeterService
 
 
 @dataclass(slots=True)
@@ -42,6 +43,7 @@ class ApiContext:
     commands: CommandService | None = None
     live: LiveFeed | None = None
     bridge: LiveBridge | None = None
+    meters: MeterService | None = None
 
 
 CONTEXT: web.AppKey[ApiContext] = web.AppKey("api_context", ApiContext)

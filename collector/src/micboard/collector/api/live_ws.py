@@ -2,10 +2,12 @@
 
 Sources: the ingest path reports committed events (:meth:`LiveFeed.on_committed`) to the
 :class:`LiveHub`, alerts reach the hub from the AlertService, and meters come straight from core
-NATS. The feed reads the changed channels from the store once per flush (however many events
-changed them: a channel changed twice between flushes is sent once, as it is now), serializes each
-message once, and hands the same bytes to the clients whose subscription wants it; clients are
-indexed by scope, so a delta costs only its interested clients.
+NATS on the feed's own subscription (every process shows every meter; recording them is
+:class:`~micboard.collector.services.meters.MeterService`'s, once per fleet). The feed reads the
+changed channels from the store once per flush (however many events changed them: a channel
+changed twice between flushes is sent once, as it is now), serializes each message once, and
+hands the same bytes to the clients whose subscription wants it; clients are indexed by scope,
+so a delta costs only its interested clients.
 
 Frames: a client's writer sends everything queued for it at one wake-up as ONE WebSocket frame,
 ``{"type": "batch", "items": [message, ...]}``, whose items are the messages unchanged and in
@@ -36,7 +38,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -54,11 +56,9 @@ from micboard.collector.live import LiveHub, LiveMessage, Topic
 from micboard.collector.runtime import cancel_all
 from micboard.collector.services.fleet import FleetView, PageRequest
 from micboard.collector.services.groups import GroupStore
+from micboard.collector.services.meters import METER_SUBJECTS, decode_meter
 from micboard.collector.services.sync import DeviceChange, DeviceRef
-from micboard.shared.codec import decode
-from micboard.shared.envelope import AnyEvent, DeviceEvent, MeterEvent, OfflineEvent
-from micboard.shared.errors import WireError
-from micboard.shared.subjects import SUBJECT_PREFIX, Kind
+from micboard.shared.envelope import AnyEvent, DeviceEvent, OfflineEvent
 
 if TYPE_CHECKING:
     from micboard.collector.ingest import CommittedBatch
@@ -80,7 +80,6 @@ _BATCH_MAX_BYTES = 1 << 20
 _BATCH_HEAD = b'{"type":"batch","items":['
 _BATCH_TAIL = b"]}"
 
-MeterListener = Callable[[MeterEvent], None]
 ChannelKey = tuple[int, int]
 
 
@@ -314,7 +313,6 @@ class LiveFeed:
         queue_messages: int = 512,
         meter_hz: float = 10.0,
         nc: Client | None = None,
-        meter_listeners: Sequence[MeterListener] = (),
     ) -> None:
         self.fleet = fleet
         self.groups = groups
@@ -323,7 +321,6 @@ class LiveFeed:
         self.queue_messages = queue_messages
         self.meter_interval_s = 1.0 / meter_hz
         self.nc = nc
-        self.meter_listeners = list(meter_listeners)
         self.stats = LiveStats()
         # Subscribed clients, indexed by what they want: a message only visits its audience.
         self._fleet_clients: set[_Client] = set()
@@ -359,9 +356,7 @@ class LiveFeed:
         """Load the device map, subscribe to meters and start the feed's tasks."""
         self._keys = await self.fleet.device_keys()
         if self.nc is not None:
-            self._nats_sub = await self.nc.subscribe(
-                f"{SUBJECT_PREFIX}.*.*.{Kind.METER.value}", cb=self._on_meter
-            )
+            self._nats_sub = await self.nc.subscribe(METER_SUBJECTS, cb=self._on_meter)
         self._tasks = [
             asyncio.create_task(self._pump(), name="live-pump"),
             asyncio.create_task(self._flush_loop(), name="live-flush"),
@@ -616,27 +611,17 @@ class LiveFeed:
 
     async def _on_meter(self, msg: Msg) -> None:
         self.stats.meters_received += 1
-        try:
-            event = decode(msg.data)
-        except WireError:
+        if not self._subscribed:
+            # Nobody watches: not worth decoding (what is recorded of meters is MeterService's).
+            return
+        event = decode_meter(msg.subject, msg.data)
+        if event is None:
             self.stats.meters_bad += 1
             return
-        if not isinstance(event, MeterEvent) or not msg.subject.endswith(
-            f".{event.site}.{event.agent}.{Kind.METER.value}"
-        ):
-            self.stats.meters_bad += 1
-            return
-        for listener in self.meter_listeners:
-            try:
-                listener(event)
-            except Exception:
-                log.exception("meter listener failed")
         known = self._keys.get((event.agent, event.body.device_key))
         if known is None:
             # Not stored yet (its snapshot may still be in flight): nothing to show it on.
             self.stats.meters_bad += 1
-            return
-        if not self._subscribed:
             return
         device_id, site = known
         for meter in event.body.channels:

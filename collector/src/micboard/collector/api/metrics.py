@@ -173,6 +173,19 @@ class _StateCollector(Collector):
                 "Meter events refused (undecodable or unknown)",
                 value=live.meters_bad,
             )
+        if ctx.meters is not None:
+            meters = ctx.meters.stats
+            recorded = CounterMetricFamily(
+                "micboard_meters_recorded",
+                "Meters this process recorded (its share of the queue group) by outcome",
+                labels=["outcome"],
+            )
+            recorded.add_metric(["received"], meters.received)
+            recorded.add_metric(["bad"], meters.bad)
+            recorded.add_metric(["evaluated"], meters.evaluated)
+            recorded.add_metric(["superseded"], meters.superseded)
+            recorded.add_metric(["failed"], meters.failed)
+            yield recorded
         if ctx.bridge is not None:
             bridge = ctx.bridge.stats
             forwarded = CounterMetricFamily(

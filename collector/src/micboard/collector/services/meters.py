@@ -1,10 +1,13 @@
-"""MeterService: what the collector does with each live meter besides showing it.
+"""MeterService: what the collector records of each live meter (history and alert rules).
 
-Meters arrive on core NATS through the live feed's one subscription (decoded, checked and
-counted there) and are handed to :meth:`MeterService.submit`, which never blocks:
+Meters arrive on core NATS. Every collector process shows all of them on its live views (the live
+feed's own subscription), but each meter is recorded by ONE ingesting process: this service
+subscribes in the queue group :data:`METER_QUEUE`, so NATS hands each meter to one member. With
+several collectors sharing the work, a channel's history counts each reading once and a meter's
+alert rules run once. Each meter is decoded and checked (:func:`decode_meter`; a bad one is
+counted in ``stats.bad``) and handed to :meth:`MeterService.submit`, which never blocks:
 
 - history: every meter is folded into the channel's downsampled sample at once (in memory);
-- live: every meter is offered to the :class:`LiveHub` (which never waits for a subscriber);
 - alerts: RF loss and clipping are evaluated by a task owned here, latest meter per device wins.
 
 Bound, policy, counter: at most one meter per device waits for alert evaluation; a newer one
@@ -15,18 +18,49 @@ one per message. Evaluation failures are logged and counted (``stats.failed``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
-from micboard.collector.live import LiveHub
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
+
 from micboard.collector.runtime import cancel_all
 from micboard.collector.services.alerts import AlertService
 from micboard.collector.services.history import HistoryService
+from micboard.shared.codec import decode
 from micboard.shared.envelope import MeterEvent
+from micboard.shared.errors import WireError
+from micboard.shared.subjects import SUBJECT_PREFIX, Kind
 
 log = logging.getLogger(__name__)
 
+METER_QUEUE = "micboard-collector-meters"
+"""The queue group of the processes that record meters: NATS gives each meter to one of them."""
+
+METER_SUBJECTS = f"{SUBJECT_PREFIX}.*.*.{Kind.METER.value}"
+"""Every agent's meters."""
+
 _DeviceKey = tuple[str, str, str]  # site, agent, device_key
+
+
+def decode_meter(subject: str, data: bytes) -> MeterEvent | None:
+    """The meter event in ``data``, or None for bytes that are not one.
+
+    None for undecodable bytes, another kind of event, or a meter whose site and agent disagree
+    with the subject it arrived on (an agent may only speak for itself).
+    """
+    try:
+        event = decode(data)
+    except WireError:
+        return None
+    if not isinstance(event, MeterEvent) or not subject.endswith(
+        f".{event.site}.{event.agent}.{Kind.METER.value}"
+    ):
+        return None
+    return event
 
 
 @dataclass(slots=True)
@@ -34,42 +68,35 @@ class MeterStats:
     """Counters of the meter service, exported as metrics."""
 
     received: int = 0
+    bad: int = 0
     evaluated: int = 0
     superseded: int = 0
     failed: int = 0
 
 
 class MeterService:
-    """Feeds meters to history, the live hub and the alert rules; owns the evaluation task."""
+    """Feeds meters to history and the alert rules; owns its subscription and evaluation task."""
 
     def __init__(
         self,
         *,
         alerts: AlertService | None = None,
         history: HistoryService | None = None,
-        hub: LiveHub | None = None,
     ) -> None:
         self.alerts = alerts
         self.history = history
-        self.hub = hub
         self.stats = MeterStats()
         self._pending: dict[_DeviceKey, MeterEvent] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._sub: Subscription | None = None
 
     def submit(self, event: MeterEvent) -> None:
-        """Take one decoded meter (the live feed's meter listener); never blocks."""
+        """Take one decoded meter; never blocks."""
         self.stats.received += 1
         body = event.body
         if self.history is not None:
             self.history.record_meter(event.site, event.agent, body)
-        if self.hub is not None:
-            self.hub.publish_meter(
-                event.site,
-                event.agent,
-                body.device_key,
-                {"channels": [channel.model_dump(mode="json") for channel in body.channels]},
-            )
         if self.alerts is not None:
             key = (event.site, event.agent, body.device_key)
             if key in self._pending:
@@ -77,13 +104,30 @@ class MeterService:
             self._pending[key] = event
             self._wake.set()
 
-    async def start(self) -> None:
-        """Start the alert evaluation task (idempotent)."""
+    async def start(self, nc: Client | None = None) -> None:
+        """Start the alert evaluation task and, given a connection, take a share of the meters.
+
+        Idempotent. The subscription joins :data:`METER_QUEUE`: with several collectors on one
+        NATS, each meter reaches exactly one of them.
+        """
         if self._task is None and self.alerts is not None:
             self._task = asyncio.create_task(self._run(), name="meter-alerts")
+        if nc is not None and self._sub is None:
+            self._sub = await nc.subscribe(METER_SUBJECTS, queue=METER_QUEUE, cb=self._on_meter)
+
+    async def _on_meter(self, msg: Msg) -> None:
+        event = decode_meter(msg.subject, msg.data)
+        if event is None:
+            self.stats.bad += 1
+            return
+        self.submit(event)
 
     async def close(self) -> None:
-        """Stop the evaluation task; meters still waiting are dropped (they are live data)."""
+        """Leave the queue group and stop the evaluation task; waiting meters are dropped (live data)."""
+        if self._sub is not None:
+            with contextlib.suppress(NatsError, OSError):
+                await self._sub.unsubscribe()
+            self._sub = None
         if self._task is not None:
             await cancel_all([self._task])
             self._task = None
