@@ -183,7 +183,8 @@ def task_bench(args: list[str]) -> int:
     rows: list[dict[str, object]] = []
     wanted = set(args)
     for script in sorted((ROOT / "bench").glob("*.py")):
-        if script.stem == "report" or (wanted and script.stem not in wanted):
+        # report.py and pg.py are helpers the benchmarks import, not benchmarks.
+        if script.stem in ("report", "pg") or (wanted and script.stem not in wanted):
             continue
         print(f"+ {PYTHON} {script}", flush=True)
         proc = subprocess.Popen([str(PYTHON), str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True)

@@ -35,12 +35,16 @@ With ``--split`` the collector runs as two processes, as a deployment may: a sec
 process (``micboard-collector run``, same database and NATS) ingests, and the benchmarked one is
 started with ``ingest=False`` and serves the live WebSocket only; committed changes reach it over
 the live bridge (``micboard.live.v1.*``), and it reads the changed channels from the store.
-Ingest progress is then the consumer's ack floor.
+Ingest progress is then the consumer's ack floor. ``--ingest-processes N`` runs N such ingesting
+processes sharing the durable consumer (implies ``--split``; with SQLite they take turns at the
+one write lock, so it is meant for ``--database postgres``, a fresh database on the server the
+tests use, ``MICBOARD_TEST_PG_DSN``).
 
 The clients run in a separate process so that their work does not queue behind the servers';
 timestamps on both sides are ``time.monotonic_ns()`` (one system-wide clock on Linux).
 Goals: p99 < 50 ms for a site's channels; delta-to-client p99 < 250 ms at 5,000 deltas/s.
-Run: ``.venv/bin/python bench/api.py [--quick] [--split]``.
+Run: ``.venv/bin/python bench/api.py [--quick] [--split] [--ingest-processes N]
+[--database sqlite|postgres]``.
 """
 
 from __future__ import annotations
@@ -96,6 +100,7 @@ from micboard.shared.envelope import (
 from micboard.shared.model import Device, Family, ReceiverChannel, Transmitter, Vendor
 from micboard.shared.natsd import free_port
 from micboard.shared.subjects import build_subject, msg_id
+from pg import scratch_database
 from report import emit
 
 BENCH = "api"
@@ -1085,14 +1090,16 @@ async def bench_live(
 
 
 @contextlib.asynccontextmanager
-async def ingest_process(settings: CollectorSettings, nats_url: str, tmp: Path) -> AsyncIterator[None]:
+async def ingest_process(
+    settings: CollectorSettings, nats_url: str, tmp: Path, number: int = 1
+) -> AsyncIterator[None]:
     """``micboard-collector run`` in a process of its own, ingesting into ``settings``' database."""
     port = free_port()
     env = {
         **os.environ,
         "MICBOARD_NATS_URL": nats_url,
         "MICBOARD_DATABASE_URL": settings.resolved_database_url(),
-        "MICBOARD_STATE_DIR": str(tmp / "ingest"),
+        "MICBOARD_STATE_DIR": str(tmp / f"ingest-{number}"),
         "MICBOARD_HTTP_HOST": "127.0.0.1",
         "MICBOARD_HTTP_PORT": str(port),
         "MICBOARD_STALE_CHECK_INTERVAL_S": str(settings.stale_check_interval_s),
@@ -1114,7 +1121,7 @@ async def ingest_process(settings: CollectorSettings, nats_url: str, tmp: Path) 
                 if time.monotonic() > deadline:
                     raise SystemExit("the ingest process was not healthy within 60 s")
                 await asyncio.sleep(0.2)
-        print(f"  ingest process {process.pid} ready on port {port}")
+        print(f"  ingest process {number} (pid {process.pid}) ready on port {port}")
         yield
     finally:
         if process.returncode is None:
@@ -1133,14 +1140,18 @@ async def run(args: argparse.Namespace) -> None:
     """Seed, start the collector, then the REST and live benchmarks."""
     plans = fleet_layout()
     rng = random.Random(42)
-    with (
-        tempfile.TemporaryDirectory(prefix="micboard-bench-api-") as tmp_name,
-        ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool,
-    ):
+    async with contextlib.AsyncExitStack() as stack:
+        tmp_name = stack.enter_context(tempfile.TemporaryDirectory(prefix="micboard-bench-api-"))
+        pool = stack.enter_context(
+            ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"))
+        )
         tmp = Path(tmp_name)
+        database_url = None
+        if args.database == "postgres":
+            database_url = await stack.enter_async_context(scratch_database())
         settings = CollectorSettings(
             state_dir=tmp, http_host="127.0.0.1", http_port=0, bootstrap_token=SecretStr(TOKEN),
-            stale_check_interval_s=3600.0, ingest=not args.split,
+            stale_check_interval_s=3600.0, ingest=not args.split, database_url=database_url,
         )  # fmt: skip
         engine = create_engine(settings.resolved_database_url())
         try:
@@ -1151,7 +1162,7 @@ async def run(args: argparse.Namespace) -> None:
         print(
             f"fleet: {len(plans)} sites, {seeded.devices:,} receivers, {seeded.total_channels:,} channels "
             f"({len(seeded.channels):,} with a transmitter), {seeded.alerts:,} alert changes; "
-            f"seeded through SynchronizationService in {seeded.seconds:.1f} s"
+            f"seeded through SynchronizationService in {seeded.seconds:.1f} s, into {args.database}"
         )
         pool.submit(percentile, [0.0], 0.5).result()  # start the client process before measuring
         collector = Collector(settings)
@@ -1160,7 +1171,10 @@ async def run(args: argparse.Namespace) -> None:
             async with contextlib.AsyncExitStack() as stack:
                 js = None
                 if args.split:
-                    await stack.enter_async_context(ingest_process(settings, running.nats_url, tmp))
+                    for number in range(1, args.ingest_processes + 1):
+                        await stack.enter_async_context(
+                            ingest_process(settings, running.nats_url, tmp, number)
+                        )
                     nc = await nats.connect(running.nats_url)
                     stack.push_async_callback(nc.close)
                     js = nc.jetstream()
@@ -1219,7 +1233,17 @@ def main() -> None:
     parser.add_argument(
         "--split", action="store_true", help="ingest in a second collector process; this one only serves"
     )
+    parser.add_argument(
+        "--ingest-processes",
+        type=int,
+        default=1,
+        help="with --split (implied when above 1): how many collector processes ingest",
+    )
+    parser.add_argument("--database", choices=["sqlite", "postgres"], default="sqlite")
     args = parser.parse_args()
+    if args.ingest_processes < 1:
+        parser.error("--ingest-processes must be at least 1")
+    args.split = args.split or args.ingest_processes > 1
     if args.quick:
         args.http_seconds, args.http_requests = 1.0, 500
         args.ws_seconds, args.drain_seconds = 3.0, 2.0

@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
-import os
-import secrets
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -32,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import msgpack
 import nats
 from nats.aio.client import Client
@@ -40,7 +38,6 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from sqlalchemy import func, select
-from sqlalchemy.engine import make_url
 
 from micboard.agent.publisher import EnvelopeFactory, JetStreamPublisher
 from micboard.collector.ingest import IngestConsumer, ensure_stream
@@ -55,8 +52,8 @@ from micboard.collector.store.schema import applied_events
 from micboard.shared.envelope import DeviceBody, HeartbeatBody, HelloBody
 from micboard.shared.model import Device, Family, ReceiverChannel, Transmitter, Vendor
 from micboard.shared.natsd import EmbeddedNats
+from pg import scratch_database
 
-PG_DSN = os.environ.get("MICBOARD_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 HEARTBEAT_EVERY_S = 10
 
 
@@ -208,15 +205,6 @@ async def ingest_rate(
         await engine.dispose()
 
 
-async def pg_admin(sql: str) -> None:
-    """Run one statement on the PostgreSQL server's default database."""
-    conn = await asyncpg.connect(PG_DSN, timeout=10)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
 async def main() -> None:
     """Publish the fleet, then measure bare, SQLite and PostgreSQL consumption of it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -256,15 +244,12 @@ async def main() -> None:
         print(f"bare, nats-py fetch:     {reference:10,.0f} events/s  (reference)")
         bare = await bare_rate(nc, base, total, lean=True)
         print(f"bare fetch+unpack+ack:   {bare:10,.0f} events/s  (the collector's fetcher; ratios below)")
-        targets: list[tuple[str, str]] = []
-        if args.database in ("sqlite", "both"):
-            targets.append(("sqlite", f"sqlite+aiosqlite:///{Path(tmp) / 'bench.db'}"))
-        pg_name = f"micboard_bench_{secrets.token_hex(4)}"
-        if args.database in ("postgres", "both"):
-            await pg_admin(f'CREATE DATABASE "{pg_name}"')
-            pg_url = make_url(PG_DSN).set(drivername="postgresql+asyncpg", database=pg_name)
-            targets.append(("postgres", pg_url.render_as_string(hide_password=False)))
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            targets: list[tuple[str, str]] = []
+            if args.database in ("sqlite", "both"):
+                targets.append(("sqlite", f"sqlite+aiosqlite:///{Path(tmp) / 'bench.db'}"))
+            if args.database in ("postgres", "both"):
+                targets.append(("postgres", await stack.enter_async_context(scratch_database())))
             for name, url in targets:
                 settings = base.model_copy(update={"durable_name": f"bench-{name}"})
                 rate, outcomes = await ingest_rate(nc, settings, url, total)
@@ -272,9 +257,6 @@ async def main() -> None:
                     f"ingest into {name:9s}  {rate:10,.0f} events/s  ({rate / bare:.0%} of bare)  "
                     f"outcomes {outcomes}"
                 )
-        finally:
-            if args.database in ("postgres", "both"):
-                await pg_admin(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)')
         await nc.close()
 
 
