@@ -17,6 +17,7 @@ from micboard.collector.ingest import check_event, ensure_stream
 from micboard.collector.live_bridge import LIVE_SUBJECT_PREFIX
 from micboard.collector.security.identities import NatsConfigOptions
 from micboard.collector.security.natsauth import collector_connect_options
+from micboard.collector.services.meters import MeterService
 from micboard.collector.settings import CollectorSettings
 from micboard.shared.codec import decode, encode
 from micboard.shared.envelope import (
@@ -26,7 +27,9 @@ from micboard.shared.envelope import (
     CommandOutcome,
     CommandResult,
     HelloBody,
+    MeterBody,
 )
+from micboard.shared.model import ChannelMeter
 from micboard.shared.subjects import Kind, build_subject
 
 if TYPE_CHECKING:
@@ -273,3 +276,32 @@ async def test_collector_processes_share_live_changes_over_the_bridge(
     else:
         raise AssertionError("nothing arrived on the live bridge subject")
     assert first.errors.errors == [] and second.errors.errors == []
+
+
+async def test_collectors_share_an_agents_meters_in_their_queue_group(
+    secure_nats: EmbeddedNats, clients: ClientFactory
+) -> None:
+    """The generated permissions let the collector identity take meters in the queue group."""
+    recorders = [MeterService(), MeterService()]
+    for recorder in recorders:
+        collector = await clients.collector(secure_nats.url)
+        await recorder.start(collector.nc)
+        await collector.nc.flush()
+        assert collector.errors.errors == []
+    agent = await clients.agent(AGENT_A, secure_nats.url)
+    body = MeterBody(device_key="rx1", channels=(ChannelMeter(index=1, audio_dbfs=-18.0),))
+    factory = EnvelopeFactory(*AGENT_A)
+    try:
+        for _ in range(20):
+            await agent.nc.publish(build_subject(*AGENT_A, Kind.METER), encode(factory.make(body)))
+        await agent.nc.flush()
+        for _ in range(100):
+            if sum(r.stats.received for r in recorders) >= 20:
+                break
+            await asyncio.sleep(0.05)
+        assert sum(r.stats.received for r in recorders) == 20
+        assert sum(r.stats.bad for r in recorders) == 0
+        assert agent.errors.errors == []
+    finally:
+        for recorder in recorders:
+            await recorder.close()
