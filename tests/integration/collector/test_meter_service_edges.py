@@ -165,3 +165,41 @@ async def test_collectors_share_the_meters_and_record_each_once(
             await service.close()  # idempotent
         for nc in (*connections, watcher):
             await nc.close()
+
+
+async def test_a_meter_that_cannot_be_recorded_is_counted_and_the_next_ones_are(
+    engine: AsyncEngine,
+    nats_server: EmbeddedNats,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    history = HistoryService(engine)
+    service = MeterService(history=history)
+    record = history.record_meter
+    calls = 0
+
+    def failing_once(site: str, agent: str, body: MeterBody) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("history is full of surprises")
+        record(site, agent, body)
+
+    monkeypatch.setattr(history, "record_meter", failing_once)
+    nc = await nats.connect(nats_server.url)
+    try:
+        await service.start(nc)
+        await nc.flush()
+        with caplog.at_level(logging.ERROR, logger="micboard.collector.services.meters"):
+            for seq in range(3):
+                await nc.publish(
+                    f"micboard.v1.{SITE}.{AGENT}.meter", encode(meter_event("dev-1", peak=-20.0, seq=seq))
+                )
+            await nc.flush()
+            await wait_for(lambda: calls == 3)
+        assert service.stats.failed == 1 and service.stats.received == 3
+        assert [r.getMessage() for r in caplog.records] == ["meter not recorded"]
+        assert history.pending == 1  # the two later meters folded into one sample
+    finally:
+        await service.close()
+        await nc.close()

@@ -12,7 +12,8 @@ counted in ``stats.bad``) and handed to :meth:`MeterService.submit`, which never
 
 Bound, policy, counter: at most one meter per device waits for alert evaluation; a newer one
 replaces it (``stats.superseded``), so a burst costs the store one evaluation per device, not
-one per message. Evaluation failures are logged and counted (``stats.failed``).
+one per message. Evaluation failures, and meters that could not be recorded, are logged and
+counted (``stats.failed``).
 """
 
 from __future__ import annotations
@@ -120,7 +121,12 @@ class MeterService:
         if event is None:
             self.stats.bad += 1
             return
-        self.submit(event)
+        try:
+            self.submit(event)
+        except Exception:
+            # One meter that could not be recorded must not stop the next ones.
+            self.stats.failed += 1
+            log.exception("meter not recorded", extra={"agent": event.agent})
 
     async def close(self) -> None:
         """Leave the queue group and stop the evaluation task; waiting meters are dropped (live data)."""
