@@ -66,7 +66,7 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from micboard.collector.api.context import context_of
 from micboard.collector.app import Collector, RunningCollector
+from micboard.collector.ingest import IngestStats
 from micboard.collector.services.alerts import AlertService, DeviceTransition
 from micboard.collector.services.fleet import FleetView
 from micboard.collector.services.sync import ApplyOutcome, SynchronizationService
@@ -954,13 +955,22 @@ def ingest_progress(
 
 
 def collector_feed(
-    pool: ProcessPoolExecutor, nats_url: str, progress: Progress, deltas: Deltas, in_flight: int
+    pool: ProcessPoolExecutor,
+    nats_url: str,
+    progress: Progress,
+    deltas: Deltas,
+    in_flight: int,
+    ingest: IngestStats | None = None,
 ) -> Feed:
-    """Publish the deltas into JetStream from another process and wait until ingest applied them all."""
+    """Publish the deltas into JetStream from another process and wait until ingest applied them all.
+
+    With the stats of an ``ingest`` in this process, its batches over the phase are described too.
+    """
     messages = encoded(deltas)
 
     async def feed() -> tuple[list[int], float]:
         before = await progress()
+        batches_before = replace(ingest) if ingest is not None else None
         load = PublishLoad(nats_url, messages, deltas.rate, in_flight)
         start, seconds = await asyncio.get_running_loop().run_in_executor(pool, publish_worker, load)
         interval_ns = 1e9 / deltas.rate
@@ -977,6 +987,15 @@ def collector_feed(
             f"  published at {len(messages) / seconds:,.0f}/s; ingest done {lag:.2f} s after the last ack "
             f"(applied {applied:,.0f}/s over the phase)"
         )
+        if ingest is not None and batches_before is not None:
+            batches = ingest.batches - batches_before.batches
+            busy_s = ingest.batch_seconds - batches_before.batch_seconds
+            events = ingest.events - batches_before.events
+            print(
+                f"  ingest: {batches:,} batches of {events / max(batches, 1):,.0f} events on average, "
+                f"{1000 * busy_s / max(batches, 1):,.1f} ms each; applying batches "
+                f"{busy_s / (seconds + lag):.0%} of the phase"
+            )
         return [start + int(m * interval_ns) for m in range(len(messages))], seconds
 
     return feed
@@ -1046,7 +1065,8 @@ async def bench_live(
     ws_url = running.url.replace("http://", "ws://") + "/api/v1/live"
     live = context_of(running.runner.app).live
     assert live is not None
-    feed = collector_feed(pool, running.nats_url, progress, deltas, args.in_flight)
+    ingest_stats = running.ingest.stats if running.ingest is not None else None
+    feed = collector_feed(pool, running.nats_url, progress, deltas, args.in_flight, ingest_stats)
     figures, rate, subscribe_s = await fan_out_run(
         pool, tmp, "collector", ws_url, scopes, deltas, feed, args.drain_seconds
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,6 +83,8 @@ async def test_ingest_metrics(
         async with aiohttp.ClientSession() as http, http.get(f"{running.url}/metrics") as response:
             text = await response.text()
         assert "micboard_ingest_events_total 3.0" in text
+        busy = re.search(r"^micboard_ingest_batch_seconds_total (\S+)$", text, re.MULTILINE)
+        assert busy is not None and 0 < float(busy.group(1)) < 60
         assert 'micboard_ingest_outcomes_total{outcome="applied"} 2.0' in text
         assert 'micboard_ingest_poison_total{code="wire.garbage"} 1.0' in text
         assert "micboard_ingest_lag_events 0.0" in text

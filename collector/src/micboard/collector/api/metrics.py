@@ -111,6 +111,11 @@ class _StateCollector(Collector):
             )
             yield CounterMetricFamily("micboard_ingest_batches", "Batches applied", value=stats.batches)
             yield CounterMetricFamily(
+                "micboard_ingest_batch_seconds",
+                "Time spent applying batches (its rate is the share of time ingest is busy)",
+                value=stats.batch_seconds,
+            )
+            yield CounterMetricFamily(
                 "micboard_ingest_fetch_errors",
                 "Fetches that failed or were refused by the server",
                 value=stats.fetch_errors,
