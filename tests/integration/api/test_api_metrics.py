@@ -70,14 +70,16 @@ async def test_ingest_metrics(
         await publisher.publish(factory.make(HelloBody(version="1.0")))
         await publisher.publish(factory.make(DeviceBody(device_key="rx1", snapshot=make_receiver("rx1"))))
         await nc.jetstream().publish("micboard.v1.venue-i.pi-i.hello", b"\xc1")
-        # Meters on core NATS: recorded by this process's share of the queue group (all of them here).
+        # Meters on core NATS: every one reaches the alert rules; history takes this process's share
+        # of the queue group (all of them here).
         meter = MeterBody(device_key="rx1", channels=(ChannelMeter(index=1, audio_dbfs=-20.0),))
         await nc.publish("micboard.v1.venue-i.pi-i.meter", encode(factory.make(meter)))
         await nc.publish("micboard.v1.venue-i.pi-i.meter", b"\xc1")
         await nc.flush()
         assert running.ingest is not None and collector.meters is not None
         for _ in range(100):
-            if running.ingest.stats.events >= 3 and collector.meters.stats.bad == 1:
+            meters = collector.meters.stats
+            if running.ingest.stats.events >= 3 and (meters.bad, meters.received) == (1, 1):
                 break
             await asyncio.sleep(0.05)
         async with aiohttp.ClientSession() as http, http.get(f"{running.url}/metrics") as response:
@@ -90,8 +92,9 @@ async def test_ingest_metrics(
         assert "micboard_ingest_lag_events 0.0" in text
         assert "micboard_ingest_fetch_errors_total 0.0" in text
         assert 'micboard_devices{status="online"} 1.0' in text
-        assert 'micboard_meters_recorded_total{outcome="received"} 1.0' in text
-        assert 'micboard_meters_recorded_total{outcome="bad"} 1.0' in text
+        assert 'micboard_meters_total{outcome="received"} 1.0' in text
+        assert 'micboard_meters_total{outcome="recorded"} 1.0' in text
+        assert 'micboard_meters_total{outcome="bad"} 1.0' in text
     finally:
         await nc.close()
         await collector.stop()

@@ -56,7 +56,7 @@ async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> No
         await asyncio.sleep(0.01)
 
 
-async def test_meters_feed_history_and_alerts_latest_wins(engine: AsyncEngine) -> None:
+async def test_meters_feed_alerts_latest_wins_and_history_apart(engine: AsyncEngine) -> None:
     alerts = AlertService(engine)
     history = HistoryService(engine)
     meters = MeterService(alerts=alerts, history=history)
@@ -65,7 +65,11 @@ async def test_meters_feed_history_and_alerts_latest_wins(engine: AsyncEngine) -
     meters.submit(meter_event("dev-1", peak=-0.5, seq=2))
     meters.submit(meter_event("dev-2", peak=-30.0, seq=3))
     assert (meters.stats.received, meters.stats.superseded) == (3, 1)
-    assert history.pending == 2
+    # The alert rules' meters are not history's: that comes from this process's share.
+    assert history.pending == 0 and meters.stats.recorded == 0
+    meters.record(meter_event("dev-1", peak=-30.0, seq=1))
+    meters.record(meter_event("dev-2", peak=-30.0, seq=3))
+    assert history.pending == 2 and meters.stats.recorded == 2
     await meters.start()
     await meters.start()  # idempotent: still one task
     try:
@@ -77,11 +81,11 @@ async def test_meters_feed_history_and_alerts_latest_wins(engine: AsyncEngine) -
     finally:
         await meters.close()
     assert meters._task is None
-    # After close, meters still reach history but wait for no evaluation.
+    # After close, a meter submitted waits for no evaluation.
     meters.submit(meter_event("dev-3", peak=-30.0))
     await meters.close()  # nothing waiting afterwards
     assert meters._pending == {} and meters.stats.evaluated == 2
-    assert await history.flush() == 3
+    assert await history.flush() == 2
 
 
 async def test_failed_evaluation_is_counted_and_the_task_goes_on(
@@ -112,17 +116,18 @@ async def test_without_alerts_there_is_no_task_and_no_waiting_meter(engine: Asyn
     await meters.start()
     assert meters._task is None
     meters.submit(meter_event("dev-1", peak=-0.5))
-    assert meters.stats.received == 1 and meters._pending == {} and history.pending == 1
+    assert meters.stats.received == 1 and meters._pending == {} and history.pending == 0
     await meters.close()
     bare = MeterService()
     bare.submit(meter_event("dev-1", peak=-10.0))
-    assert bare.stats.received == 1 and bare.stats.superseded == 0
+    bare.record(meter_event("dev-1", peak=-10.0))
+    assert bare.stats.received == 1 and bare.stats.superseded == 0 and bare.stats.recorded == 0
 
 
 async def test_collectors_share_the_meters_and_record_each_once(
     engine: AsyncEngine, nats_server: EmbeddedNats
 ) -> None:
-    """Two collectors' meter services on one NATS: each meter is recorded by exactly one of them."""
+    """Two collectors' meter services on one NATS: each meter is recorded in history by one of them."""
     services = [MeterService(history=HistoryService(engine)) for _ in range(2)]
     connections = [await nats.connect(nats_server.url) for _ in services]
     watcher = await nats.connect(nats_server.url)
@@ -147,12 +152,13 @@ async def test_collectors_share_the_meters_and_record_each_once(
         await watcher.publish(f"micboard.v1.{SITE}.{AGENT}.meter", b"\xc1 not msgpack")
         await watcher.publish(f"micboard.v1.{SITE}.pi-2.meter", encode(meter_event("dev-1", peak=-1.0)))
         await watcher.flush()
-        await wait_for(lambda: sum(s.stats.received + s.stats.bad for s in services) == count + 2)
+        await wait_for(lambda: sum(s.stats.recorded + s.stats.bad for s in services) == count + 2)
         await wait_for(lambda: len(seen_by_watcher) == count + 2)
         # Which member gets a meter is the server's choice (it may favour one for a while); with
         # two plain subscriptions instead of the queue group, the sum here would be twice as much.
-        assert sum(s.stats.received for s in services) == count
+        assert sum(s.stats.recorded for s in services) == count
         assert sum(s.stats.bad for s in services) == 2
+        assert sum(s.stats.received for s in services) == 0  # the alert rules' meters come from the live feed
         for service in services:
             assert service.history is not None
             await service.history.flush()
@@ -197,7 +203,7 @@ async def test_a_meter_that_cannot_be_recorded_is_counted_and_the_next_ones_are(
                 )
             await nc.flush()
             await wait_for(lambda: calls == 3)
-        assert service.stats.failed == 1 and service.stats.received == 3
+        assert service.stats.failed == 1 and service.stats.recorded == 2
         assert [r.getMessage() for r in caplog.records] == ["meter not recorded"]
         assert history.pending == 1  # the two later meters folded into one sample
     finally:

@@ -17,8 +17,10 @@ from micboard.collector.ingest import check_event, ensure_stream
 from micboard.collector.live_bridge import LIVE_SUBJECT_PREFIX
 from micboard.collector.security.identities import NatsConfigOptions
 from micboard.collector.security.natsauth import collector_connect_options
+from micboard.collector.services.history import HistoryService
 from micboard.collector.services.meters import MeterService
 from micboard.collector.settings import CollectorSettings
+from micboard.collector.store.database import create_engine, create_schema
 from micboard.shared.codec import decode, encode
 from micboard.shared.envelope import (
     CommandAction,
@@ -279,10 +281,12 @@ async def test_collector_processes_share_live_changes_over_the_bridge(
 
 
 async def test_collectors_share_an_agents_meters_in_their_queue_group(
-    secure_nats: EmbeddedNats, clients: ClientFactory
+    secure_nats: EmbeddedNats, clients: ClientFactory, tmp_path: Path
 ) -> None:
     """The generated permissions let the collector identity take meters in the queue group."""
-    recorders = [MeterService(), MeterService()]
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'meters.db'}")
+    await create_schema(engine)
+    recorders = [MeterService(history=HistoryService(engine)) for _ in range(2)]
     for recorder in recorders:
         collector = await clients.collector(secure_nats.url)
         await recorder.start(collector.nc)
@@ -296,12 +300,13 @@ async def test_collectors_share_an_agents_meters_in_their_queue_group(
             await agent.nc.publish(build_subject(*AGENT_A, Kind.METER), encode(factory.make(body)))
         await agent.nc.flush()
         for _ in range(100):
-            if sum(r.stats.received for r in recorders) >= 20:
+            if sum(r.stats.recorded for r in recorders) >= 20:
                 break
             await asyncio.sleep(0.05)
-        assert sum(r.stats.received for r in recorders) == 20
+        assert sum(r.stats.recorded for r in recorders) == 20
         assert sum(r.stats.bad for r in recorders) == 0
         assert agent.errors.errors == []
     finally:
         for recorder in recorders:
             await recorder.close()
+        await engine.dispose()

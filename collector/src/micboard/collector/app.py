@@ -150,6 +150,7 @@ class Collector:
             alerts=self.alerts,
             history=self.history,
             commands=CommandService(engine, nc),
+            meter_listeners=[] if self.meters is None else [self.meters.submit],
             meters=self.meters,
             bridge=self.bridge,
         )

@@ -4,6 +4,7 @@ and the dashboard, around the services of the running collector."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -15,7 +16,7 @@ from micboard.collector.api import routes_admin, routes_alerts, routes_devices, 
 from micboard.collector.api.auth import Authenticator, FailedAuthLimiter, Role, TokenStore
 from micboard.collector.api.context import CONTEXT, ApiContext, context_of
 from micboard.collector.api.errors import ApiError, ApiErrorCode, error_middleware
-from micboard.collector.api.live_ws import LiveFeed
+from micboard.collector.api.live_ws import LiveFeed, MeterListener
 from micboard.collector.api.metrics import ApiMetrics, metrics_handler
 from micboard.collector.api.models import Health
 from micboard.collector.api.openapi import build_openapi, docs_html
@@ -111,14 +112,16 @@ def create_app(
     history: HistoryService | None = None,
     commands: CommandService | None = None,
     dashboard: bool = True,
+    meter_listeners: Sequence[MeterListener] = (),
     meters: MeterService | None = None,
     bridge: LiveBridge | None = None,
 ) -> web.Application:
     """Build the web application around the given services.
 
     With a ``hub`` the live WebSocket is served (and the hub is fed from ``on_committed``); the
-    feed starts and stops with the application. ``meters`` (the process's share of recording
-    meters, when it ingests) is only reported in the metrics.
+    feed starts and stops with the application. Its one meter subscription also feeds
+    ``meter_listeners`` (the alert rules, when the process ingests), so every meter is decoded
+    once per process; ``meters`` is only reported in the metrics.
     """
     settings = settings or CollectorSettings()
     engine = device_service.engine
@@ -137,6 +140,7 @@ def create_app(
             queue_messages=settings.live_queue_messages,
             meter_hz=settings.live_meter_hz,
             nc=nc,
+            meter_listeners=meter_listeners,
         )
     ctx = ApiContext(
         settings=settings,

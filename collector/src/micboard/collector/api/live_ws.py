@@ -2,8 +2,10 @@
 
 Sources: the ingest path reports committed events (:meth:`LiveFeed.on_committed`) to the
 :class:`LiveHub`, alerts reach the hub from the AlertService, and meters come straight from core
-NATS on the feed's own subscription (every process shows every meter; recording them is
-:class:`~micboard.collector.services.meters.MeterService`'s, once per fleet). The feed reads the
+NATS on the feed's one subscription: every process shows every meter, and hands each, decoded
+once, to its ``meter_listeners`` (an ingesting process's alert rules, see
+:class:`~micboard.collector.services.meters.MeterService`, which records history from a share of
+its own). The feed reads the
 changed channels from the store once per flush (however many events changed them: a channel
 changed twice between flushes is sent once, as it is now), serializes each message once, and
 hands the same bytes to the clients whose subscription wants it; clients are indexed by scope,
@@ -38,7 +40,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +60,7 @@ from micboard.collector.services.fleet import FleetView, PageRequest
 from micboard.collector.services.groups import GroupStore
 from micboard.collector.services.meters import METER_SUBJECTS, decode_meter
 from micboard.collector.services.sync import DeviceChange, DeviceRef
-from micboard.shared.envelope import AnyEvent, DeviceEvent, OfflineEvent
+from micboard.shared.envelope import AnyEvent, DeviceEvent, MeterEvent, OfflineEvent
 
 if TYPE_CHECKING:
     from micboard.collector.ingest import CommittedBatch
@@ -80,6 +82,7 @@ _BATCH_MAX_BYTES = 1 << 20
 _BATCH_HEAD = b'{"type":"batch","items":['
 _BATCH_TAIL = b"]}"
 
+MeterListener = Callable[[MeterEvent], None]
 ChannelKey = tuple[int, int]
 
 
@@ -313,6 +316,7 @@ class LiveFeed:
         queue_messages: int = 512,
         meter_hz: float = 10.0,
         nc: Client | None = None,
+        meter_listeners: Sequence[MeterListener] = (),
     ) -> None:
         self.fleet = fleet
         self.groups = groups
@@ -321,6 +325,7 @@ class LiveFeed:
         self.queue_messages = queue_messages
         self.meter_interval_s = 1.0 / meter_hz
         self.nc = nc
+        self.meter_listeners = list(meter_listeners)
         self.stats = LiveStats()
         # Subscribed clients, indexed by what they want: a message only visits its audience.
         self._fleet_clients: set[_Client] = set()
@@ -611,12 +616,18 @@ class LiveFeed:
 
     async def _on_meter(self, msg: Msg) -> None:
         self.stats.meters_received += 1
-        if not self._subscribed:
-            # Nobody watches: not worth decoding (what is recorded of meters is MeterService's).
-            return
+        if not self._subscribed and not self.meter_listeners:
+            return  # nobody watches and nothing evaluates: not worth decoding
         event = decode_meter(msg.subject, msg.data)
         if event is None:
             self.stats.meters_bad += 1
+            return
+        for listener in self.meter_listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("meter listener failed")
+        if not self._subscribed:
             return
         known = self._keys.get((event.agent, event.body.device_key))
         if known is None:

@@ -180,17 +180,18 @@ class _StateCollector(Collector):
             )
         if ctx.meters is not None:
             meters = ctx.meters.stats
-            recorded = CounterMetricFamily(
-                "micboard_meters_recorded",
-                "Meters this process recorded (its share of the queue group) by outcome",
+            counted = CounterMetricFamily(
+                "micboard_meters",
+                "Meters taken by this process's alert rules and history, by outcome",
                 labels=["outcome"],
             )
-            recorded.add_metric(["received"], meters.received)
-            recorded.add_metric(["bad"], meters.bad)
-            recorded.add_metric(["evaluated"], meters.evaluated)
-            recorded.add_metric(["superseded"], meters.superseded)
-            recorded.add_metric(["failed"], meters.failed)
-            yield recorded
+            counted.add_metric(["received"], meters.received)
+            counted.add_metric(["recorded"], meters.recorded)
+            counted.add_metric(["bad"], meters.bad)
+            counted.add_metric(["evaluated"], meters.evaluated)
+            counted.add_metric(["superseded"], meters.superseded)
+            counted.add_metric(["failed"], meters.failed)
+            yield counted
         if ctx.bridge is not None:
             bridge = ctx.bridge.stats
             forwarded = CounterMetricFamily(

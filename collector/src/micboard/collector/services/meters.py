@@ -1,19 +1,22 @@
 """MeterService: what the collector records of each live meter (history and alert rules).
 
-Meters arrive on core NATS. Every collector process shows all of them on its live views (the live
-feed's own subscription), but each meter is recorded by ONE ingesting process: this service
-subscribes in the queue group :data:`METER_QUEUE`, so NATS hands each meter to one member. With
-several collectors sharing the work, a channel's history counts each reading once and a meter's
-alert rules run once. Each meter is decoded and checked (:func:`decode_meter`; a bad one is
-counted in ``stats.bad``) and handed to :meth:`MeterService.submit`, which never blocks:
+Meters arrive on core NATS, and what is done with them depends on what needs to see them all:
 
-- history: every meter is folded into the channel's downsampled sample at once (in memory);
-- alerts: RF loss and clipping are evaluated by a task owned here, latest meter per device wins.
+- alerts: RF loss ("no usable RF for N s") keeps a timer per channel in memory, so the rules must
+  see every reading of a channel. Each ingesting process evaluates every meter (the live feed's
+  one subscription decodes it and hands it to :meth:`MeterService.submit`); the database keeps
+  one open alert per rule and target whichever process opens it. A task owned here evaluates,
+  latest meter per device wins.
+- history: a channel's downsampled sample must count each reading once, so it is recorded by
+  ONE ingesting process: this service subscribes in the queue group :data:`METER_QUEUE`, NATS
+  hands each meter to one member, and the member folds it into the channel's sample in memory.
+  Such a meter is decoded and checked (:func:`decode_meter`; a bad one is counted in
+  ``stats.bad``).
 
 Bound, policy, counter: at most one meter per device waits for alert evaluation; a newer one
 replaces it (``stats.superseded``), so a burst costs the store one evaluation per device, not
 one per message. Evaluation failures, and meters that could not be recorded, are logged and
-counted (``stats.failed``).
+counted (``stats.failed``). Nothing here blocks the NATS client.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from micboard.shared.subjects import SUBJECT_PREFIX, Kind
 log = logging.getLogger(__name__)
 
 METER_QUEUE = "micboard-collector-meters"
-"""The queue group of the processes that record meters: NATS gives each meter to one of them."""
+"""The queue group of the processes that record meters in history: each meter goes to one of them."""
 
 METER_SUBJECTS = f"{SUBJECT_PREFIX}.*.*.{Kind.METER.value}"
 """Every agent's meters."""
@@ -68,15 +71,16 @@ def decode_meter(subject: str, data: bytes) -> MeterEvent | None:
 class MeterStats:
     """Counters of the meter service, exported as metrics."""
 
-    received: int = 0
-    bad: int = 0
+    received: int = 0  # submitted for alert evaluation (every meter, in each ingesting process)
+    recorded: int = 0  # folded into history (this process's share of the queue group)
+    bad: int = 0  # of the share: undecodable, or site/agent disagreeing with the subject
     evaluated: int = 0
     superseded: int = 0
     failed: int = 0
 
 
 class MeterService:
-    """Feeds meters to history and the alert rules; owns its subscription and evaluation task."""
+    """Feeds meters to the alert rules and history; owns the history share and the evaluation task."""
 
     def __init__(
         self,
@@ -93,36 +97,39 @@ class MeterService:
         self._sub: Subscription | None = None
 
     def submit(self, event: MeterEvent) -> None:
-        """Take one decoded meter; never blocks."""
+        """Take one decoded meter for the alert rules (every meter of the fleet); never blocks."""
         self.stats.received += 1
-        body = event.body
-        if self.history is not None:
-            self.history.record_meter(event.site, event.agent, body)
         if self.alerts is not None:
-            key = (event.site, event.agent, body.device_key)
+            key = (event.site, event.agent, event.body.device_key)
             if key in self._pending:
                 self.stats.superseded += 1
             self._pending[key] = event
             self._wake.set()
 
+    def record(self, event: MeterEvent) -> None:
+        """Fold one decoded meter into history (this process's share); never blocks."""
+        if self.history is not None:
+            self.history.record_meter(event.site, event.agent, event.body)
+            self.stats.recorded += 1
+
     async def start(self, nc: Client | None = None) -> None:
-        """Start the alert evaluation task and, given a connection, take a share of the meters.
+        """Start the alert evaluation task and, given a connection, take a share of history.
 
         Idempotent. The subscription joins :data:`METER_QUEUE`: with several collectors on one
-        NATS, each meter reaches exactly one of them.
+        NATS, each meter is recorded in history by exactly one of them.
         """
         if self._task is None and self.alerts is not None:
             self._task = asyncio.create_task(self._run(), name="meter-alerts")
-        if nc is not None and self._sub is None:
-            self._sub = await nc.subscribe(METER_SUBJECTS, queue=METER_QUEUE, cb=self._on_meter)
+        if nc is not None and self.history is not None and self._sub is None:
+            self._sub = await nc.subscribe(METER_SUBJECTS, queue=METER_QUEUE, cb=self._on_share)
 
-    async def _on_meter(self, msg: Msg) -> None:
+    async def _on_share(self, msg: Msg) -> None:
         event = decode_meter(msg.subject, msg.data)
         if event is None:
             self.stats.bad += 1
             return
         try:
-            self.submit(event)
+            self.record(event)
         except Exception:
             # One meter that could not be recorded must not stop the next ones.
             self.stats.failed += 1
