@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 
 from micboard.agent.publisher import EnvelopeFactory, JetStreamPublisher
 from micboard.collector.app import Collector
+from micboard.collector.services.meters import decode_meter
 from micboard.collector.settings import CollectorSettings
 from micboard.collector.store.schema_alerts import history_samples
 from micboard.shared.codec import encode
@@ -70,11 +71,15 @@ async def test_both_collectors_evaluate_every_meter_and_history_counts_each_once
         await publisher.publish(factory.make(DeviceBody(device_key="rx1", snapshot=make_receiver("rx1"))))
         await _until(lambda: sum(r.ingest.stats.events for r in running if r.ingest) >= 2)
         before = await _samples(collectors)  # the snapshot's battery readings
+        decoded = decode_meter.cache_info()
         count = 60
         for n in range(count):
             # Unusable RF, then usable: every reading matters to the RF-loss timer.
             rf = -99.0 if n % 2 == 0 else -50.0
-            body = MeterBody(device_key="rx1", channels=(ChannelMeter(index=1, rf_dbm=(rf, rf)),))
+            level = -40.0 + n * 0.25  # every meter's bytes differ
+            body = MeterBody(
+                device_key="rx1", channels=(ChannelMeter(index=1, rf_dbm=(rf, rf), audio_dbfs=level),)
+            )
             await nc.publish(f"micboard.v1.{SITE}.{AGENT}.meter", encode(factory.make(body)))
         await nc.flush()
         meters = [collector.meters for collector in collectors]
@@ -83,6 +88,10 @@ async def test_both_collectors_evaluate_every_meter_and_history_counts_each_once
         await _until(lambda: sum(m.stats.recorded for m in meters if m is not None) == count)
         for m in meters:
             assert m is not None and m.stats.bad == 0 and m.stats.failed == 0
+        # Three deliveries of each meter in this test process (two live feeds, one history share),
+        # one decode: the others found it decoded.
+        after = decode_meter.cache_info()
+        assert (after.misses - decoded.misses, after.hits - decoded.hits) == (count, 2 * count)
         # Each meter of one channel is one sample, whichever collector folded it in.
         assert await _samples(collectors) - before == count
         async with aiohttp.ClientSession() as http:
