@@ -6,14 +6,13 @@ readings), and exactly one collector's history (a bucket counts each reading onc
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import nats
 from sqlalchemy import func, select
+from tests.waiting import until
 
 from micboard.agent.publisher import EnvelopeFactory, JetStreamPublisher
 from micboard.collector.app import Collector
@@ -26,14 +25,6 @@ from micboard.shared.model import ChannelMeter, Device
 from micboard.shared.natsd import EmbeddedNats
 
 SITE, AGENT = "venue-s", "pi-s"
-
-
-async def _until(condition: Callable[[], bool], timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 async def _samples(collectors: list[Collector]) -> int:
@@ -69,7 +60,7 @@ async def test_both_collectors_evaluate_every_meter_and_history_counts_each_once
         publisher = JetStreamPublisher(nc)
         await publisher.publish(factory.make(HelloBody(version="1.0")))
         await publisher.publish(factory.make(DeviceBody(device_key="rx1", snapshot=make_receiver("rx1"))))
-        await _until(lambda: sum(r.ingest.stats.events for r in running if r.ingest) >= 2)
+        await until(lambda: sum(r.ingest.stats.events for r in running if r.ingest) >= 2, timeout_s=15.0)
         before = await _samples(collectors)  # the snapshot's battery readings
         decoded = decode_meter.cache_info()
         count = 60
@@ -84,8 +75,8 @@ async def test_both_collectors_evaluate_every_meter_and_history_counts_each_once
         await nc.flush()
         meters = [collector.meters for collector in collectors]
         assert all(m is not None for m in meters)
-        await _until(lambda: all(m is not None and m.stats.received == count for m in meters))
-        await _until(lambda: sum(m.stats.recorded for m in meters if m is not None) == count)
+        await until(lambda: all(m is not None and m.stats.received == count for m in meters), timeout_s=15.0)
+        await until(lambda: sum(m.stats.recorded for m in meters if m is not None) == count, timeout_s=15.0)
         for m in meters:
             assert m is not None and m.stats.bad == 0 and m.stats.failed == 0
         # Three deliveries of each meter in this test process (two live feeds, one history share),

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
+from tests.waiting import until
 
 from micboard.collector.services.history import HistoryService
 from micboard.collector.store.database import create_engine
@@ -25,14 +25,6 @@ def traceback_of(record: logging.LogRecord) -> str:
     if record.exc_info:
         return logging.Formatter().formatException(record.exc_info)
     return str(getattr(record, "exc", ""))
-
-
-async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 def test_bucket_must_be_at_least_one_second(tmp_path: Path) -> None:
@@ -86,7 +78,7 @@ async def test_periodic_flush_failure_is_counted_and_retried(
             await history.start()
             await history.start()  # idempotent
             history.record_battery("venue", "pi-1", "dev-1", [(1, 40, 2)], now_ms=1)
-            await wait_for(lambda: history.stats.failed_flushes >= 2)
+            await until(lambda: history.stats.failed_flushes >= 2)
         assert history.stats.flushed_rows == 0
         logged = [r for r in caplog.records if r.getMessage() == "history flush or prune failed"]
         assert len(logged) >= 2 and all("no such table" in traceback_of(r) for r in logged)
@@ -95,7 +87,7 @@ async def test_periodic_flush_failure_is_counted_and_retried(
         assert history.pending == 2
         # ...which stores them once the store is back.
         await upgrade(broken)
-        await wait_for(lambda: history.stats.flushed_rows == 2)
+        await until(lambda: history.stats.flushed_rows == 2)
         assert history.pending == 0
     finally:
         task = history._task
@@ -115,10 +107,10 @@ async def test_periodic_prune_waits_for_its_interval(engine: AsyncEngine) -> Non
     await history.start()
     try:
         # First interval: flush, then prune at once (the old row goes).
-        await wait_for(lambda: history.stats.pruned_rows == 1)
+        await until(lambda: history.stats.pruned_rows == 1)
         # Later intervals flush but do not prune again before the prune interval.
         history.record_battery("venue", "pi-1", "dev-1", [(1, 50, 3)], now_ms=now - 3 * 86_400_000)
-        await wait_for(lambda: history.stats.flushed_rows == 2)
+        await until(lambda: history.stats.flushed_rows == 2)
         await asyncio.sleep(0.1)
         assert history.stats.pruned_rows == 1
     finally:

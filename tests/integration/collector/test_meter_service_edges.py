@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import nats
@@ -13,6 +11,7 @@ import pytest
 from nats.aio.msg import Msg
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
+from tests.waiting import until
 
 from micboard.collector.services.alerts import AlertRule, AlertService, AlertState
 from micboard.collector.services.history import HistoryService
@@ -48,14 +47,6 @@ def meter_event(device_key: str, *, peak: float, seq: int = 0) -> MeterEvent:
     )
 
 
-async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
 async def test_meters_feed_alerts_latest_wins_and_history_apart(engine: AsyncEngine) -> None:
     alerts = AlertService(engine)
     history = HistoryService(engine)
@@ -73,7 +64,7 @@ async def test_meters_feed_alerts_latest_wins_and_history_apart(engine: AsyncEng
     await meters.start()
     await meters.start()  # idempotent: still one task
     try:
-        await wait_for(lambda: meters.stats.evaluated == 2)
+        await until(lambda: meters.stats.evaluated == 2)
         # Only the latest meter of dev-1 was evaluated: it clips, so the alert is open in the store.
         [alert] = await alerts.list_alerts(states=[AlertState.OPEN])
         assert alert.rule is AlertRule.AUDIO_CLIPPING and alert.device_key == "dev-1" and alert.value == -0.5
@@ -98,9 +89,9 @@ async def test_failed_evaluation_is_counted_and_the_task_goes_on(
     try:
         with caplog.at_level(logging.ERROR, logger="micboard.collector.services.meters"):
             meters.submit(meter_event("dev-1", peak=-0.5))
-            await wait_for(lambda: meters.stats.failed == 1)
+            await until(lambda: meters.stats.failed == 1)
             meters.submit(meter_event("dev-1", peak=-0.5, seq=1))
-            await wait_for(lambda: meters.stats.failed == 2)
+            await until(lambda: meters.stats.failed == 2)
         assert meters.stats.evaluated == 0 and meters.stats.received == 2
         failures = [r for r in caplog.records if r.getMessage() == "meter alert evaluation failed"]
         assert len(failures) == 2 and all("no such table" in traceback_of(r) for r in failures)
@@ -152,8 +143,8 @@ async def test_collectors_share_the_meters_and_record_each_once(
         await watcher.publish(f"micboard.v1.{SITE}.{AGENT}.meter", b"\xc1 not msgpack")
         await watcher.publish(f"micboard.v1.{SITE}.pi-2.meter", encode(meter_event("dev-1", peak=-1.0)))
         await watcher.flush()
-        await wait_for(lambda: sum(s.stats.recorded + s.stats.bad for s in services) == count + 2)
-        await wait_for(lambda: len(seen_by_watcher) == count + 2)
+        await until(lambda: sum(s.stats.recorded + s.stats.bad for s in services) == count + 2)
+        await until(lambda: len(seen_by_watcher) == count + 2)
         # Which member gets a meter is the server's choice (it may favour one for a while); with
         # two plain subscriptions instead of the queue group, the sum here would be twice as much.
         assert sum(s.stats.recorded for s in services) == count
@@ -202,7 +193,7 @@ async def test_a_meter_that_cannot_be_recorded_is_counted_and_the_next_ones_are(
                     f"micboard.v1.{SITE}.{AGENT}.meter", encode(meter_event("dev-1", peak=-20.0, seq=seq))
                 )
             await nc.flush()
-            await wait_for(lambda: calls == 3)
+            await until(lambda: calls == 3)
         assert service.stats.failed == 1 and service.stats.recorded == 2
         assert [r.getMessage() for r in caplog.records] == ["meter not recorded"]
         assert history.pending == 1  # the two later meters folded into one sample

@@ -5,11 +5,10 @@ Sources: the ingest path reports committed events (:meth:`LiveFeed.on_committed`
 NATS on the feed's one subscription: every process shows every meter, and hands each, decoded
 once, to its ``meter_listeners`` (an ingesting process's alert rules, see
 :class:`~micboard.collector.services.meters.MeterService`, which records history from a share of
-its own). The feed reads the
-changed channels from the store once per flush (however many events changed them: a channel
-changed twice between flushes is sent once, as it is now), serializes each message once, and
-hands the same bytes to the clients whose subscription wants it; clients are indexed by scope,
-so a delta costs only its interested clients.
+its own). The feed reads the changed channels from the store once per flush (however many events
+changed them: a channel changed twice between flushes is sent once, as it is now), serializes
+each message once, and hands the same bytes to the clients whose subscription wants it; clients
+are indexed by scope, so a delta costs only its interested clients.
 
 Frames: a client's writer sends everything queued for it at one wake-up as ONE WebSocket frame,
 ``{"type": "batch", "items": [message, ...]}``, whose items are the messages unchanged and in

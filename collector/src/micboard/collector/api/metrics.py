@@ -6,6 +6,7 @@ that need a query (devices by state, open alerts, consumer lag) are read when sc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -185,12 +186,9 @@ class _StateCollector(Collector):
                 "Meters taken by this process's alert rules and history, by outcome",
                 labels=["outcome"],
             )
-            counted.add_metric(["received"], meters.received)
-            counted.add_metric(["recorded"], meters.recorded)
-            counted.add_metric(["bad"], meters.bad)
-            counted.add_metric(["evaluated"], meters.evaluated)
-            counted.add_metric(["superseded"], meters.superseded)
-            counted.add_metric(["failed"], meters.failed)
+            # One outcome per counter of MeterStats, named as its field.
+            for outcome, count in dataclasses.asdict(meters).items():
+                counted.add_metric([outcome], count)
             yield counted
         if ctx.bridge is not None:
             bridge = ctx.bridge.stats
