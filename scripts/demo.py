@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 DEMO_RACK = ("ulxd4q", "ad4d", "ewdx-em2")
 _FAMILIES = {"ulxd4q": "ulxd", "ad4d": "axient", "ewdx-em2": "ewdx"}
+#: The rack's first port: the same ports every run give the receivers the same keys, so a demo
+#: started again over its state directory shows the same receivers, not new ones beside the old.
+RACK_PORT_BASE = 42202
 
 
 def port_is_free(port: int) -> bool:
@@ -40,6 +43,18 @@ def port_is_free(port: int) -> bool:
         return True
 
 
+def rack_ports_free(base: int) -> bool:
+    """Whether each simulator of the rack can listen on ``base`` plus its position (UDP for SSC)."""
+    for position, kind in enumerate(DEMO_RACK):
+        kind_of_socket = socket.SOCK_DGRAM if _FAMILIES[kind] == "ewdx" else socket.SOCK_STREAM
+        with socket.socket(socket.AF_INET, kind_of_socket) as sock:
+            try:
+                sock.bind(("127.0.0.1", base + position))
+            except OSError:
+                return False
+    return True
+
+
 def get_json(url: str, token: str) -> Any:
     """GET ``url`` with the API token and decode its JSON body."""
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})  # noqa: S310
@@ -47,11 +62,12 @@ def get_json(url: str, token: str) -> Any:
         return json.load(response)
 
 
-def start_rack(env: dict[str, str], config: Path) -> subprocess.Popen[bytes]:
-    """Run the simulator rack and write an agent config that lists it by address."""
+def start_rack(env: dict[str, str], config: Path, port_base: int) -> subprocess.Popen[bytes]:
+    """Run the simulator rack (on ``port_base`` + n, or free ports if 0) and list it in an agent config."""
+    ports = ["--port-base", str(port_base)] if port_base else ["--any-port"]
     rack = subprocess.Popen(  # noqa: S603 - our own entry point
         [BIN / "micboard-agent", "simulate", *(a for k in DEMO_RACK for a in ("--device", k)),
-         "--any-port", "--no-announce", "--time-scale", "10"],
+         *ports, "--no-announce", "--time-scale", "10"],
         env=env, stdout=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     assert rack.stdout is not None
@@ -73,13 +89,16 @@ def start_rack(env: dict[str, str], config: Path) -> subprocess.Popen[bytes]:
     return rack
 
 
-def wait_for_device(url: str, token: str, timeout_s: float, expected: int = 1) -> list[dict[str, Any]]:
-    """Poll the device list until the agent's devices show up."""
+def wait_for_device(
+    url: str, token: str, timeout_s: float, expected: int = 1, since_ms: int = 0
+) -> list[dict[str, Any]]:
+    """Poll the device list until ``expected`` devices were reported since ``since_ms``; returns all."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             items: list[dict[str, Any]] = get_json(f"{url}/api/v1/devices", token)["items"]
-            if len(items) >= expected:
+            # Devices of an earlier run are listed at once: wait for this run's agent.
+            if sum(item["updated_ms"] >= since_ms for item in items) >= expected:
                 return items
         except (urllib.error.URLError, OSError, KeyError, ValueError):
             pass
@@ -92,8 +111,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=8080, help="HTTP port (a free one if taken)")
     parser.add_argument("--state-dir", type=Path, default=ROOT / "state" / "demo")
+    parser.add_argument(
+        "--rack-port-base",
+        type=int,
+        default=RACK_PORT_BASE,
+        help="the simulators listen on this port + n (0: any free ports)",
+    )
     parser.add_argument("--check", action="store_true", help="exit once the device is listed")
     args = parser.parse_args()
+    rack_base = args.rack_port_base
+    if rack_base and not rack_ports_free(rack_base):
+        print(
+            f"demo: ports {rack_base}-{rack_base + len(DEMO_RACK) - 1} are taken; the simulators "
+            "take free ports, so the collector sees their receivers as new ones",
+            flush=True,
+        )
+        rack_base = 0
 
     port = args.port if args.port and port_is_free(args.port) else free_port()
     args.state_dir.mkdir(parents=True, exist_ok=True)
@@ -114,12 +147,13 @@ def main() -> int:
         or "mbt_" + secrets.token_urlsafe(32),
     }
     children: list[subprocess.Popen[bytes]] = []
+    started_ms = time.time_ns() // 1_000_000
     try:
         children.append(
             subprocess.Popen([BIN / "micboard-collector", "run"], env=env, start_new_session=True)  # noqa: S603
         )
         config = args.state_dir / "demo-agent.toml"
-        children.append(start_rack(env, config))
+        children.append(start_rack(env, config, rack_base))
         children.append(
             subprocess.Popen(  # noqa: S603
                 [BIN / "micboard-agent", "run", "--config", config], env=env, start_new_session=True
@@ -127,7 +161,7 @@ def main() -> int:
         )
         url = f"http://127.0.0.1:{port}"
         token = env["MICBOARD_BOOTSTRAP_TOKEN"]
-        items = wait_for_device(url, token, timeout_s=30, expected=len(DEMO_RACK))
+        items = wait_for_device(url, token, timeout_s=30, expected=len(DEMO_RACK), since_ms=started_ms)
         print(
             f"\nmicboard demo is running: open {url}/ "
             f"({len(items)} device(s) listed). Ctrl-C stops it.\n"

@@ -53,6 +53,8 @@ def test_simulate_refuses_unknown_kinds_and_unusable_addresses(capsys: pytest.Ca
     # TEST-NET-1 is no address of this host: nothing can listen there.
     assert cli.main(["simulate", "--device", "ulxd4", "--listen", "192.0.2.1", "--no-announce"]) == 1
     assert "cannot listen on 192.0.2.1" in capsys.readouterr().err
+    assert cli.main(["simulate", "--device", "ulxd4", "--device", "ad4d", "--port-base", "65535"]) == 2
+    assert "port base 65535 leaves no room for 2 simulator(s)" in capsys.readouterr().err
 
 
 def test_run_with_an_invalid_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

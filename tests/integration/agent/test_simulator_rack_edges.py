@@ -7,6 +7,7 @@ import secrets
 import pytest
 
 from micboard.agent.simulate import SimulatorRack, rack_kinds
+from micboard.shared.natsd import free_port
 
 
 def test_unknown_kinds_are_refused_by_name() -> None:
@@ -58,3 +59,17 @@ async def test_slp_announced_rack_describes_itself_and_starts_once() -> None:
     finally:
         await rack.stop()
     assert rack.slots == [] and rack._slp == [] and rack._mdns is None
+
+
+async def test_a_port_base_puts_each_simulator_at_base_plus_its_position_every_time() -> None:
+    base = free_port()
+    for _ in range(2):  # started again: the same addresses
+        rack = SimulatorRack(["ulxd4", "ewdx-em2", "ad4d"], activity=0.0, announce=False, port_base=base)
+        await rack.start()
+        try:
+            assert [s.port for s in rack.simulators] == [base, base + 1, base + 2]
+            assert "listening on udp 127.0.0.1:" + str(base + 1) in rack.describe()[1]
+        finally:
+            await rack.stop()
+    with pytest.raises(ValueError, match="port base 65535 leaves no room for 2 simulator"):
+        SimulatorRack(["ulxd4", "ad4d"], port_base=65535)

@@ -234,6 +234,72 @@ async def test_stale_agent_opens_and_clears_agent_stale_and_tells_live_views(
         await collector.stop()
 
 
+async def test_a_device_the_restarted_agent_no_longer_reports_goes_offline_with_its_alert(
+    nats_private: EmbeddedNats, db_url: str, tmp_path: Path
+) -> None:
+    settings = CollectorSettings(
+        nats_url=nats_private.url,
+        database_url=db_url,
+        auto_migrate="always",
+        http_port=0,
+        state_dir=tmp_path / "collector",
+        fetch_timeout_s=0.1,
+        bootstrap_token=TOKEN,
+        stale_check_interval_s=0.1,
+        unreported_device_after_s=1.0,
+    )
+    collector = Collector(settings)
+    running = await collector.start()
+    nc = await nats.connect(nats_private.url)
+    kept = receiver().model_copy(update={"device_key": "rx-kept"})
+    try:
+        async with aiohttp.ClientSession() as http:
+            rig = Rig(collector, running.url, nc, JetStreamPublisher(nc), EnvelopeFactory(SITE, AGENT), http)
+            await rig.publish(HelloBody(version="1"))
+            await rig.publish(DeviceBody(device_key=KEY, snapshot=receiver()))
+            await rig.publish(DeviceBody(device_key="rx-kept", snapshot=kept))
+            await eventually(lambda: _count_online(rig, 2), "both devices online")
+            ws = await http.ws_connect(f"{running.url}/api/v1/live")
+            await ws.send_json({"type": "auth", "token": TOKEN})
+            await ws.send_json({"type": "subscribe", "scope": "site", "site": SITE})
+            assert (await next_message(ws))["type"] == "snapshot"
+            # The agent restarts (a new boot) and reports only the receiver it still has.
+            rig.factory = EnvelopeFactory(SITE, AGENT)
+            await rig.publish(HelloBody(version="1"))
+            await rig.publish(DeviceBody(device_key="rx-kept", snapshot=kept))
+            started = time.monotonic()
+            # The tiles and the alert, told live (in either order).
+            opened: dict[str, Any] = {}
+            tiles: dict[int, str] = {}
+            deadline = started + 10
+            while not opened or len(tiles) < 2:
+                data = await next_message(ws, deadline - time.monotonic())
+                item = data.get("item") or {}
+                if data["type"] == "alert" and item["rule"] == "device_offline":
+                    opened = item
+                elif data["type"] == "channel" and item["device_key"] == KEY and item["status"] == "offline":
+                    tiles[item["index"]] = item["status"]
+            assert opened["device_key"] == KEY and opened["state"] == "open"
+            # Not before the grace: the agent had a second to report it.
+            assert time.monotonic() - started > 0.5
+            statuses = {d["device_key"]: d["status"] for d in await _devices(rig)}
+            assert statuses == {KEY: "offline", "rx-kept": "online"}
+            # Reported again: online, and the alert resolves.
+            await rig.publish(DeviceBody(device_key=KEY, snapshot=receiver()))
+            resolved = await next_alert(ws, "device_offline", "resolved")
+            assert resolved["id"] == opened["id"]
+            await eventually(lambda: _count_online(rig, 2), "the device back online")
+            await ws.close()
+    finally:
+        await nc.close()
+        await collector.stop()
+
+
+async def _count_online(rig: Rig, count: int) -> bool:
+    online = [d for d in await _devices(rig) if d["status"] == "online"]
+    return len(online) == count
+
+
 async def _channel_statuses(ws: aiohttp.ClientWebSocketResponse, status: str) -> dict[int, str]:
     seen: dict[int, str] = {}
     deadline = time.monotonic() + 10

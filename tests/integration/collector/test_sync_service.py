@@ -281,3 +281,71 @@ async def test_channel_deltas_keep_the_descriptive_columns_and_device_deltas_mov
         "offline",
         "offline",
     )
+
+
+async def test_devices_a_restarted_agent_no_longer_reports_go_offline_after_the_grace(
+    engine: AsyncEngine,
+) -> None:
+    service = SynchronizationService()
+    other = device().model_copy(update={"device_key": "dev-2"})
+    for event in (
+        HelloEvent(**envelope(1, ts=1_000), body=HelloBody(version="1")),
+        DeviceEvent(**envelope(2, ts=1_001), body=DeviceBody(device_key="dev-1", snapshot=device())),
+        DeviceEvent(**envelope(3, ts=1_002), body=DeviceBody(device_key="dev-2", snapshot=other)),
+    ):
+        assert await apply(engine, event) is ApplyOutcome.APPLIED
+    now = time.time_ns() // 1_000_000
+    async with engine.begin() as conn:
+        # Both were reported since the agent's (only) start: nothing to do, however late.
+        assert await service.mark_unreported(conn, now + 3_600_000, 300_000) == []
+    # The agent restarts and reports dev-1 only (dev-2 was taken out of its configuration).
+    assert await apply(engine, HelloEvent(**envelope(1, boot="b2", ts=5_000), body=HelloBody(version="1")))
+    restarted = time.time_ns() // 1_000_000
+    assert (
+        await apply(
+            engine,
+            DeviceEvent(
+                **envelope(2, boot="b2", ts=5_001), body=DeviceBody(device_key="dev-1", snapshot=device())
+            ),
+        )
+        is ApplyOutcome.APPLIED
+    )
+    # A hello of the first boot applied late does not move the start back.
+    assert (
+        await apply(engine, HelloEvent(**envelope(9, ts=1_500), body=HelloBody(version="0")))
+        is ApplyOutcome.APPLIED
+    )
+    async with engine.connect() as conn:
+        started = (await conn.execute(select(agents.c.started_ms, agents.c.version))).one()
+    assert tuple(started) == (5_000, "1")
+    async with engine.begin() as conn:
+        assert await service.mark_unreported(conn, restarted + 299_000, 300_000) == []
+    assert await _statuses(engine) == {"agent": "online", "dev-1": "online", "dev-2": "online"}
+    async with engine.begin() as conn:
+        marked = await service.mark_unreported(conn, restarted + 301_000, 300_000)
+    assert [(d.site, d.agent, d.device_key) for d in marked] == [("venue", "pi-1", "dev-2")]
+    assert await _statuses(engine) == {"agent": "online", "dev-1": "online", "dev-2": "offline"}
+    async with engine.begin() as conn:
+        assert await service.mark_unreported(conn, restarted + 400_000, 300_000) == []
+    # Reported again (plugged back in): online, and a service that kept the old state reads it again.
+    back = DeviceEvent(
+        **envelope(3, boot="b2", ts=5_100), body=DeviceBody(device_key="dev-2", snapshot=other)
+    )
+    async with engine.begin() as conn:
+        assert (await service.apply(conn, back)).outcome is ApplyOutcome.APPLIED
+    assert await _statuses(engine) == {"agent": "online", "dev-1": "online", "dev-2": "online"}
+
+
+async def test_an_agent_never_heard_starting_leaves_its_devices_alone(engine: AsyncEngine) -> None:
+    # Heartbeats and snapshots only (its hello came before this database, or was lost to
+    # retention): without a start to compare with, nothing is marked.
+    for event in (
+        HeartbeatEvent(**envelope(1), body=HeartbeatBody(uptime_s=1.0)),
+        DeviceEvent(**envelope(2), body=DeviceBody(device_key="dev-1", snapshot=device())),
+    ):
+        assert await apply(engine, event) is ApplyOutcome.APPLIED
+    async with engine.begin() as conn:
+        assert (
+            await SynchronizationService().mark_unreported(conn, time.time_ns() // 1_000_000 + 10**9, 1) == []
+        )
+    assert await _statuses(engine) == {"agent": "online", "dev-1": "online"}

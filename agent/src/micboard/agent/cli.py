@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument(
         "--any-port", action="store_true", help="let every simulator take a free port instead of 2202 + n"
     )
+    simulate.add_argument(
+        "--port-base",
+        type=int,
+        metavar="PORT",
+        help="simulator n (from 0, in --device order) listens on PORT + n, whatever its vendor",
+    )
     return parser
 
 
@@ -288,20 +294,20 @@ async def _check(args: argparse.Namespace) -> int:
 async def _simulate(args: argparse.Namespace) -> int:
     configure_logging("WARNING")
     try:
-        kinds = rack_kinds(args.device)
+        rack = SimulatorRack(
+            rack_kinds(args.device),
+            host=args.listen,
+            seed=args.seed,
+            time_scale=args.time_scale,
+            activity=args.activity,
+            announce=not args.no_announce,
+            slp=not args.no_slp,
+            fixed_ports=not args.any_port,
+            port_base=args.port_base,
+        )
     except ValueError as exc:
         _out(f"micboard-agent simulate: {exc}", err=True)
         return 2
-    rack = SimulatorRack(
-        kinds,
-        host=args.listen,
-        seed=args.seed,
-        time_scale=args.time_scale,
-        activity=args.activity,
-        announce=not args.no_announce,
-        slp=not args.no_slp,
-        fixed_ports=not args.any_port,
-    )
     stop = asyncio.Event()
     _stop_on_signals(stop)
     try:

@@ -3,7 +3,9 @@
 Used by ``micboard-agent simulate``, the demo, the tests and the bench. Ports follow the
 hardware: Shure receivers listen on 2202 + their index in the rack; Sennheiser's SSC port 45
 needs root, so without root each Sennheiser simulator takes a free port instead (printed by
-:meth:`SimulatorRack.describe`). With ``fixed_ports=False`` every simulator takes a free port.
+:meth:`SimulatorRack.describe`). With ``fixed_ports=False`` every simulator takes a free port;
+with ``port_base`` each takes ``port_base`` plus its position in the rack (TCP for Shure, UDP
+for Sennheiser), so that a rack started again is found at the same addresses.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class SimulatorRack:
         fixed_ports: bool = True,
         service_types: Mapping[str, str] | None = None,
         slp_interval_s: float = 5.0,
+        port_base: int | None = None,
     ) -> None:
         self.kinds = list(kinds)
         unknown = [k for k in self.kinds if k not in SIMULATOR_KINDS]
@@ -92,6 +95,9 @@ class SimulatorRack:
         self.announce = announce
         self.slp = slp
         self.fixed_ports = fixed_ports
+        if port_base is not None and not 1 <= port_base <= 65535 - len(self.kinds) + 1:
+            raise ValueError(f"port base {port_base} leaves no room for {len(self.kinds)} simulator(s)")
+        self.port_base = port_base
         self.service_types = dict(service_types or {})
         self.slp_interval_s = slp_interval_s
         self.slots: list[RackSlot] = []
@@ -111,6 +117,8 @@ class SimulatorRack:
             simulator: ReceiverSimulator
             if kind in SHURE_SIMULATOR_KINDS:
                 port = SHURE_PORT + shure_index if self.fixed_ports else 0
+                if self.port_base is not None:
+                    port = self.port_base + position
                 simulator = ShureSimulator(
                     kind, index=shure_index, host=self.host, port=port, seed=seed,
                     time_scale=self.time_scale, activity=self.activity,
@@ -118,6 +126,8 @@ class SimulatorRack:
                 shure_index += 1
             else:
                 port = SSC_PORT + ssc_index if self.fixed_ports and _is_root() else 0
+                if self.port_base is not None:
+                    port = self.port_base + position
                 simulator = SscSimulator(
                     kind, host=self.host, port=port, seed=seed, time_scale=self.time_scale
                 )

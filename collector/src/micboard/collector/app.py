@@ -22,7 +22,7 @@ from micboard.collector.live import LiveHub
 from micboard.collector.live_bridge import LiveBridge
 from micboard.collector.runtime import pause, tune_gc
 from micboard.collector.security.natsauth import collector_connect_options
-from micboard.collector.services.alerts import AlertService, AlertThresholds
+from micboard.collector.services.alerts import AlertChange, AlertService, AlertThresholds, DeviceTransition
 from micboard.collector.services.commands import CommandService
 from micboard.collector.services.devices import DeviceService
 from micboard.collector.services.history import HistoryService
@@ -199,27 +199,35 @@ class Collector:
         return ingest
 
     async def _mark_stale_agents(self, ingest: IngestConsumer) -> None:
-        """Every ``stale_check_interval_s``: agents silent for 3 heartbeat intervals become stale.
+        """Every ``stale_check_interval_s``: silent agents and devices their agent no longer reports.
 
-        Their ``agent_stale`` alerts open in the same transaction, and live views are told of
-        the devices whose shown status changed.
+        Agents silent for 3 heartbeat intervals become stale, and devices a restarted agent has
+        not reported within ``unreported_device_after_s`` offline. Their alerts (``agent_stale``,
+        ``device_offline``) open in the same transaction, and live views are told of the devices
+        whose shown status changed.
         """
+        grace_ms = int(self.settings.unreported_device_after_s * 1000)
         while await pause(self._quit, self.settings.stale_check_interval_s):
             now = time.time_ns() // 1_000_000
+            changes: list[AlertChange] = []
             try:
                 async with write_turn(ingest.engine), ingest.engine.begin() as conn:
                     stale = await ingest.sync.mark_stale(conn, now)
-                    changes = (
-                        await self.alerts.agents_changed(conn, stale=stale.agents, now_ms=now)
-                        if self.alerts is not None and stale.agents
-                        else []
-                    )
+                    unreported = await ingest.sync.mark_unreported(conn, now, grace_ms)
+                    if self.alerts is not None and stale.agents:
+                        changes += await self.alerts.agents_changed(conn, stale=stale.agents, now_ms=now)
+                    if self.alerts is not None and unreported:
+                        offline = [
+                            DeviceTransition(d.site, d.agent, d.device_key, None, None, "online", "offline")
+                            for d in unreported
+                        ]
+                        changes += await self.alerts.evaluate_devices(conn, offline, now_ms=now)
             except (SQLAlchemyError, OSError) as exc:
                 log.warning("stale check failed; retrying next interval", extra={"error": str(exc)})
                 continue
             if self.alerts is not None:
                 self.alerts.notify(changes)
-            publish_committed(self.hub, (), stale.devices)
+            publish_committed(self.hub, (), [*stale.devices, *unreported])
 
     async def _prune_dedup(self, ingest: IngestConsumer) -> None:
         """Every ``dedup_prune_interval_s``: drop dedup records past ``dedup_retention_s``."""

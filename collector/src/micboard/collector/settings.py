@@ -43,6 +43,12 @@ class CollectorSettings(MicboardSettings):
     stale_check_interval_s: float = Field(
         default=5.0, gt=0, description="how often agents silent for 3 heartbeat intervals are marked stale"
     )
+    unreported_device_after_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="a device its agent has not reported this long after the agent restarted is set "
+        "offline (no longer watched: removed from the agent's configuration or no longer discovered)",
+    )
     dedup_retention_s: float = Field(
         default=8 * 24 * 3600,
         gt=0,

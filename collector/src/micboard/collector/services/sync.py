@@ -26,7 +26,7 @@ from enum import StrEnum
 from typing import Any
 
 import orjson
-from sqlalchemy import Table, bindparam, delete, or_, select, update
+from sqlalchemy import Table, bindparam, case, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -228,6 +228,18 @@ def _agent_changed(ins: Any, columns: tuple[str, ...]) -> Any:
     if "version" in columns or "last_heartbeat_ms" in columns:
         return None  # hello or heartbeat: always written
     return changed
+
+
+_HELLO_COLUMNS = ("version", "hostname", "started_ms", "started_seen_ms")
+
+
+def _agent_column(ins: Any, column: str) -> Any:
+    if column in _HELLO_COLUMNS:
+        # The newest hello wins: one of an earlier boot applied late (two collectors, a drained
+        # outbox) must not make devices reported since look unreported, nor the agent older.
+        newer = or_(agents.c.started_ms.is_(None), ins.excluded.started_ms >= agents.c.started_ms)
+        return case((newer, ins.excluded[column]), else_=agents.c[column])
+    return ins.excluded[column]
 
 
 def _json_text(value: Any) -> str:
@@ -549,7 +561,13 @@ class SynchronizationService:
             elif event.ts >= upd.ts:
                 upd.site, upd.boot, upd.ts = event.site, event.boot, event.ts
             if isinstance(event, HelloEvent):
-                upd.values.update(version=event.body.version, hostname=event.body.hostname)
+                if event.ts >= upd.values.get("started_ms", -1):  # the newest hello of the batch
+                    upd.values.update(
+                        version=event.body.version,
+                        hostname=event.body.hostname,
+                        started_ms=event.ts,
+                        started_seen_ms=now,
+                    )
             elif isinstance(event, HeartbeatEvent):
                 upd.values.update(
                     last_heartbeat_ms=now,
@@ -621,7 +639,7 @@ class SynchronizationService:
                 "agents:" + ",".join(columns),
                 lambda ins, columns=columns: ins.on_conflict_do_update(  # type: ignore[misc]
                     index_elements=[agents.c.agent],
-                    set_={c: ins.excluded[c] for c in columns if c != "agent"},
+                    set_={c: _agent_column(ins, c) for c in columns if c != "agent"},
                     where=_agent_changed(ins, columns),
                 ),
                 agents,
@@ -945,6 +963,47 @@ class SynchronizationService:
         """
         result = await conn.execute(delete(applied_events).where(applied_events.c.applied_ms < older_than_ms))
         return int(result.rowcount or 0)
+
+    async def mark_unreported(self, conn: AsyncConnection, now_ms: int, grace_ms: int) -> list[DeviceRef]:
+        """Set offline the devices an agent has not reported since it last started; returns them.
+
+        A restarted agent reports every device it still watches at once (a snapshot, or
+        ``offline`` when it cannot reach one). A device it has said nothing of ``grace_ms`` after
+        its newest hello was applied (its last event older than that hello) is no longer watched,
+        removed from the agent's configuration or no longer discovered: shown online, its last
+        battery would be a lie. Its next event brings it back as usual.
+        """
+        started = (
+            select(agents.c.agent)
+            .where(
+                agents.c.agent == devices.c.agent,
+                agents.c.started_seen_ms <= now_ms - grace_ms,
+                devices.c.last_ts < agents.c.started_ms,
+            )
+            .exists()
+        )
+        rows = (
+            await conn.execute(
+                update(devices)
+                .where(devices.c.reported_status == "online", started)
+                # A new revision: every collector's copy of the device is read again.
+                .values(
+                    status="offline",
+                    reported_status="offline",
+                    revision=devices.c.revision + 1,
+                    updated_ms=now_ms,
+                )
+                .returning(devices.c.site, devices.c.agent, devices.c.device_key)
+            )
+        ).all()
+        rows = sorted(rows, key=lambda r: (r.agent, r.device_key))
+        found = [DeviceRef(r.site, r.agent, r.device_key) for r in rows]
+        if found:
+            log.warning(
+                "devices not reported since their agent restarted are offline",
+                extra={"devices": ",".join(f"{d.agent}/{d.device_key}" for d in found)[:2000]},
+            )
+        return found
 
     async def mark_stale_agents(self, conn: AsyncConnection, now_ms: int) -> list[str]:
         """Mark agents silent for :data:`STALE_AFTER_INTERVALS` heartbeat intervals, and their devices, stale.

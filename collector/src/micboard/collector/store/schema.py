@@ -50,6 +50,11 @@ agents = Table(
     Column("last_seen_ms", BigInteger, nullable=False),
     Column("outbox_depth", Integer, nullable=False, default=0),
     Column("dropped", BigInteger, nullable=False, default=0),
+    # The newest hello: its timestamp (the agent's clock) and when it was applied (ours). A device
+    # the agent has not reported since (its last event older than the hello) is no longer
+    # watched by it; see SynchronizationService.mark_unreported.
+    Column("started_ms", BigInteger),
+    Column("started_seen_ms", BigInteger),
 )
 
 devices = Table(
