@@ -182,7 +182,7 @@ async def start_fleet(
         daemon = AgentDaemon(settings)
         await daemon.start()
         fleet = LiveFleet(running.url, nats, SITE, AGENT, collector, daemon, sims)
-        for role in ("viewer", "operator"):
+        for role in ("viewer", "operator", "admin"):
             fleet.tokens[role] = await _create_token(collector, role)
         return fleet
     except BaseException:

@@ -194,6 +194,40 @@ async def test_rename_from_the_tile_reaches_the_receiver(fleet: LiveFleet, brows
     await browser_page.shot("renamed")
 
 
+async def test_an_admin_forgets_a_receiver_that_went_offline(
+    fleet: LiveFleet, browser_page: BrowserPage
+) -> None:
+    await sign_in(browser_page, fleet, role="admin")
+    await open_site(browser_page, fleet)
+    page = browser_page.page
+    tile = page.locator(TILE.format(index=1))
+    await tile.hover()
+    # Reported online: nothing to forget (the agent would report it again).
+    assert not await tile.locator("button[data-act='forget']").is_visible()
+    await fleet.simulators[0].stop()  # unplugged: the agent reports it offline within its timeout
+    await page.wait_for_function(
+        "() => [...document.querySelectorAll('#tiles .tile')].every(t => t.dataset.status === 'offline')",
+        timeout=15_000,
+    )
+    await tile.hover()
+    forget = tile.locator("button[data-act='forget']")
+    await forget.wait_for(state="visible")
+    await browser_page.shot("offline-forget")
+    dialogs: list[str] = []
+
+    async def accept(dialog: Any) -> None:
+        dialogs.append(dialog.message)
+        await dialog.accept()
+
+    page.on("dialog", accept)
+    await forget.click()
+    await page.wait_for_function("() => document.querySelectorAll('#tiles .tile').length === 0", timeout=5000)
+    assert dialogs and "Forget" in dialogs[0]
+    status, body = await fleet.api("GET", f"/devices?site={fleet.site}")
+    assert status == 200 and body["items"] == []
+    await browser_page.shot("forgotten")
+
+
 async def test_live_updates_keep_the_elements_a_click_lands_on(
     fleet: LiveFleet, browser_page: BrowserPage
 ) -> None:

@@ -318,3 +318,58 @@ async def _devices(rig: Rig) -> list[dict[str, Any]]:
 async def _when(points: Awaitable[list[dict[str, Any]]], ok: Callable[[list[dict[str, Any]]], bool]) -> Any:
     found = await points
     return found if ok(found) else None
+
+
+async def test_an_admin_forgets_an_offline_receiver_and_live_views_drop_its_tiles(rig: Rig) -> None:
+    await rig.publish(HelloBody(version="1.0"))
+    await rig.publish(DeviceBody(device_key=KEY, snapshot=receiver()))
+    await rig.publish(DeviceBody(device_key=KEY, changes=battery(2, 20)))
+    low = await eventually(lambda: rig.alert("open", "battery_low"), "the battery alert")
+    [device] = await _devices(rig)
+    device_id = device["id"]
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    async with rig.http.post(
+        f"{rig.url}/api/v1/tokens", json={"name": "desk", "role": "operator"}, headers=admin
+    ) as response:
+        assert response.status == 201, await response.text()
+        operator = {"Authorization": f"Bearer {(await response.json())['token']}"}
+
+    async def forget(headers: dict[str, str], target: int = device_id) -> tuple[int, dict[str, Any]]:
+        async with rig.http.delete(f"{rig.url}/api/v1/devices/{target}", headers=headers) as response:
+            return response.status, (await response.json() if response.status != 204 else {})
+
+    # Reported online: its agent would bring it back, so it is refused with the reason.
+    status, problem = await forget(admin)
+    assert (status, problem["code"]) == (409, "device.still_reported")
+    assert "online" in problem["detail"] and KEY in problem["detail"]
+    assert (await forget(operator))[0] == 403
+    assert (await forget(admin, 999_999))[0] == 404
+
+    ws = await rig.http.ws_connect(f"{rig.url}/api/v1/live")
+    await ws.send_json({"type": "auth", "token": TOKEN})
+    await ws.send_json({"type": "subscribe", "scope": "site", "site": SITE})
+    assert (await next_message(ws))["type"] == "snapshot"
+    await rig.publish(OfflineBody(device_key=KEY))
+    await next_alert(ws, "device_offline", "open")
+    assert (await forget(admin))[0] == 204
+    removed: dict[str, Any] = {}
+    resolved: set[str] = set()
+    deadline = time.monotonic() + 10
+    while not removed or resolved != {"battery_low", "battery_critical", "device_offline"}:
+        data = await next_message(ws, deadline - time.monotonic())
+        if data["type"] == "device_removed":
+            removed = data["item"]
+        elif data["type"] == "alert" and data["item"]["state"] == "resolved":
+            resolved.add(data["item"]["rule"])
+    assert removed == {"site": SITE, "agent": AGENT, "device_key": KEY, "device_id": device_id}
+    assert await _devices(rig) == []
+    assert (await rig.get(f"/channels?site={SITE}"))["items"] == []
+    gone = await rig.get(f"/alerts?state=resolved&site={SITE}")
+    assert {a["id"] for a in gone["items"]} >= {low["id"]}
+    assert {a["resolved_by"] for a in gone["items"]} == {"bootstrap"}
+    assert (await forget(admin))[0] == 404  # forgotten once
+    # Reported again (put back on the network): a receiver like any new one.
+    await rig.publish(DeviceBody(device_key=KEY, snapshot=receiver()))
+    back = await eventually(lambda: _devices(rig), "the receiver reported again")
+    assert back[0]["status"] == "online"
+    await ws.close()

@@ -13,6 +13,7 @@ class CollectorErrorCode(StrEnum):
     ALERT_NOT_FOUND = "alert.not_found"
     ALERT_INVALID_TRANSITION = "alert.invalid_transition"
     DEVICE_NOT_FOUND = "device.not_found"
+    DEVICE_STILL_REPORTED = "device.still_reported"
     CHANNEL_NOT_FOUND = "device.channel_not_found"
     COMMAND_INVALID = "command.invalid"
     COMMAND_UNAVAILABLE = "command.unavailable"
@@ -63,6 +64,26 @@ class DeviceNotFoundError(CollectorError):
     def __init__(self, agent: str, device_key: str) -> None:
         super().__init__(
             CollectorErrorCode.DEVICE_NOT_FOUND, f"no device {device_key!r} is known on agent {agent!r}"
+        )
+
+
+class DeviceIdNotFoundError(CollectorError):
+    """No device has the given id."""
+
+    def __init__(self, device_id: int) -> None:
+        super().__init__(CollectorErrorCode.DEVICE_NOT_FOUND, f"device {device_id} does not exist")
+        self.device_id = device_id
+
+
+class DeviceStillReportedError(CollectorError):
+    """A device its agent reports online cannot be forgotten: the agent's next snapshot brings it back."""
+
+    def __init__(self, device_id: int, device_key: str, agent: str) -> None:
+        super().__init__(
+            CollectorErrorCode.DEVICE_STILL_REPORTED,
+            f"device {device_id} ({device_key} on agent {agent}) is online: its agent would report it "
+            "again within a minute. Take it out of the agent's configuration (or off the network) "
+            "first; once it shows offline it can be forgotten",
         )
 
 

@@ -158,6 +158,8 @@ def create_app(
         live=live,
         bridge=bridge,
         meters=meters,
+        devices=device_service,
+        hub=hub,
     )
     metrics.context = ctx
     app = web.Application(middlewares=[error_middleware(metrics.observe)], client_max_size=1024**2)

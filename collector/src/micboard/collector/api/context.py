@@ -18,9 +18,11 @@ if TYPE_CHECKING:
     from micboard.collector.api.live_ws import LiveFeed
     from micboard.collector.api.metrics import ApiMetrics
     from micboard.collector.ingest import IngestConsumer
+    from micboard.collector.live import LiveHub
     from micboard.collector.live_bridge import LiveBridge
     from micboard.collector.services.alerts import AlertService
     from micboard.collector.services.commands import CommandService
+    from micboard.collector.services.devices import DeviceService
     from micboard.collector.services.history import HistoryService
     from micboard.collector.services.meters import MeterService
 
@@ -44,6 +46,8 @@ class ApiContext:
     live: LiveFeed | None = None
     bridge: LiveBridge | None = None
     meters: MeterService | None = None
+    devices: DeviceService | None = None
+    hub: LiveHub | None = None
 
 
 CONTEXT: web.AppKey[ApiContext] = web.AppKey("api_context", ApiContext)

@@ -87,6 +87,7 @@ _COLLECTOR_STATUS: dict[str, int] = {
     CollectorErrorCode.CHANNEL_NOT_FOUND: 404,
     CollectorErrorCode.WEBHOOK_NOT_FOUND: 404,
     CollectorErrorCode.ALERT_INVALID_TRANSITION: 409,
+    CollectorErrorCode.DEVICE_STILL_REPORTED: 409,
 }
 
 

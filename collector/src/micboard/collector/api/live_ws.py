@@ -269,6 +269,15 @@ class _Pending:
     committed: dict[tuple[str, str], tuple[DeviceChange, set[int]]] = field(default_factory=dict)
     channels: set[tuple[str, str, int]] = field(default_factory=set)
     sites: set[str] = field(default_factory=set)
+    # Devices forgotten (deleted) since the last flush, by key, with the site they were in.
+    removed: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def device_removed(self, key: tuple[str, str], site: str) -> None:
+        """Note a device deleted from the store: what was noted of it before is void."""
+        self.devices.discard(key)
+        self.committed.pop(key, None)
+        self.channels = {c for c in self.channels if (c[0], c[1]) != key}
+        self.removed[key] = site
 
     def device_changed(self, key: tuple[str, str], indexes: object, change: object = None) -> None:
         """Note a device change; ``indexes`` lists the only channels it touched, if known, and
@@ -472,6 +481,11 @@ class LiveFeed:
         agent, device_key = message.data.get("agent"), message.data.get("device_key")
         if isinstance(agent, str) and isinstance(device_key, str):
             data = message.data
+            if data.get("kind") == "removed":
+                self._pending.device_removed((agent, device_key), message.site)
+                self._pending.sites.add(message.site)
+                self._wake.set()
+                return
             self._pending.device_changed((agent, device_key), data.get("channels"), data.get("change"))
             if data.get("summary") is not False:
                 # Its site's counts may have moved (the periodic site refresh catches the rest).
@@ -531,9 +545,14 @@ class LiveFeed:
                 # Nobody to tell; forget the caches so that the next subscriber starts clean.
                 self._channel_cache.clear()
                 self._site_cache.clear()
+                for key in pending.removed:
+                    self._keys.pop(key, None)
                 await self._learn_keys(pending.keys())
                 return
             with self._bursting():
+                # Removals first: a device reported again after being forgotten follows them.
+                for key, site in pending.removed.items():
+                    self._send_removed(key, site)
                 changed = pending.keys()
                 items: list[dict[str, Any]] = []
                 if pending.devices:
@@ -554,6 +573,17 @@ class LiveFeed:
                     await self._learn_keys(changed - {(i["agent"], i["device_key"]) for i in items})
                 if pending.sites:
                     await self._send_sites(only=pending.sites)
+
+    def _send_removed(self, key: tuple[str, str], site: str) -> None:
+        known = self._keys.pop(key, None)
+        device_id = known[0] if known is not None else None
+        if device_id is not None:
+            for cached in [k for k in self._channel_cache if k[0] == device_id]:
+                del self._channel_cache[cached]
+        audience = self._audience(site)
+        if audience:
+            item = {"site": site, "agent": key[0], "device_key": key[1], "device_id": device_id}
+            self._deliver(_message("device_removed", item), audience)
 
     async def _learn_keys(self, keys: set[tuple[str, str]]) -> None:
         if keys:

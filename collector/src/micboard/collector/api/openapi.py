@@ -111,6 +111,8 @@ def build_openapi(routes: list[Route], *, server_url: str | None = None) -> dict
             responses["415"] = _problem("the body is not JSON")
         if route.tag == "alerts" and route.method == "POST":
             responses["409"] = _problem("the alert's state does not allow this")
+        if route.method == "DELETE" and route.path == "/api/v1/devices/{id}":
+            responses["409"] = _problem("its agent still reports the receiver online")
         responses["503"] = _problem("a service this needs is not available")
         operation["responses"] = responses
         paths.setdefault(route.path, {})[route.method.lower()] = operation

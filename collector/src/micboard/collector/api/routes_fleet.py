@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from micboard.collector.api.auth import Role
 from micboard.collector.api.context import context_of
-from micboard.collector.api.errors import ApiError
+from micboard.collector.api.errors import ApiError, ApiErrorCode
 from micboard.collector.api.models import (
     AgentPage,
     AgentQuery,
@@ -101,6 +101,29 @@ async def get_device(call: Call[NoQuery, NoBody]) -> DeviceDetail:
     if item is None:
         raise ApiError(404, CollectorErrorCode.DEVICE_NOT_FOUND, f"device {device_id} does not exist")
     return DeviceDetail.model_validate(item)
+
+
+@routes.route(
+    "DELETE",
+    "/api/v1/devices/{id}",
+    summary="Forget a receiver that is no longer watched",
+    role=Role.ADMIN,
+    query=NoQuery,
+    body=NoBody,
+    response=None,
+    status=204,
+)
+async def forget_device(call: Call[NoQuery, NoBody]) -> None:
+    """Remove an offline or stale receiver and resolve its alerts; 409 if its agent reports it online."""
+    ctx = context_of(call.app)
+    if ctx.devices is None:
+        raise ApiError(503, ApiErrorCode.SERVICE_UNAVAILABLE, "devices cannot be changed in this process")
+    gone = await ctx.devices.forget(call.path["id"], by=call.actor, alerts=ctx.alerts)
+    if ctx.alerts is not None:
+        ctx.alerts.notify(gone.alerts)
+    if ctx.hub is not None:
+        # Live views drop its tiles (in every collector process, through the live bridge).
+        ctx.hub.publish_device(gone.site, gone.agent, gone.device_key, {"kind": "removed"})
 
 
 @routes.route(

@@ -1134,6 +1134,41 @@ class AlertService:
         self.notify([AlertChange(ChangeKind.RESOLVED, alert)])
         return alert
 
+    async def resolve_device(
+        self, conn: AsyncConnection, agent: str, device_key: str, by: str, *, now_ms: int | None = None
+    ) -> list[AlertChange]:
+        """Resolve every alert in force on a device being forgotten, in the caller's transaction.
+
+        Hand the result to :meth:`notify` after commit. What the rules remember of the device in
+        memory goes too: a device of that key reported later starts afresh.
+        """
+        now = _now_ms() if now_ms is None else now_ms
+        rows = (
+            (
+                await conn.execute(
+                    select(alerts).where(
+                        alerts.c.agent == agent,
+                        alerts.c.device_key == device_key,
+                        alerts.c.state.in_(ACTIVE_STATES),
+                    )
+                )
+            )
+            .mappings()
+            .all()
+        )
+        changes = []
+        for row in rows:
+            change = await self._resolve_row(conn, row, by, now)
+            if change is not None:
+                changes.append(change)
+                if self._meter_alerts is not None:
+                    self._meter_alerts.pop((row["target"], change.alert.rule), None)
+        self._tx_present.pop((agent, device_key), None)
+        prefix = _target(agent, device_key, None) + "/"
+        for target in [t for t in self._rf_bad_since if t.startswith(prefix)]:
+            del self._rf_bad_since[target]
+        return changes
+
     # -- notification -------------------------------------------------------------------------
 
     def notify(self, changes: Iterable[AlertChange]) -> None:

@@ -1,16 +1,24 @@
-"""DeviceService: read devices for the API (and, later, send commands to their agents)."""
+"""DeviceService: read devices, send commands to their agents, forget the ones taken away."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from micboard.collector.errors import CommandUnavailableError
+from micboard.collector.errors import CommandUnavailableError, DeviceIdNotFoundError, DeviceStillReportedError
 from micboard.collector.services.commands import CommandReceipt, CommandService
-from micboard.collector.store.schema import devices
+from micboard.collector.store.database import write_turn
+from micboard.collector.store.schema import channels, devices
+
+if TYPE_CHECKING:
+    from micboard.collector.services.alerts import AlertChange, AlertService
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,8 +30,19 @@ class DeviceFilter:
     vendor: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ForgottenDevice:
+    """A device :meth:`DeviceService.forget` removed, and the alerts it resolved with it."""
+
+    device_id: int
+    site: str
+    agent: str
+    device_key: str
+    alerts: list[AlertChange] = field(default_factory=list)
+
+
 class DeviceService:
-    """Reads devices from the store."""
+    """Reads devices from the store, sends them commands through their agents, forgets them."""
 
     def __init__(self, engine: AsyncEngine, commands: CommandService | None = None) -> None:
         self.engine = engine
@@ -78,3 +97,38 @@ class DeviceService:
             }
             for row in rows
         ]
+
+    async def forget(self, device_id: int, *, by: str, alerts: AlertService | None = None) -> ForgottenDevice:
+        """Remove a receiver that is no longer watched: its row and channels; its alerts resolve.
+
+        Only a device shown offline or stale: one its agent reports online would be back with
+        the agent's next snapshot (:class:`DeviceStillReportedError`). Its history stays until
+        retention removes it, and a device of the same key reported later starts afresh. The
+        caller tells live views (and ``alerts`` subscribers, via :meth:`AlertService.notify`).
+        """
+        now = time.time_ns() // 1_000_000
+        async with write_turn(self.engine), self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    select(devices.c.site, devices.c.agent, devices.c.device_key, devices.c.status)
+                    .where(devices.c.id == device_id)
+                    .with_for_update()
+                )
+            ).first()
+            if row is None:
+                raise DeviceIdNotFoundError(device_id)
+            if row.status == "online":
+                raise DeviceStillReportedError(device_id, row.device_key, row.agent)
+            resolved = (
+                await alerts.resolve_device(conn, row.agent, row.device_key, by, now_ms=now)
+                if alerts is not None
+                else []
+            )
+            # Explicitly, not by the foreign key's cascade: SQLite enforces it only per connection.
+            await conn.execute(delete(channels).where(channels.c.device_pk == device_id))
+            await conn.execute(delete(devices).where(devices.c.id == device_id))
+        log.warning(
+            "device forgotten",
+            extra={"device_id": device_id, "agent": row.agent, "device_key": row.device_key, "by": by},
+        )
+        return ForgottenDevice(device_id, row.site, row.agent, row.device_key, resolved)

@@ -611,6 +611,33 @@ async function openHistory(view, hours = 1) {
   }
 }
 
+function removeDeviceTiles(item) {
+  let removed = false;
+  for (const [key, view] of [...state.tiles.entries()]) {
+    const c = view.channel;
+    if (c && c.agent === item.agent && c.device_key === item.device_key) {
+      state.tiles.delete(key);
+      removed = true;
+    }
+  }
+  if (removed) queueLayout();
+}
+
+async function onForget(view) {
+  const c = view.channel;
+  const label = `${c.device_name ?? c.model ?? c.device_key} (${c.device_key})`;
+  if (!window.confirm(`Forget ${label}? Its tiles and open alerts go; its history stays. ` +
+    "If its agent reports it again it comes back as a new receiver.")) return;
+  try {
+    await api(`/devices/${encodeURIComponent(c.device_id)}`, { method: "DELETE" });
+    toast(`Forgot ${label}`, "ok");
+    removeDeviceTiles(c);
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 403) view.say("Not allowed: this needs the admin role.", "error");
+    else view.say(`Not forgotten: ${explain(error)}`, "error");
+  }
+}
+
 function onTileClick(event) {
   const button = event.target.closest("button[data-act]");
   const tile = event.target.closest(".tile");
@@ -622,6 +649,7 @@ function onTileClick(event) {
   else if (act === "rename-cancel") closeRename(view);
   else if (act === "history") openHistory(view);
   else if (act === "identify") onIdentify(view);
+  else if (act === "forget") onForget(view);
   else arrangeTile(view, act);
 }
 
@@ -769,6 +797,10 @@ function onLiveMessage(message) {
       break;
     case "channel":
       if (message.item) upsertChannel(message.item);
+      break;
+    case "device_removed":
+      // A receiver forgotten by an admin: its tiles go wherever they are shown.
+      if (message.item) removeDeviceTiles(message.item);
       break;
     case "meters":
       // One message per server tick with the latest reading of each channel that moved.
