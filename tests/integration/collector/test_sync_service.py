@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from micboard.collector.services.devices import DeviceFilter, DeviceService
-from micboard.collector.services.sync import ApplyOutcome, SynchronizationService
+from micboard.collector.services.sync import UNREPORTED_WINDOW_MS, ApplyOutcome, SynchronizationService
 from micboard.collector.store.schema import agents, applied_events, channels, devices, discovered
 from micboard.shared.envelope import (
     AnyEvent,
@@ -322,6 +322,9 @@ async def test_devices_a_restarted_agent_no_longer_reports_go_offline_after_the_
         assert await service.mark_unreported(conn, restarted + 299_000, 300_000) == []
     assert await _statuses(engine) == {"agent": "online", "dev-1": "online", "dev-2": "online"}
     async with engine.begin() as conn:
+        # Past the window (a day after the start): no longer looked for.
+        late = restarted + 300_000 + UNREPORTED_WINDOW_MS + 1_000
+        assert await service.mark_unreported(conn, late, 300_000) == []
         marked = await service.mark_unreported(conn, restarted + 301_000, 300_000)
     assert [(d.site, d.agent, d.device_key) for d in marked] == [("venue", "pi-1", "dev-2")]
     assert await _statuses(engine) == {"agent": "online", "dev-1": "online", "dev-2": "offline"}

@@ -93,6 +93,8 @@ _BACK_POSTGRESQL = (
     "UPDATE agents SET status = 'online' "
     "WHERE agent = ANY($1::varchar[]) AND status = 'stale' RETURNING site, agent"
 )
+#: How long after an agent's start (its grace included) its unreported devices are looked for.
+UNREPORTED_WINDOW_MS = 24 * 3600 * 1000
 #: Devices whose state a service keeps in memory between batches (about 2 KB each).
 DEFAULT_DEVICE_CACHE = 50_000
 
@@ -971,21 +973,25 @@ class SynchronizationService:
         ``offline`` when it cannot reach one). A device it has said nothing of ``grace_ms`` after
         its newest hello was applied (its last event older than that hello) is no longer watched,
         removed from the agent's configuration or no longer discovered: shown online, its last
-        battery would be a lie. Its next event brings it back as usual.
+        battery would be a lie. Its next event brings it back as usual. Looked for during
+        :data:`UNREPORTED_WINDOW_MS` after the agent's start was applied (a periodic job calls this
+        every few seconds; a day covers a collector that was down meanwhile).
         """
-        started = (
-            select(agents.c.agent)
-            .where(
-                agents.c.agent == devices.c.agent,
-                agents.c.started_seen_ms <= now_ms - grace_ms,
-                devices.c.last_ts < agents.c.started_ms,
-            )
-            .exists()
+        # Agents whose grace ended within the last day: only their devices are read (by the
+        # (agent, device_key) index), not the whole fleet's every few seconds.
+        recent = select(agents.c.agent).where(
+            agents.c.started_seen_ms <= now_ms - grace_ms,
+            agents.c.started_seen_ms > now_ms - grace_ms - UNREPORTED_WINDOW_MS,
         )
+        started = select(agents.c.started_ms).where(agents.c.agent == devices.c.agent).scalar_subquery()
         rows = (
             await conn.execute(
                 update(devices)
-                .where(devices.c.reported_status == "online", started)
+                .where(
+                    devices.c.agent.in_(recent),
+                    devices.c.reported_status == "online",
+                    devices.c.last_ts < started,
+                )
                 # A new revision: every collector's copy of the device is read again.
                 .values(
                     status="offline",
