@@ -204,11 +204,20 @@ async def test_an_admin_forgets_a_receiver_that_went_offline(
     await tile.hover()
     # Reported online: nothing to forget (the agent would report it again).
     assert not await tile.locator("button[data-act='forget']").is_visible()
+    await page.wait_for_function(  # a live level with its held peak
+        "() => document.querySelector(\"#tiles .tile [data-part='audio-peak'][data-visible='1']\")",
+        timeout=5000,
+    )
     await fleet.simulators[0].stop()  # unplugged: the agent reports it offline within its timeout
     await page.wait_for_function(
         "() => [...document.querySelectorAll('#tiles .tile')].every(t => t.dataset.status === 'offline')",
         timeout=15_000,
     )
+    # Nothing live is shown for it any more: no level, no held peak.
+    peaks = await page.eval_on_selector_all(
+        "#tiles .tile [data-part='audio-peak']", "els => els.map(e => e.dataset.visible ?? '')"
+    )
+    assert peaks and all(p != "1" for p in peaks), peaks
     await tile.hover()
     forget = tile.locator("button[data-act='forget']")
     await forget.wait_for(state="visible")

@@ -103,6 +103,11 @@ export class TileView {
       antenna.scale = 0;
     }
     this.parts.audioFill.style.transform = "scaleX(1)";
+    // No level is live any more: a held peak would show a reading that is not there.
+    if (this.peak.at) {
+      this.peak = { dbfs: -Infinity, at: 0 };
+      this.#showPeak();
+    }
   }
 
   /** Apply one live meter message; called from the animation frame only. */
