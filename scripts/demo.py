@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,11 +91,24 @@ def start_rack(env: dict[str, str], config: Path, port_base: int) -> subprocess.
 
 
 def wait_for_device(
-    url: str, token: str, timeout_s: float, expected: int = 1, since_ms: int = 0
+    url: str,
+    token: str,
+    timeout_s: float,
+    expected: int = 1,
+    since_ms: int = 0,
+    children: Sequence[subprocess.Popen[bytes]] = (),
 ) -> list[dict[str, Any]]:
-    """Poll the device list until ``expected`` devices were reported since ``since_ms``; returns all."""
+    """Poll the device list until ``expected`` devices were reported since ``since_ms``; returns all.
+
+    Gives up at once when one of ``children`` exits: its own error is above, and waiting on
+    would only add a vaguer one.
+    """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        stopped = [child for child in children if child.poll() is not None]
+        if stopped:
+            name = Path(str(stopped[0].args[0])).name if isinstance(stopped[0].args, list) else "a service"
+            raise SystemExit(f"demo: {name} stopped (exit code {stopped[0].returncode}); see its error above")
         try:
             items: list[dict[str, Any]] = get_json(f"{url}/api/v1/devices", token)["items"]
             # Devices of an earlier run are listed at once: wait for this run's agent.
@@ -139,6 +153,8 @@ def main() -> int:
         **os.environ,
         "MICBOARD_NATS_URL": nats.url,
         "MICBOARD_STATE_DIR": str(args.state_dir),
+        # The demo's own database: brought up to this build's schema however old it is.
+        "MICBOARD_AUTO_MIGRATE": "always",
         "MICBOARD_HTTP_PORT": str(port),
         "MICBOARD_SITE": "demo",
         "MICBOARD_AGENT": "demo-agent",
@@ -161,7 +177,9 @@ def main() -> int:
         )
         url = f"http://127.0.0.1:{port}"
         token = env["MICBOARD_BOOTSTRAP_TOKEN"]
-        items = wait_for_device(url, token, timeout_s=30, expected=len(DEMO_RACK), since_ms=started_ms)
+        items = wait_for_device(
+            url, token, timeout_s=30, expected=len(DEMO_RACK), since_ms=started_ms, children=children
+        )
         print(
             f"\nmicboard demo is running: open {url}/ "
             f"({len(items)} device(s) listed). Ctrl-C stops it.\n"
