@@ -333,6 +333,9 @@ async def test_an_admin_forgets_an_offline_receiver_and_live_views_drop_its_tile
     ) as response:
         assert response.status == 201, await response.text()
         operator = {"Authorization": f"Bearer {(await response.json())['token']}"}
+    arranged = {"name": "stage", "channels": [{"device_id": device_id, "index": i} for i in (2, 1)]}
+    async with rig.http.post(f"{rig.url}/api/v1/groups", json=arranged, headers=admin) as response:
+        assert response.status == 201, await response.text()
 
     async def forget(headers: dict[str, str], target: int = device_id) -> tuple[int, dict[str, Any]]:
         async with rig.http.delete(f"{rig.url}/api/v1/devices/{target}", headers=headers) as response:
@@ -368,6 +371,9 @@ async def test_an_admin_forgets_an_offline_receiver_and_live_views_drop_its_tile
     assert {a["id"] for a in gone["items"]} >= {low["id"]}
     assert {a["resolved_by"] for a in gone["items"]} == {"bootstrap"}
     assert (await forget(admin))[0] == 404  # forgotten once
+    # Out of the group it was arranged in (its id may go to the next new device).
+    [group] = (await rig.get("/groups"))["items"]
+    assert (group["name"], group["channels"]) == ("stage", [])
     # Reported again (put back on the network): a receiver like any new one.
     await rig.publish(DeviceBody(device_key=KEY, snapshot=receiver()))
     back = await eventually(lambda: _devices(rig), "the receiver reported again")

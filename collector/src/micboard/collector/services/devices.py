@@ -7,13 +7,14 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from micboard.collector.errors import CommandUnavailableError, DeviceIdNotFoundError, DeviceStillReportedError
 from micboard.collector.services.commands import CommandReceipt, CommandService
 from micboard.collector.store.database import write_turn
 from micboard.collector.store.schema import channels, devices
+from micboard.collector.store.schema_api import groups
 
 if TYPE_CHECKING:
     from micboard.collector.services.alerts import AlertChange, AlertService
@@ -102,7 +103,8 @@ class DeviceService:
         """Remove a receiver that is no longer watched: its row and channels; its alerts resolve.
 
         Only a device shown offline or stale: one its agent reports online would be back with
-        the agent's next snapshot (:class:`DeviceStillReportedError`). Its history stays until
+        the agent's next snapshot (:class:`DeviceStillReportedError`). Its channels leave the
+        groups they were arranged in. Its history stays until
         retention removes it, and a device of the same key reported later starts afresh. The
         caller tells live views (and ``alerts`` subscribers, via :meth:`AlertService.notify`).
         """
@@ -127,6 +129,14 @@ class DeviceService:
             # Explicitly, not by the foreign key's cascade: SQLite enforces it only per connection.
             await conn.execute(delete(channels).where(channels.c.device_pk == device_id))
             await conn.execute(delete(devices).where(devices.c.id == device_id))
+            # Out of the groups too: SQLite may give its id to the next new device, whose
+            # channels would otherwise take its places in them.
+            for group_id, listed in (await conn.execute(select(groups.c.id, groups.c.channels))).all():
+                kept = [c for c in listed or () if c.get("device_id") != device_id]
+                if len(kept) != len(listed or ()):
+                    await conn.execute(
+                        update(groups).where(groups.c.id == group_id).values(channels=kept, updated_ms=now)
+                    )
         log.warning(
             "device forgotten",
             extra={"device_id": device_id, "agent": row.agent, "device_key": row.device_key, "by": by},
