@@ -650,6 +650,19 @@ async def test_a_collector_that_only_serves_shows_what_another_ingests(
                 alert = (await next_of(other, "alert", timeout_s=10))["item"]
                 if alert["id"] == opened["id"] and alert["state"] == "acknowledged":
                     break
+            # Unplugged, then forgotten through the serving process: the other's client drops it.
+            await publisher.publish(factory.make(OfflineBody(device_key="rx1")))
+            device_id = item["device_id"]
+            deadline = time.monotonic() + 10
+            while True:
+                async with http.delete(f"{server.url}/api/v1/devices/{device_id}") as r:
+                    if r.status == 204:
+                        break
+                    assert r.status == 409 and time.monotonic() < deadline, await r.text()
+                await asyncio.sleep(0.05)
+            removed = (await next_of(other, "device_removed", timeout_s=10))["item"]
+            expected = {"site": "venue-s", "agent": "pi-s", "device_key": "rx1", "device_id": device_id}
+            assert removed == expected
             async with http.get(f"{server.url}/metrics") as r:
                 metrics = await r.text()
             assert "micboard_live_bridge_peers 1.0" in metrics
