@@ -84,6 +84,8 @@ async def test_agents(api: LiveApi) -> None:
     _, body = await api.get("/api/v1/agents", site="venue-b")
     assert [a["agent"] for a in body["items"]] == ["pi-b"]
     assert body["items"][0]["version"] == "1.0" and body["items"][0]["hostname"] == "pi-b.local"
+    # Up since its hello (the agent's clock): within this test's run.
+    assert 0 < time.time() * 1000 - body["items"][0]["started_ms"] < 600_000
     _, body = await api.get("/api/v1/agents", sort="-agent")
     assert [a["agent"] for a in body["items"]] == ["pi-c", "pi-b", "pi-a"]
 

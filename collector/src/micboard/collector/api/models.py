@@ -130,6 +130,9 @@ class AgentItem(_Response):
     last_seen_ms: int
     outbox_depth: int
     dropped: int
+    started_ms: int | None = Field(
+        default=None, description="when the agent last started (its clock, from its newest hello), if heard"
+    )
 
 
 class AgentPage(Page[AgentItem]):

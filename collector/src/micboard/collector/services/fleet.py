@@ -322,6 +322,7 @@ class FleetView:
         agents.c.last_seen_ms,
         agents.c.outbox_depth,
         agents.c.dropped,
+        agents.c.started_ms,
     )
     # Plain str: orjson takes no str subclass as a key.
     _AGENT_NAMES = tuple(str(c.name) for c in _AGENT_COLUMNS)
