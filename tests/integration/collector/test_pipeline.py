@@ -295,6 +295,11 @@ async def test_a_device_the_restarted_agent_no_longer_reports_goes_offline_with_
         await collector.stop()
 
 
+async def _agent_status(rig: Rig, status: str) -> bool:
+    listed = (await rig.get("/agents"))["items"]
+    return bool(listed) and listed[0]["status"] == status
+
+
 async def _count_online(rig: Rig, count: int) -> bool:
     online = [d for d in await _devices(rig) if d["status"] == "online"]
     return len(online) == count
@@ -379,3 +384,70 @@ async def test_an_admin_forgets_an_offline_receiver_and_live_views_drop_its_tile
     back = await eventually(lambda: _devices(rig), "the receiver reported again")
     assert back[0]["status"] == "online"
     await ws.close()
+
+
+async def test_an_admin_forgets_a_retired_agent_and_nothing_of_it_comes_back(
+    nats_private: EmbeddedNats, db_url: str, tmp_path: Path
+) -> None:
+    settings = CollectorSettings(
+        nats_url=nats_private.url,
+        database_url=db_url,
+        auto_migrate="always",
+        http_port=0,
+        state_dir=tmp_path / "collector",
+        fetch_timeout_s=0.1,
+        bootstrap_token=TOKEN,
+        stale_check_interval_s=0.1,
+        # The sweep reopens agent alerts of silent agents: running often, it would show one coming back.
+        alert_sweep_interval_s=0.1,
+    )
+    collector = Collector(settings)
+    running = await collector.start()
+    nc = await nats.connect(nats_private.url)
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        async with aiohttp.ClientSession() as http:
+            rig = Rig(collector, running.url, nc, JetStreamPublisher(nc), EnvelopeFactory(SITE, AGENT), http)
+
+            async def forget(agent: str) -> tuple[int, dict[str, Any]]:
+                async with http.post(
+                    f"{running.url}/api/v1/agents/forget", json={"agent": agent}, headers=admin
+                ) as response:
+                    return response.status, await response.json()
+
+            await rig.publish(HelloBody(version="1"))
+            await rig.publish(HeartbeatBody(uptime_s=1.0, interval_s=0.5))
+            await rig.publish(DeviceBody(device_key=KEY, snapshot=receiver()))
+            await eventually(lambda: _count_online(rig, 1), "the receiver online")
+            status, problem = await forget(AGENT)
+            assert (status, problem["code"]) == (409, "agent.still_reporting")
+            assert (await forget("nobody"))[1]["code"] == "agent.not_found"
+            async with http.post(f"{running.url}/api/v1/agents/forget", json={"agent": "Not A Token"}) as r:
+                assert r.status == 401  # no token: refused before the body is read
+            # Retired: silent, so stale, with its alert.
+            await eventually(lambda: rig.alert("open", "agent_stale"), "the agent's alert")
+            await eventually(lambda: _agent_status(rig, "stale"), "the agent stale")
+            ws = await http.ws_connect(f"{running.url}/api/v1/live")
+            await ws.send_json({"type": "auth", "token": TOKEN})
+            await ws.send_json({"type": "subscribe", "scope": "fleet"})
+            assert (await next_message(ws))["type"] == "snapshot"
+            status, gone = await forget(AGENT)
+            assert status == 200, gone
+            assert (gone["agent"], gone["site"], gone["devices"]) == (AGENT, SITE, 1)
+            assert gone["alerts_resolved"] >= 1
+            removed: dict[str, Any] = {}
+            deadline = time.monotonic() + 10
+            while removed.get("device_key") != KEY:
+                data = await next_message(ws, deadline - time.monotonic())
+                if data["type"] == "device_removed":
+                    removed = data["item"]
+            assert (await rig.get("/agents"))["items"] == []
+            assert await _devices(rig) == []
+            # Several sweeps later nothing of it is open again.
+            await asyncio.sleep(0.5)
+            assert (await rig.get("/alerts?state=open"))["items"] == []
+            assert (await forget(AGENT))[1]["code"] == "agent.not_found"
+            await ws.close()
+    finally:
+        await nc.close()
+        await collector.stop()

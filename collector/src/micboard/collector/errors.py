@@ -14,6 +14,8 @@ class CollectorErrorCode(StrEnum):
     ALERT_INVALID_TRANSITION = "alert.invalid_transition"
     DEVICE_NOT_FOUND = "device.not_found"
     DEVICE_STILL_REPORTED = "device.still_reported"
+    AGENT_NOT_FOUND = "agent.not_found"
+    AGENT_STILL_REPORTING = "agent.still_reporting"
     CHANNEL_NOT_FOUND = "device.channel_not_found"
     COMMAND_INVALID = "command.invalid"
     COMMAND_UNAVAILABLE = "command.unavailable"
@@ -85,6 +87,26 @@ class DeviceStillReportedError(CollectorError):
             "again within a minute. Take it out of the agent's configuration (or off the network) "
             "first; once it shows offline it can be forgotten",
         )
+
+
+class AgentNotFoundError(CollectorError):
+    """No agent is known under the given name."""
+
+    def __init__(self, agent: str) -> None:
+        super().__init__(CollectorErrorCode.AGENT_NOT_FOUND, f"no agent {agent!r} is known")
+        self.agent = agent
+
+
+class AgentStillReportingError(CollectorError):
+    """An agent that is heard cannot be forgotten: its next event would bring it back."""
+
+    def __init__(self, agent: str) -> None:
+        super().__init__(
+            CollectorErrorCode.AGENT_STILL_REPORTING,
+            f"agent {agent!r} is online: its next heartbeat would bring it back. Stop it (and revoke "
+            "its NATS identity) first; once it shows stale it can be forgotten",
+        )
+        self.agent = agent
 
 
 class ChannelNotFoundError(CollectorError):

@@ -84,10 +84,12 @@ _TITLES = {
 _COLLECTOR_STATUS: dict[str, int] = {
     CollectorErrorCode.ALERT_NOT_FOUND: 404,
     CollectorErrorCode.DEVICE_NOT_FOUND: 404,
+    CollectorErrorCode.AGENT_NOT_FOUND: 404,
     CollectorErrorCode.CHANNEL_NOT_FOUND: 404,
     CollectorErrorCode.WEBHOOK_NOT_FOUND: 404,
     CollectorErrorCode.ALERT_INVALID_TRANSITION: 409,
     CollectorErrorCode.DEVICE_STILL_REPORTED: 409,
+    CollectorErrorCode.AGENT_STILL_REPORTING: 409,
 }
 
 

@@ -139,6 +139,21 @@ class AgentPage(Page[AgentItem]):
     """A page of agents."""
 
 
+class AgentForget(_Request):
+    """Which agent to forget."""
+
+    agent: AgentName
+
+
+class AgentForgotten(_Response):
+    """What forgetting an agent removed."""
+
+    agent: str
+    site: str
+    devices: int = Field(description="receivers removed with it")
+    alerts_resolved: int = Field(description="its alerts and its receivers' that were in force")
+
+
 # --- devices -----------------------------------------------------------------------------------
 
 _DEVICE_SORTS = Literal[

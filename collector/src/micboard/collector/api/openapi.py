@@ -113,6 +113,9 @@ def build_openapi(routes: list[Route], *, server_url: str | None = None) -> dict
             responses["409"] = _problem("the alert's state does not allow this")
         if route.method == "DELETE" and route.path == "/api/v1/devices/{id}":
             responses["409"] = _problem("its agent still reports the receiver online")
+        if route.path == "/api/v1/agents/forget":
+            responses["404"] = _problem("no such agent")
+            responses["409"] = _problem("the agent is still heard")
         responses["503"] = _problem("a service this needs is not available")
         operation["responses"] = responses
         paths.setdefault(route.path, {})[route.method.lower()] = operation

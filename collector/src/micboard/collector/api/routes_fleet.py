@@ -6,6 +6,8 @@ from micboard.collector.api.auth import Role
 from micboard.collector.api.context import context_of
 from micboard.collector.api.errors import ApiError, ApiErrorCode
 from micboard.collector.api.models import (
+    AgentForget,
+    AgentForgotten,
     AgentPage,
     AgentQuery,
     ChannelPage,
@@ -59,6 +61,31 @@ async def list_agents(call: Call[AgentQuery, NoBody]) -> JsonBody:
         PageRequest(q.limit, q.offset), site=q.site, status=q.status, sort=q.sort
     )
     return JsonBody.page(listing.items, listing.total, q.limit, q.offset)
+
+
+@routes.route(
+    "POST",
+    "/api/v1/agents/forget",
+    summary="Forget an agent that is gone for good, with its receivers",
+    role=Role.ADMIN,
+    query=NoQuery,
+    body=AgentForget,
+    response=AgentForgotten,
+)
+async def forget_agent(call: Call[NoQuery, AgentForget]) -> AgentForgotten:
+    """Remove a stale agent (a retired venue) and its receivers, resolving their alerts; 409 if heard."""
+    ctx = context_of(call.app)
+    if ctx.devices is None:
+        raise ApiError(503, ApiErrorCode.SERVICE_UNAVAILABLE, "agents cannot be changed in this process")
+    gone = await ctx.devices.forget_agent(call.body.agent, by=call.actor, alerts=ctx.alerts)
+    if ctx.alerts is not None:
+        ctx.alerts.notify(gone.alerts)
+    if ctx.hub is not None:
+        for device in gone.devices:
+            ctx.hub.publish_device(device.site, device.agent, device.device_key, {"kind": "removed"})
+    return AgentForgotten(
+        agent=gone.agent, site=gone.site, devices=len(gone.devices), alerts_resolved=len(gone.alerts)
+    )
 
 
 @routes.route(

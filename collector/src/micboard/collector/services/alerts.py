@@ -1134,28 +1134,25 @@ class AlertService:
         self.notify([AlertChange(ChangeKind.RESOLVED, alert)])
         return alert
 
-    async def resolve_device(
-        self, conn: AsyncConnection, agent: str, device_key: str, by: str, *, now_ms: int | None = None
+    async def resolve_forgotten(
+        self,
+        conn: AsyncConnection,
+        agent: str,
+        device_key: str | None = None,
+        *,
+        by: str,
+        now_ms: int | None = None,
     ) -> list[AlertChange]:
-        """Resolve every alert in force on a device being forgotten, in the caller's transaction.
+        """Resolve every alert in force on a device (without ``device_key``: an agent) being forgotten.
 
-        Hand the result to :meth:`notify` after commit. What the rules remember of the device in
-        memory goes too: a device of that key reported later starts afresh.
+        Runs in the caller's transaction; hand the result to :meth:`notify` after commit. What
+        the rules remember of it in memory goes too: reported again later, it starts afresh.
         """
         now = _now_ms() if now_ms is None else now_ms
-        rows = (
-            (
-                await conn.execute(
-                    select(alerts).where(
-                        alerts.c.agent == agent,
-                        alerts.c.device_key == device_key,
-                        alerts.c.state.in_(ACTIVE_STATES),
-                    )
-                )
-            )
-            .mappings()
-            .all()
-        )
+        query = select(alerts).where(alerts.c.agent == agent, alerts.c.state.in_(ACTIVE_STATES))
+        if device_key is not None:
+            query = query.where(alerts.c.device_key == device_key)
+        rows = (await conn.execute(query)).mappings().all()
         changes = []
         for row in rows:
             change = await self._resolve_row(conn, row, by, now)
@@ -1163,7 +1160,8 @@ class AlertService:
                 changes.append(change)
                 if self._meter_alerts is not None:
                     self._meter_alerts.pop((row["target"], change.alert.rule), None)
-        self._tx_present.pop((agent, device_key), None)
+        for key in [k for k in self._tx_present if k[0] == agent and device_key in (None, k[1])]:
+            del self._tx_present[key]
         prefix = _target(agent, device_key, None) + "/"
         for target in [t for t in self._rf_bad_since if t.startswith(prefix)]:
             del self._rf_bad_since[target]

@@ -8,12 +8,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from micboard.collector.errors import CommandUnavailableError, DeviceIdNotFoundError, DeviceStillReportedError
+from micboard.collector.errors import (
+    AgentNotFoundError,
+    AgentStillReportingError,
+    CommandUnavailableError,
+    DeviceIdNotFoundError,
+    DeviceStillReportedError,
+)
 from micboard.collector.services.commands import CommandReceipt, CommandService
 from micboard.collector.store.database import write_turn
-from micboard.collector.store.schema import channels, devices
+from micboard.collector.store.schema import agents, channels, devices, discovered
 from micboard.collector.store.schema_api import groups
 
 if TYPE_CHECKING:
@@ -40,6 +46,34 @@ class ForgottenDevice:
     agent: str
     device_key: str
     alerts: list[AlertChange] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ForgottenAgent:
+    """An agent :meth:`DeviceService.forget_agent` removed, with its devices and the alerts it resolved."""
+
+    site: str
+    agent: str
+    devices: list[ForgottenDevice]
+    alerts: list[AlertChange] = field(default_factory=list)
+
+
+async def _delete_devices(conn: AsyncConnection, ids: list[int], now: int) -> None:
+    """Delete devices ``ids``, their channels and their places in groups."""
+    if not ids:
+        return
+    # Explicitly, not by the foreign key's cascade: SQLite enforces it only per connection.
+    await conn.execute(delete(channels).where(channels.c.device_pk.in_(ids)))
+    await conn.execute(delete(devices).where(devices.c.id.in_(ids)))
+    # Out of the groups too: SQLite may give an id to the next new device, whose channels
+    # would otherwise take the forgotten one's places in them.
+    gone = set(ids)
+    for group_id, listed in (await conn.execute(select(groups.c.id, groups.c.channels))).all():
+        kept = [c for c in listed or () if c.get("device_id") not in gone]
+        if len(kept) != len(listed or ()):
+            await conn.execute(
+                update(groups).where(groups.c.id == group_id).values(channels=kept, updated_ms=now)
+            )
 
 
 class DeviceService:
@@ -122,23 +156,56 @@ class DeviceService:
             if row.status == "online":
                 raise DeviceStillReportedError(device_id, row.device_key, row.agent)
             resolved = (
-                await alerts.resolve_device(conn, row.agent, row.device_key, by, now_ms=now)
+                await alerts.resolve_forgotten(conn, row.agent, row.device_key, by=by, now_ms=now)
                 if alerts is not None
                 else []
             )
-            # Explicitly, not by the foreign key's cascade: SQLite enforces it only per connection.
-            await conn.execute(delete(channels).where(channels.c.device_pk == device_id))
-            await conn.execute(delete(devices).where(devices.c.id == device_id))
-            # Out of the groups too: SQLite may give its id to the next new device, whose
-            # channels would otherwise take its places in them.
-            for group_id, listed in (await conn.execute(select(groups.c.id, groups.c.channels))).all():
-                kept = [c for c in listed or () if c.get("device_id") != device_id]
-                if len(kept) != len(listed or ()):
-                    await conn.execute(
-                        update(groups).where(groups.c.id == group_id).values(channels=kept, updated_ms=now)
-                    )
+            await _delete_devices(conn, [device_id], now)
         log.warning(
             "device forgotten",
             extra={"device_id": device_id, "agent": row.agent, "device_key": row.device_key, "by": by},
         )
         return ForgottenDevice(device_id, row.site, row.agent, row.device_key, resolved)
+
+    async def forget_agent(
+        self, agent: str, *, by: str, alerts: AlertService | None = None
+    ) -> ForgottenAgent:
+        """Remove an agent gone for good (a venue retired): its devices, what it discovered, its alerts.
+
+        Only an agent that is not heard (shown stale): one that is would be back with its next
+        heartbeat (:class:`AgentStillReportingError`). Its site stays listed; its history stays
+        until retention removes it; its NATS identity is revoked separately
+        (``micboard-collector agent revoke``). The caller tells live views and alert subscribers.
+        """
+        now = time.time_ns() // 1_000_000
+        async with write_turn(self.engine), self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    select(agents.c.site, agents.c.status).where(agents.c.agent == agent).with_for_update()
+                )
+            ).first()
+            if row is None:
+                raise AgentNotFoundError(agent)
+            if row.status == "online":
+                raise AgentStillReportingError(agent)
+            listed = (
+                await conn.execute(
+                    select(devices.c.id, devices.c.site, devices.c.device_key)
+                    .where(devices.c.agent == agent)
+                    .order_by(devices.c.id)
+                    .with_for_update()
+                )
+            ).all()
+            resolved = (
+                await alerts.resolve_forgotten(conn, agent, by=by, now_ms=now) if alerts is not None else []
+            )
+            await _delete_devices(conn, [d.id for d in listed], now)
+            await conn.execute(delete(discovered).where(discovered.c.agent == agent))
+            await conn.execute(delete(agents).where(agents.c.agent == agent))
+        log.warning("agent forgotten", extra={"agent": agent, "devices": len(listed), "by": by})
+        return ForgottenAgent(
+            row.site,
+            agent,
+            [ForgottenDevice(d.id, d.site, agent, d.device_key) for d in listed],
+            resolved,
+        )
