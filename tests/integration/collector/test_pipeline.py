@@ -295,9 +295,9 @@ async def test_a_device_the_restarted_agent_no_longer_reports_goes_offline_with_
         await collector.stop()
 
 
-async def _agent_status(rig: Rig, status: str) -> bool:
+async def _agent_status(rig: Rig, status: str, agent: str = AGENT) -> bool:
     listed = (await rig.get("/agents"))["items"]
-    return bool(listed) and listed[0]["status"] == status
+    return any(a["agent"] == agent and a["status"] == status for a in listed)
 
 
 async def _count_online(rig: Rig, count: int) -> bool:
@@ -418,6 +418,9 @@ async def test_an_admin_forgets_a_retired_agent_and_nothing_of_it_comes_back(
             await rig.publish(HelloBody(version="1"))
             await rig.publish(HeartbeatBody(uptime_s=1.0, interval_s=0.5))
             await rig.publish(DeviceBody(device_key=KEY, snapshot=receiver()))
+            # Another venue whose agent never had a receiver.
+            lone = EnvelopeFactory("venue-q", "pi-q")
+            await rig.publisher.publish(lone.make(HeartbeatBody(uptime_s=1.0, interval_s=0.5)))
             await eventually(lambda: _count_online(rig, 1), "the receiver online")
             status, problem = await forget(AGENT)
             assert (status, problem["code"]) == (409, "agent.still_reporting")
@@ -433,14 +436,31 @@ async def test_an_admin_forgets_a_retired_agent_and_nothing_of_it_comes_back(
             assert (await next_message(ws))["type"] == "snapshot"
             status, gone = await forget(AGENT)
             assert status == 200, gone
-            assert (gone["agent"], gone["site"], gone["devices"]) == (AGENT, SITE, 1)
+            assert (gone["agent"], gone["site"], gone["devices"], gone["site_removed"]) == (
+                AGENT,
+                SITE,
+                1,
+                True,
+            )
             assert gone["alerts_resolved"] >= 1
             removed: dict[str, Any] = {}
+            sites_removed: set[str] = set()
             deadline = time.monotonic() + 10
-            while removed.get("device_key") != KEY:
+            while removed.get("device_key") != KEY or SITE not in sites_removed:
                 data = await next_message(ws, deadline - time.monotonic())
                 if data["type"] == "device_removed":
                     removed = data["item"]
+                elif data["type"] == "site_removed":
+                    sites_removed.add(data["item"]["site"])
+            # Without receivers, the periodic site refresh tells it (every 5 s).
+            await eventually(lambda: _agent_status(rig, "stale", "pi-q"), "the lone agent stale")
+            status, lone_gone = await forget("pi-q")
+            assert (status, lone_gone["devices"], lone_gone["site_removed"]) == (200, 0, True)
+            while "venue-q" not in sites_removed:
+                data = await next_message(ws, deadline + 8 - time.monotonic())
+                if data["type"] == "site_removed":
+                    sites_removed.add(data["item"]["site"])
+            assert (await rig.get("/sites"))["items"] == []
             assert (await rig.get("/agents"))["items"] == []
             assert await _devices(rig) == []
             # Several sweeps later nothing of it is open again.

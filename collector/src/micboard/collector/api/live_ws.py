@@ -572,7 +572,10 @@ class LiveFeed:
                 if changed:
                     await self._learn_keys(changed - {(i["agent"], i["device_key"]) for i in items})
                 if pending.sites:
-                    await self._send_sites(only=pending.sites)
+                    shown = await self._send_sites(only=pending.sites)
+                    # A site whose last agent was forgotten is gone from the store: say so.
+                    for site in set(pending.removed.values()) - shown:
+                        self._send_site_removed(site)
 
     def _send_removed(self, key: tuple[str, str], site: str) -> None:
         known = self._keys.pop(key, None)
@@ -611,10 +614,18 @@ class LiveFeed:
         if audience:
             self._deliver(_message("site", item), audience)
 
-    async def _send_sites(self, only: Iterable[str] | None = None) -> None:
+    def _send_site_removed(self, site: str) -> None:
+        self._site_cache.pop(site, None)
+        self._site_shown_at.pop(site, None)
+        audience = self._audience(site)
+        if audience:
+            self._deliver(_message("site_removed", {"site": site}), audience)
+
+    async def _send_sites(self, only: Iterable[str] | None = None) -> set[str]:
         listing = await self.fleet.list_sites(PageRequest(_SNAPSHOT_SITES, 0), only=only)
         for item in listing.items:
             self._send_site(item)
+        return {str(item["site"]) for item in listing.items}
 
     async def _site_loop(self) -> None:
         # Stale devices and agents change without an event (a sweep marks them); refresh sites
@@ -638,6 +649,16 @@ class LiveFeed:
                             # what this read found could be older than what clients now see.
                             if self._site_shown_at.get(str(item["site"]), 0) <= mark:
                                 self._send_site(item)
+                        if len(listing.items) < _SNAPSHOT_SITES:
+                            # Shown before this read and not in it: gone (its last agent was
+                            # forgotten), however the change that removed it was told.
+                            listed = {str(item["site"]) for item in listing.items}
+                            for site in [
+                                s
+                                for s in self._site_cache
+                                if s not in listed and self._site_shown_at.get(s, 0) <= mark
+                            ]:
+                                self._send_site_removed(site)
             except Exception:
                 log.exception("live site refresh failed")
 

@@ -152,6 +152,7 @@ class AgentForgotten(_Response):
     site: str
     devices: int = Field(description="receivers removed with it")
     alerts_resolved: int = Field(description="its alerts and its receivers' that were in force")
+    site_removed: bool = Field(description="whether its site went too (it was the site's last agent)")
 
 
 # --- devices -----------------------------------------------------------------------------------

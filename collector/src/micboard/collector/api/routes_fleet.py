@@ -84,7 +84,11 @@ async def forget_agent(call: Call[NoQuery, AgentForget]) -> AgentForgotten:
         for device in gone.devices:
             ctx.hub.publish_device(device.site, device.agent, device.device_key, {"kind": "removed"})
     return AgentForgotten(
-        agent=gone.agent, site=gone.site, devices=len(gone.devices), alerts_resolved=len(gone.alerts)
+        agent=gone.agent,
+        site=gone.site,
+        devices=len(gone.devices),
+        alerts_resolved=len(gone.alerts),
+        site_removed=gone.site_removed,
     )
 
 

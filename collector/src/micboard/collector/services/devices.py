@@ -19,7 +19,7 @@ from micboard.collector.errors import (
 )
 from micboard.collector.services.commands import CommandReceipt, CommandService
 from micboard.collector.store.database import write_turn
-from micboard.collector.store.schema import agents, channels, devices, discovered
+from micboard.collector.store.schema import agents, channels, devices, discovered, sites
 from micboard.collector.store.schema_api import groups
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ class ForgottenAgent:
     agent: str
     devices: list[ForgottenDevice]
     alerts: list[AlertChange] = field(default_factory=list)
+    site_removed: bool = False  # it was the site's last agent
 
 
 async def _delete_devices(conn: AsyncConnection, ids: list[int], now: int) -> None:
@@ -173,8 +174,8 @@ class DeviceService:
         """Remove an agent gone for good (a venue retired): its devices, what it discovered, its alerts.
 
         Only an agent that is not heard (shown stale): one that is would be back with its next
-        heartbeat (:class:`AgentStillReportingError`). Its site stays listed; its history stays
-        until retention removes it; its NATS identity is revoked separately
+        heartbeat (:class:`AgentStillReportingError`). Its site goes with its last agent; its
+        history stays until retention removes it; its NATS identity is revoked separately
         (``micboard-collector agent revoke``). The caller tells live views and alert subscribers.
         """
         now = time.time_ns() // 1_000_000
@@ -202,10 +203,19 @@ class DeviceService:
             await _delete_devices(conn, [d.id for d in listed], now)
             await conn.execute(delete(discovered).where(discovered.c.agent == agent))
             await conn.execute(delete(agents).where(agents.c.agent == agent))
-        log.warning("agent forgotten", extra={"agent": agent, "devices": len(listed), "by": by})
+            # Its site's last agent: nothing is left to show of the site.
+            others = select(agents.c.agent).where(agents.c.site == row.site).exists()
+            site_removed = bool(
+                (await conn.execute(delete(sites).where(sites.c.site == row.site, ~others))).rowcount
+            )
+        log.warning(
+            "agent forgotten",
+            extra={"agent": agent, "devices": len(listed), "site_removed": site_removed, "by": by},
+        )
         return ForgottenAgent(
             row.site,
             agent,
             [ForgottenDevice(d.id, d.site, agent, d.device_key) for d in listed],
             resolved,
+            site_removed,
         )

@@ -798,6 +798,10 @@ function onLiveMessage(message) {
     case "channel":
       if (message.item) upsertChannel(message.item);
       break;
+    case "site_removed":
+      // A retired venue (its last agent forgotten): its card goes from the fleet view.
+      if (message.item && state.sites.delete(message.item.site) && state.route.view === "fleet") queueFleetRender();
+      break;
     case "device_removed":
       // A receiver forgotten by an admin: its tiles go wherever they are shown.
       if (message.item) removeDeviceTiles(message.item);
