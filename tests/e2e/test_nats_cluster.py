@@ -100,7 +100,9 @@ async def test_ingest_survives_losing_the_stream_leader(
         await ingest.start()  # needs a JetStream meta leader: retried until the cluster formed
         return True
 
-    await _until("stream with three replicas", started)
+    # Usually a few seconds; a busy 2-core machine has needed more than 20 s to elect the
+    # JetStream meta leader and place three replicas.
+    await _until("stream with three replicas", started, timeout_s=60)
     info = await nc.jetstream().stream_info(settings.stream_name)
     assert info.config.num_replicas == 3 and info.cluster is not None
     leader = info.cluster.leader

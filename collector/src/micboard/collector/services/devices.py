@@ -139,9 +139,9 @@ class DeviceService:
 
         Only a device shown offline or stale: one its agent reports online would be back with
         the agent's next snapshot (:class:`DeviceStillReportedError`). Its channels leave the
-        groups they were arranged in. Its history stays until
-        retention removes it, and a device of the same key reported later starts afresh. The
-        caller tells live views (and ``alerts`` subscribers, via :meth:`AlertService.notify`).
+        groups they were arranged in. Its history stays until retention removes it, and a
+        device of the same key reported later starts afresh. The caller tells live views (and
+        ``alerts`` subscribers, via :meth:`AlertService.notify`).
         """
         now = time.time_ns() // 1_000_000
         async with write_turn(self.engine), self.engine.begin() as conn:
