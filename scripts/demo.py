@@ -35,8 +35,10 @@ RACK_PORT_BASE = 42202
 
 
 def port_is_free(port: int) -> bool:
-    """Whether ``port`` can be bound on loopback now."""
+    """Whether a server can listen on ``port`` on loopback now."""
     with socket.socket() as sock:
+        # As the servers do (asyncio's default): a port the last run left in TIME_WAIT is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -49,6 +51,9 @@ def rack_ports_free(base: int) -> bool:
     for position, kind in enumerate(DEMO_RACK):
         kind_of_socket = socket.SOCK_DGRAM if _FAMILIES[kind] == "ewdx" else socket.SOCK_STREAM
         with socket.socket(socket.AF_INET, kind_of_socket) as sock:
+            if kind_of_socket == socket.SOCK_STREAM:
+                # As asyncio's servers do; not for UDP, where it would let two sockets share a port.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(("127.0.0.1", base + position))
             except OSError:
