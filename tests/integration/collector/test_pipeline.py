@@ -7,6 +7,7 @@ with the agent's own publishing code; everything is observed through the API and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -102,31 +103,44 @@ async def next_alert(ws: aiohttp.ClientWebSocketResponse, rule: str, state: str)
             return dict(data["item"])
 
 
-@pytest.fixture
-async def rig(nats_private: EmbeddedNats, db_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
-    settings = CollectorSettings(
-        nats_url=nats_private.url,
-        database_url=db_url,
-        auto_migrate="always",
-        http_port=0,
-        state_dir=tmp_path / "collector",
-        fetch_timeout_s=0.1,
-        bootstrap_token=TOKEN,
-        alert_resolve_hold_s=HOLD_S,
-        alert_clip_resolve_hold_s=HOLD_S,
-        alert_sweep_interval_s=0.1,
-        history_bucket_s=1,
-        history_flush_interval_s=0.1,
+@contextlib.asynccontextmanager
+async def running_rig(nats_url: str, db_url: str, tmp_path: Path, **settings: Any) -> AsyncIterator[Rig]:
+    """A collector on ``db_url`` with ``settings`` on top of the fast ones every test here wants."""
+    collector = Collector(
+        CollectorSettings(
+            nats_url=nats_url,
+            database_url=db_url,
+            auto_migrate="always",
+            http_port=0,
+            state_dir=tmp_path / "collector",
+            fetch_timeout_s=0.1,
+            bootstrap_token=TOKEN,
+            **settings,
+        )
     )
-    collector = Collector(settings)
     running = await collector.start()
-    nc = await nats.connect(nats_private.url)
+    nc = await nats.connect(nats_url)
     try:
         async with aiohttp.ClientSession() as http:
             yield Rig(collector, running.url, nc, JetStreamPublisher(nc), EnvelopeFactory(SITE, AGENT), http)
     finally:
         await nc.close()
         await collector.stop()
+
+
+@pytest.fixture
+async def rig(nats_private: EmbeddedNats, db_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
+    async with running_rig(
+        nats_private.url,
+        db_url,
+        tmp_path,
+        alert_resolve_hold_s=HOLD_S,
+        alert_clip_resolve_hold_s=HOLD_S,
+        alert_sweep_interval_s=0.1,
+        history_bucket_s=1,
+        history_flush_interval_s=0.1,
+    ) as rig:
+        yield rig
 
 
 async def test_battery_offline_meters_reach_alerts_history_and_live(rig: Rig) -> None:
@@ -194,105 +208,80 @@ async def test_battery_offline_meters_reach_alerts_history_and_live(rig: Rig) ->
 async def test_stale_agent_opens_and_clears_agent_stale_and_tells_live_views(
     nats_private: EmbeddedNats, sqlite_url: str, tmp_path: Path
 ) -> None:
-    settings = CollectorSettings(
-        nats_url=nats_private.url,
-        database_url=sqlite_url,
-        http_port=0,
-        state_dir=tmp_path / "collector",
-        fetch_timeout_s=0.1,
-        bootstrap_token=TOKEN,
+    async with running_rig(
+        nats_private.url,
+        sqlite_url,
+        tmp_path,
         stale_check_interval_s=0.1,
         # The sweep would find the same by age; slow it down so the stale job is what is tested.
         alert_sweep_interval_s=60.0,
-    )
-    collector = Collector(settings)
-    running = await collector.start()
-    nc = await nats.connect(nats_private.url)
-    try:
-        async with aiohttp.ClientSession() as http:
-            rig = Rig(collector, running.url, nc, JetStreamPublisher(nc), EnvelopeFactory(SITE, AGENT), http)
-            # Subscribed before the agent is heard of, so that no message can come before it.
-            ws = await http.ws_connect(f"{running.url}/api/v1/live")
-            await ws.send_json({"type": "auth", "token": TOKEN})
-            await ws.send_json({"type": "subscribe", "scope": "site", "site": SITE})
-            assert (await next_message(ws))["type"] == "snapshot"
-            await rig.publish(HeartbeatBody(uptime_s=1.0, interval_s=0.2))
-            await rig.publish(DeviceBody(device_key=KEY, snapshot=receiver()))
-            # Silent for three intervals: stale, with its alert, and the tiles told at once.
-            stale = await next_alert(ws, "agent_stale", "open")
-            assert stale["device_key"] is None
-            statuses = await _channel_statuses(ws, "stale")
-            assert statuses == {1: "stale", 2: "stale"}
-            # Heard again: the alert resolves in the ingest transaction and the tiles come back.
-            await rig.publish(HeartbeatBody(uptime_s=2.0, interval_s=60.0))
-            back = await next_alert(ws, "agent_stale", "resolved")
-            assert back["id"] == stale["id"]
-            assert await _channel_statuses(ws, "online") == {1: "online", 2: "online"}
-            await ws.close()
-    finally:
-        await nc.close()
-        await collector.stop()
+    ) as rig:
+        # Subscribed before the agent is heard of, so that no message can come before it.
+        ws = await rig.http.ws_connect(f"{rig.url}/api/v1/live")
+        await ws.send_json({"type": "auth", "token": TOKEN})
+        await ws.send_json({"type": "subscribe", "scope": "site", "site": SITE})
+        assert (await next_message(ws))["type"] == "snapshot"
+        await rig.publish(HeartbeatBody(uptime_s=1.0, interval_s=0.2))
+        await rig.publish(DeviceBody(device_key=KEY, snapshot=receiver()))
+        # Silent for three intervals: stale, with its alert, and the tiles told at once.
+        stale = await next_alert(ws, "agent_stale", "open")
+        assert stale["device_key"] is None
+        statuses = await _channel_statuses(ws, "stale")
+        assert statuses == {1: "stale", 2: "stale"}
+        # Heard again: the alert resolves in the ingest transaction and the tiles come back.
+        await rig.publish(HeartbeatBody(uptime_s=2.0, interval_s=60.0))
+        back = await next_alert(ws, "agent_stale", "resolved")
+        assert back["id"] == stale["id"]
+        assert await _channel_statuses(ws, "online") == {1: "online", 2: "online"}
+        await ws.close()
 
 
 async def test_a_device_the_restarted_agent_no_longer_reports_goes_offline_with_its_alert(
     nats_private: EmbeddedNats, db_url: str, tmp_path: Path
 ) -> None:
-    settings = CollectorSettings(
-        nats_url=nats_private.url,
-        database_url=db_url,
-        auto_migrate="always",
-        http_port=0,
-        state_dir=tmp_path / "collector",
-        fetch_timeout_s=0.1,
-        bootstrap_token=TOKEN,
+    kept = receiver().model_copy(update={"device_key": "rx-kept"})
+    async with running_rig(
+        nats_private.url,
+        db_url,
+        tmp_path,
         stale_check_interval_s=0.1,
         unreported_device_after_s=1.0,
-    )
-    collector = Collector(settings)
-    running = await collector.start()
-    nc = await nats.connect(nats_private.url)
-    kept = receiver().model_copy(update={"device_key": "rx-kept"})
-    try:
-        async with aiohttp.ClientSession() as http:
-            rig = Rig(collector, running.url, nc, JetStreamPublisher(nc), EnvelopeFactory(SITE, AGENT), http)
-            await rig.publish(HelloBody(version="1"))
-            await rig.publish(DeviceBody(device_key=KEY, snapshot=receiver()))
-            await rig.publish(DeviceBody(device_key="rx-kept", snapshot=kept))
-            await eventually(lambda: _count_online(rig, 2), "both devices online")
-            ws = await http.ws_connect(f"{running.url}/api/v1/live")
-            await ws.send_json({"type": "auth", "token": TOKEN})
-            await ws.send_json({"type": "subscribe", "scope": "site", "site": SITE})
-            assert (await next_message(ws))["type"] == "snapshot"
-            # The agent restarts (a new boot) and reports only the receiver it still has.
-            rig.factory = EnvelopeFactory(SITE, AGENT)
-            await rig.publish(HelloBody(version="1"))
-            await rig.publish(DeviceBody(device_key="rx-kept", snapshot=kept))
-            started = time.monotonic()
-            # The tiles and the alert, told live (in either order).
-            opened: dict[str, Any] = {}
-            tiles: dict[int, str] = {}
-            deadline = started + 10
-            while not opened or len(tiles) < 2:
-                data = await next_message(ws, deadline - time.monotonic())
-                item = data.get("item") or {}
-                if data["type"] == "alert" and item["rule"] == "device_offline":
-                    opened = item
-                elif data["type"] == "channel" and item["device_key"] == KEY and item["status"] == "offline":
-                    tiles[item["index"]] = item["status"]
-            assert opened["device_key"] == KEY and opened["state"] == "open"
-            # Not before the grace: the agent had a second to report it.
-            assert time.monotonic() - started > 0.5
-            statuses = {d["device_key"]: d["status"] for d in await _devices(rig)}
-            assert statuses == {KEY: "offline", "rx-kept": "online"}
-            # Reported again: online, and the alert resolves.
-            await rig.publish(DeviceBody(device_key=KEY, snapshot=receiver()))
-            resolved = await next_alert(ws, "device_offline", "resolved")
-            assert resolved["id"] == opened["id"]
-            await eventually(lambda: _count_online(rig, 2), "the device back online")
-            await ws.close()
-    finally:
-        await nc.close()
-        await collector.stop()
+    ) as rig:
+        await rig.publish(HelloBody(version="1"))
+        await rig.publish(DeviceBody(device_key=KEY, snapshot=receiver()))
+        await rig.publish(DeviceBody(device_key="rx-kept", snapshot=kept))
+        await eventually(lambda: _count_online(rig, 2), "both devices online")
+        ws = await rig.http.ws_connect(f"{rig.url}/api/v1/live")
+        await ws.send_json({"type": "auth", "token": TOKEN})
+        await ws.send_json({"type": "subscribe", "scope": "site", "site": SITE})
+        assert (await next_message(ws))["type"] == "snapshot"
+        # The agent restarts (a new boot) and reports only the receiver it still has.
+        rig.factory = EnvelopeFactory(SITE, AGENT)
+        await rig.publish(HelloBody(version="1"))
+        await rig.publish(DeviceBody(device_key="rx-kept", snapshot=kept))
+        started = time.monotonic()
+        # The tiles and the alert, told live (in either order).
+        opened: dict[str, Any] = {}
+        tiles: dict[int, str] = {}
+        deadline = started + 10
+        while not opened or len(tiles) < 2:
+            data = await next_message(ws, deadline - time.monotonic())
+            item = data.get("item") or {}
+            if data["type"] == "alert" and item["rule"] == "device_offline":
+                opened = item
+            elif data["type"] == "channel" and item["device_key"] == KEY and item["status"] == "offline":
+                tiles[item["index"]] = item["status"]
+        assert opened["device_key"] == KEY and opened["state"] == "open"
+        # Not before the grace: the agent had a second to report it.
+        assert time.monotonic() - started > 0.5
+        statuses = {d["device_key"]: d["status"] for d in await _devices(rig)}
+        assert statuses == {KEY: "offline", "rx-kept": "online"}
+        # Reported again: online, and the alert resolves.
+        await rig.publish(DeviceBody(device_key=KEY, snapshot=receiver()))
+        resolved = await next_alert(ws, "device_offline", "resolved")
+        assert resolved["id"] == opened["id"]
+        await eventually(lambda: _count_online(rig, 2), "the device back online")
+        await ws.close()
 
 
 async def _agent_status(rig: Rig, status: str, agent: str = AGENT) -> bool:
@@ -389,85 +378,72 @@ async def test_an_admin_forgets_an_offline_receiver_and_live_views_drop_its_tile
 async def test_an_admin_forgets_a_retired_agent_and_nothing_of_it_comes_back(
     nats_private: EmbeddedNats, db_url: str, tmp_path: Path
 ) -> None:
-    settings = CollectorSettings(
-        nats_url=nats_private.url,
-        database_url=db_url,
-        auto_migrate="always",
-        http_port=0,
-        state_dir=tmp_path / "collector",
-        fetch_timeout_s=0.1,
-        bootstrap_token=TOKEN,
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    async with running_rig(
+        nats_private.url,
+        db_url,
+        tmp_path,
         stale_check_interval_s=0.1,
         # The sweep reopens agent alerts of silent agents: running often, it would show one coming back.
         alert_sweep_interval_s=0.1,
-    )
-    collector = Collector(settings)
-    running = await collector.start()
-    nc = await nats.connect(nats_private.url)
-    admin = {"Authorization": f"Bearer {TOKEN}"}
-    try:
-        async with aiohttp.ClientSession() as http:
-            rig = Rig(collector, running.url, nc, JetStreamPublisher(nc), EnvelopeFactory(SITE, AGENT), http)
+    ) as rig:
 
-            async def forget(agent: str) -> tuple[int, dict[str, Any]]:
-                async with http.post(
-                    f"{running.url}/api/v1/agents/forget", json={"agent": agent}, headers=admin
-                ) as response:
-                    return response.status, await response.json()
+        async def forget(agent: str) -> tuple[int, dict[str, Any]]:
+            async with rig.http.post(
+                f"{rig.url}/api/v1/agents/forget", json={"agent": agent}, headers=admin
+            ) as response:
+                return response.status, await response.json()
 
-            await rig.publish(HelloBody(version="1"))
-            await rig.publish(HeartbeatBody(uptime_s=1.0, interval_s=0.5))
-            await rig.publish(DeviceBody(device_key=KEY, snapshot=receiver()))
-            # Another venue whose agent never had a receiver.
-            lone = EnvelopeFactory("venue-q", "pi-q")
-            await rig.publisher.publish(lone.make(HeartbeatBody(uptime_s=1.0, interval_s=0.5)))
-            await eventually(lambda: _count_online(rig, 1), "the receiver online")
-            status, problem = await forget(AGENT)
-            assert (status, problem["code"]) == (409, "agent.still_reporting")
-            assert (await forget("nobody"))[1]["code"] == "agent.not_found"
-            async with http.post(f"{running.url}/api/v1/agents/forget", json={"agent": "Not A Token"}) as r:
-                assert r.status == 401  # no token: refused before the body is read
-            # Retired: silent, so stale, with its alert.
-            await eventually(lambda: rig.alert("open", "agent_stale"), "the agent's alert")
-            await eventually(lambda: _agent_status(rig, "stale"), "the agent stale")
-            ws = await http.ws_connect(f"{running.url}/api/v1/live")
-            await ws.send_json({"type": "auth", "token": TOKEN})
-            await ws.send_json({"type": "subscribe", "scope": "fleet"})
-            assert (await next_message(ws))["type"] == "snapshot"
-            status, gone = await forget(AGENT)
-            assert status == 200, gone
-            assert (gone["agent"], gone["site"], gone["devices"], gone["site_removed"]) == (
-                AGENT,
-                SITE,
-                1,
-                True,
-            )
-            assert gone["alerts_resolved"] >= 1
-            removed: dict[str, Any] = {}
-            sites_removed: set[str] = set()
-            deadline = time.monotonic() + 10
-            while removed.get("device_key") != KEY or SITE not in sites_removed:
-                data = await next_message(ws, deadline - time.monotonic())
-                if data["type"] == "device_removed":
-                    removed = data["item"]
-                elif data["type"] == "site_removed":
-                    sites_removed.add(data["item"]["site"])
-            # Without receivers, the periodic site refresh tells it (every 5 s).
-            await eventually(lambda: _agent_status(rig, "stale", "pi-q"), "the lone agent stale")
-            status, lone_gone = await forget("pi-q")
-            assert (status, lone_gone["devices"], lone_gone["site_removed"]) == (200, 0, True)
-            while "venue-q" not in sites_removed:
-                data = await next_message(ws, deadline + 8 - time.monotonic())
-                if data["type"] == "site_removed":
-                    sites_removed.add(data["item"]["site"])
-            assert (await rig.get("/sites"))["items"] == []
-            assert (await rig.get("/agents"))["items"] == []
-            assert await _devices(rig) == []
-            # Several sweeps later nothing of it is open again.
-            await asyncio.sleep(0.5)
-            assert (await rig.get("/alerts?state=open"))["items"] == []
-            assert (await forget(AGENT))[1]["code"] == "agent.not_found"
-            await ws.close()
-    finally:
-        await nc.close()
-        await collector.stop()
+        await rig.publish(HelloBody(version="1"))
+        await rig.publish(HeartbeatBody(uptime_s=1.0, interval_s=0.5))
+        await rig.publish(DeviceBody(device_key=KEY, snapshot=receiver()))
+        # Another venue whose agent never had a receiver.
+        lone = EnvelopeFactory("venue-q", "pi-q")
+        await rig.publisher.publish(lone.make(HeartbeatBody(uptime_s=1.0, interval_s=0.5)))
+        await eventually(lambda: _count_online(rig, 1), "the receiver online")
+        status, problem = await forget(AGENT)
+        assert (status, problem["code"]) == (409, "agent.still_reporting")
+        assert (await forget("nobody"))[1]["code"] == "agent.not_found"
+        async with rig.http.post(f"{rig.url}/api/v1/agents/forget", json={"agent": "Not A Token"}) as r:
+            assert r.status == 401  # no token: refused before the body is read
+        # Retired: silent, so stale, with its alert.
+        await eventually(lambda: rig.alert("open", "agent_stale"), "the agent's alert")
+        await eventually(lambda: _agent_status(rig, "stale"), "the agent stale")
+        ws = await rig.http.ws_connect(f"{rig.url}/api/v1/live")
+        await ws.send_json({"type": "auth", "token": TOKEN})
+        await ws.send_json({"type": "subscribe", "scope": "fleet"})
+        assert (await next_message(ws))["type"] == "snapshot"
+        status, gone = await forget(AGENT)
+        assert status == 200, gone
+        assert (gone["agent"], gone["site"], gone["devices"], gone["site_removed"]) == (
+            AGENT,
+            SITE,
+            1,
+            True,
+        )
+        assert gone["alerts_resolved"] >= 1
+        removed: dict[str, Any] = {}
+        sites_removed: set[str] = set()
+        deadline = time.monotonic() + 10
+        while removed.get("device_key") != KEY or SITE not in sites_removed:
+            data = await next_message(ws, deadline - time.monotonic())
+            if data["type"] == "device_removed":
+                removed = data["item"]
+            elif data["type"] == "site_removed":
+                sites_removed.add(data["item"]["site"])
+        # Without receivers, the periodic site refresh tells it (every 5 s).
+        await eventually(lambda: _agent_status(rig, "stale", "pi-q"), "the lone agent stale")
+        status, lone_gone = await forget("pi-q")
+        assert (status, lone_gone["devices"], lone_gone["site_removed"]) == (200, 0, True)
+        while "venue-q" not in sites_removed:
+            data = await next_message(ws, deadline + 8 - time.monotonic())
+            if data["type"] == "site_removed":
+                sites_removed.add(data["item"]["site"])
+        assert (await rig.get("/sites"))["items"] == []
+        assert (await rig.get("/agents"))["items"] == []
+        assert await _devices(rig) == []
+        # Several sweeps later nothing of it is open again.
+        await asyncio.sleep(0.5)
+        assert (await rig.get("/alerts?state=open"))["items"] == []
+        assert (await forget(AGENT))[1]["code"] == "agent.not_found"
+        await ws.close()

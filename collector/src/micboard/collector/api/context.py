@@ -38,6 +38,7 @@ class ApiContext:
     auth: Authenticator
     groups: GroupStore
     metrics: ApiMetrics
+    devices: DeviceService
     nc: Client | None = None
     ingest: IngestConsumer | None = None
     alerts: AlertService | None = None
@@ -46,7 +47,6 @@ class ApiContext:
     live: LiveFeed | None = None
     bridge: LiveBridge | None = None
     meters: MeterService | None = None
-    devices: DeviceService | None = None
     hub: LiveHub | None = None
 
 

@@ -573,9 +573,11 @@ class LiveFeed:
                     await self._learn_keys(changed - {(i["agent"], i["device_key"]) for i in items})
                 if pending.sites:
                     shown = await self._send_sites(only=pending.sites)
-                    # A site whose last agent was forgotten is gone from the store: say so.
-                    for site in set(pending.removed.values()) - shown:
-                        self._send_site_removed(site)
+                    if pending.removed:
+                        # A site whose last agent was forgotten is gone from the store: say so.
+                        listed = {str(item["site"]) for item in shown}
+                        for site in set(pending.removed.values()) - listed:
+                            self._send_site_removed(site)
 
     def _send_removed(self, key: tuple[str, str], site: str) -> None:
         known = self._keys.pop(key, None)
@@ -621,11 +623,11 @@ class LiveFeed:
         if audience:
             self._deliver(_message("site_removed", {"site": site}), audience)
 
-    async def _send_sites(self, only: Iterable[str] | None = None) -> set[str]:
+    async def _send_sites(self, only: Iterable[str] | None = None) -> list[dict[str, Any]]:
         listing = await self.fleet.list_sites(PageRequest(_SNAPSHOT_SITES, 0), only=only)
         for item in listing.items:
             self._send_site(item)
-        return {str(item["site"]) for item in listing.items}
+        return listing.items
 
     async def _site_loop(self) -> None:
         # Stale devices and agents change without an event (a sweep marks them); refresh sites

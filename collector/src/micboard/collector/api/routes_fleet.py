@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from micboard.collector.api.auth import Role
-from micboard.collector.api.context import context_of
-from micboard.collector.api.errors import ApiError, ApiErrorCode
+from micboard.collector.api.context import ApiContext, context_of
+from micboard.collector.api.errors import ApiError
 from micboard.collector.api.models import (
     AgentForget,
     AgentForgotten,
@@ -22,6 +24,8 @@ from micboard.collector.api.models import (
 )
 from micboard.collector.api.routing import Call, JsonBody, RouteTable
 from micboard.collector.errors import CollectorErrorCode
+from micboard.collector.services.alerts import AlertChange
+from micboard.collector.services.devices import ForgottenDevice
 from micboard.collector.services.fleet import PageRequest
 
 routes = RouteTable()
@@ -63,6 +67,16 @@ async def list_agents(call: Call[AgentQuery, NoBody]) -> JsonBody:
     return JsonBody.page(listing.items, listing.total, q.limit, q.offset)
 
 
+def _tell_forgotten(ctx: ApiContext, gone: Iterable[ForgottenDevice], alerts: list[AlertChange]) -> None:
+    """After a forget has committed: alert subscribers and webhooks, and live views drop the tiles."""
+    if ctx.alerts is not None:
+        ctx.alerts.notify(alerts)
+    if ctx.hub is not None:
+        # In every collector process, through the live bridge.
+        for device in gone:
+            ctx.hub.publish_device(device.site, device.agent, device.device_key, {"kind": "removed"})
+
+
 @routes.route(
     "POST",
     "/api/v1/agents/forget",
@@ -75,14 +89,8 @@ async def list_agents(call: Call[AgentQuery, NoBody]) -> JsonBody:
 async def forget_agent(call: Call[NoQuery, AgentForget]) -> AgentForgotten:
     """Remove a stale agent (a retired venue) and its receivers, resolving their alerts; 409 if heard."""
     ctx = context_of(call.app)
-    if ctx.devices is None:
-        raise ApiError(503, ApiErrorCode.SERVICE_UNAVAILABLE, "agents cannot be changed in this process")
     gone = await ctx.devices.forget_agent(call.body.agent, by=call.actor, alerts=ctx.alerts)
-    if ctx.alerts is not None:
-        ctx.alerts.notify(gone.alerts)
-    if ctx.hub is not None:
-        for device in gone.devices:
-            ctx.hub.publish_device(device.site, device.agent, device.device_key, {"kind": "removed"})
+    _tell_forgotten(ctx, gone.devices, gone.alerts)
     return AgentForgotten(
         agent=gone.agent,
         site=gone.site,
@@ -147,14 +155,8 @@ async def get_device(call: Call[NoQuery, NoBody]) -> DeviceDetail:
 async def forget_device(call: Call[NoQuery, NoBody]) -> None:
     """Remove an offline or stale receiver and resolve its alerts; 409 if its agent reports it online."""
     ctx = context_of(call.app)
-    if ctx.devices is None:
-        raise ApiError(503, ApiErrorCode.SERVICE_UNAVAILABLE, "devices cannot be changed in this process")
     gone = await ctx.devices.forget(call.path["id"], by=call.actor, alerts=ctx.alerts)
-    if ctx.alerts is not None:
-        ctx.alerts.notify(gone.alerts)
-    if ctx.hub is not None:
-        # Live views drop its tiles (in every collector process, through the live bridge).
-        ctx.hub.publish_device(gone.site, gone.agent, gone.device_key, {"kind": "removed"})
+    _tell_forgotten(ctx, [gone], gone.alerts)
 
 
 @routes.route(
