@@ -237,6 +237,30 @@ async def test_an_admin_forgets_a_receiver_that_went_offline(
     await browser_page.shot("forgotten")
 
 
+async def test_a_receiver_swapped_for_a_smaller_one_loses_the_tiles_it_no_longer_has(
+    fleet: LiveFleet, browser_page: BrowserPage
+) -> None:
+    from micboard.agent.drivers.shure.simulator import ShureSimulator
+
+    await sign_in(browser_page, fleet)
+    await open_site(browser_page, fleet)
+    quad = fleet.simulators[0]
+    await quad.stop()
+    # A dual receiver in its place (same address): the agent reports it with two channels.
+    dual = ShureSimulator("ulxd4d", port=quad.port, seed=7, activity=0.0)
+    await dual.start()
+    fleet.simulators[0] = dual  # stopped with the fleet
+    page = browser_page.page
+    await page.wait_for_function(
+        "() => [...document.querySelectorAll('#tiles .tile')].map(t => t.dataset.index).join() === '1,2'",
+        timeout=30_000,
+    )
+    await browser_page.shot("two-tiles-left")
+    status, body = await fleet.api("GET", f"/channels?site={fleet.site}")
+    assert status == 200 and [c["index"] for c in body["items"]] == [1, 2]
+    assert all(c["model"] == "ULXD4D" for c in body["items"])
+
+
 async def test_live_updates_keep_the_elements_a_click_lands_on(
     fleet: LiveFleet, browser_page: BrowserPage
 ) -> None:

@@ -265,6 +265,28 @@ async def test_reconnects_after_the_device_drops_connections() -> None:
         assert reply.outcome is CommandOutcome.OK
 
 
+async def test_a_receiver_swapped_at_the_same_address_is_reported_as_it_is_now() -> None:
+    quad = ShureSimulator("ulxd4q", port=0, seed=3, activity=0.0)
+    await quad.start()
+    dual = ShureSimulator("ulxd4d", port=quad.port, seed=5, activity=0.0)
+    try:
+        async with running_driver(quad, FAST) as (driver, seen, _task):
+            await until(lambda: driver.online)
+            assert driver.device is not None and len(driver.device.channels) == 4
+            await quad.stop()
+            await dual.start()  # a dual receiver in its place
+            await until(lambda: driver.device is not None and driver.device.model == "ULXD4D")
+            device = driver.device
+            assert [c.index for c in device.channels] == [1, 2]
+            assert device.device_id == dual.device_id
+            # Once the dual answered, nothing of the quad's channels 3 and 4 was reported.
+            swapped = [i for i, d in enumerate(seen.devices) if d.device_id == dual.device_id]
+            assert all(len(d.channels) == 2 for d in seen.devices[swapped[0] :])
+    finally:
+        await dual.stop()
+        await quad.stop()
+
+
 async def test_a_device_that_hangs_up_at_once_is_retried_with_backoff() -> None:
     async with rig("slxd4") as r:
         for _ in range(3):

@@ -479,6 +479,25 @@ async def test_deltas_follow_events_applied_by_ingest(
                 site = (await next_of(ws, "site", timeout_s=10))["item"]
             assert (site["site"], site["worst"]) == ("venue-l", "critical")
             assert site["open_alerts"] == 3
+
+            # Reconfigured to one channel: the second channel's tile must go, not linger.
+            device_id = item["device_id"]
+            await publisher.publish(
+                factory.make(DeviceBody(device_key="rx1", snapshot=make_receiver("rx1", bars=(5,))))
+            )
+            removed = (await next_of(ws, "channel_removed", timeout_s=10))["item"]
+            expected = {
+                "site": "venue-l",
+                "agent": "pi-l",
+                "device_key": "rx1",
+                "device_id": device_id,
+                "index": 2,
+            }
+            assert removed == expected
+            async with http.get(
+                f"{running.url}/api/v1/channels", headers={"Authorization": f"Bearer {token}"}
+            ) as r:
+                assert [(c["device_id"], c["index"]) for c in (await r.json())["items"]] == [(device_id, 1)]
             await ws.close()
     finally:
         await nc.close()

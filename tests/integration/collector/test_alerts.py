@@ -277,3 +277,51 @@ async def test_two_services_never_open_the_same_alert_twice(engine: AsyncEngine)
     assert await second.meter(T0 + 1, peak=0.0) == []
     rows = await first.service.list_alerts(states=[AlertState.OPEN])
     assert [a.rule for a in rows] == [AlertRule.AUDIO_CLIPPING]
+
+
+async def test_alerts_of_channels_a_receiver_no_longer_has_are_resolved(engine: AsyncEngine) -> None:
+    def receiver(*bars: int) -> Device:
+        return Device(
+            device_key=KEY,
+            vendor=Vendor.SHURE,
+            family=Family.ULXD,
+            channels=tuple(
+                ReceiverChannel(index=i, transmitter=Transmitter(battery_bars=b))
+                for i, b in enumerate(bars, 1)
+            ),
+        )
+
+    rig = Rig(engine)
+    await rig.state(receiver(5, 5), T0)
+    opened = await rig.state(receiver(3, 1), T0 + 1000)
+    assert sorted(kinds(opened)) == [
+        ("opened", "battery_critical"),
+        ("opened", "battery_low"),
+        ("opened", "battery_low"),
+    ]
+    body = MeterBody(
+        device_key=KEY, channels=(ChannelMeter(index=2, rf_dbm=(None, None), audio_peak_dbfs=0.0),)
+    )
+    for at in (T0 + 1000, T0 + 5000):
+        await rig.service.evaluate_meter(SITE, AGENT, body, now_ms=at)
+    found = await rig.service.list_alerts(states=[AlertState.OPEN])
+    assert sorted((a.channel, a.rule.value) for a in found) == [
+        (1, "battery_low"),
+        (2, "audio_clipping"),
+        (2, "battery_critical"),
+        (2, "battery_low"),
+        (2, "rf_loss"),
+    ]
+    # Reconfigured to one channel: nothing will ever clear channel 2's alerts, so they resolve now.
+    changes = await rig.state(receiver(3), T0 + 6000)
+    assert sorted((c.kind.value, c.alert.channel, c.alert.rule.value) for c in changes) == [
+        ("resolved", 2, "audio_clipping"),
+        ("resolved", 2, "battery_critical"),
+        ("resolved", 2, "battery_low"),
+        ("resolved", 2, "rf_loss"),
+    ]
+    assert all(c.alert.resolved_by == "system" for c in changes)
+    found = await rig.service.list_alerts(states=[AlertState.OPEN])
+    assert [(a.channel, a.rule.value) for a in found] == [(1, "battery_low")]
+    # Resolved for good: the sweep has nothing of channel 2 left to hold or resolve.
+    assert await rig.service.sweep(now_ms=T0 + 60_000) == []

@@ -150,6 +150,9 @@ async def test_a_connection_that_never_hears_itself_warns_and_still_bridges(
         msgpack.packb(
             {"v": 1, "m": [["device", "venue", {"agent": "pi-1", "device_key": "rx", "channels": ["x"]}]]}
         ),
+        msgpack.packb(
+            {"v": 1, "m": [["device", "venue", {"agent": "pi-1", "device_key": "rx", "gone": [2.0]}]]}
+        ),
         msgpack.packb({"v": 1, "m": [["alert", 5, {}]]}),
         msgpack.packb({"v": 1, "m": [["alert", "venue"]]}),
         msgpack.packb({"v": 1, "m": [[["device"], "venue", {}]]}),
@@ -226,12 +229,15 @@ def test_any_msgpack_structure_decodes_or_raises_bridge_error(body: Any) -> None
 @given(
     st.lists(
         st.builds(
-            lambda site, extra, channels: LiveMessage(
-                Topic.DEVICE, site, {"agent": "pi-1", "device_key": "rx", "channels": channels, **extra}
+            lambda site, extra, channels, gone: LiveMessage(
+                Topic.DEVICE,
+                site,
+                {"agent": "pi-1", "device_key": "rx", "channels": channels, "gone": gone, **extra},
             ),
             st.text(max_size=10),
             st.dictionaries(st.sampled_from(["kind", "seq", "summary"]), _json, max_size=3),
             st.none() | st.lists(st.integers(0, 64), max_size=4),
+            st.none() | st.lists(st.integers(1, 64), max_size=4),
         )
         | st.builds(
             lambda site, data: LiveMessage(Topic.ALERT, site, data),

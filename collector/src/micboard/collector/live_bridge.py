@@ -121,12 +121,16 @@ def decode_messages(payload: bytes) -> list[LiveMessage]:
 
 
 def _device_data_ok(data: Mapping[str, Any]) -> bool:
-    channels = data.get("channels")
     return (
         isinstance(data.get("agent"), str)
         and isinstance(data.get("device_key"), str)
-        and (channels is None or (isinstance(channels, list) and all(type(i) is int for i in channels)))
+        and _indexes_or_none(data.get("channels"))
+        and _indexes_or_none(data.get("gone"))
     )
+
+
+def _indexes_or_none(value: object) -> bool:
+    return value is None or (isinstance(value, list) and all(type(i) is int for i in value))
 
 
 class LiveBridge:

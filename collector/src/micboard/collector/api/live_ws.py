@@ -157,9 +157,28 @@ def publish_committed(
                     data["change"] = change
                     if _summary_unchanged(change):
                         data["summary"] = False
+            elif isinstance(event, DeviceEvent):
+                change = by_key.get((event.agent, event.body.device_key))
+                gone = _channels_gone(change) if change is not None else []
+                if gone:
+                    # A snapshot with fewer channels (a receiver reconfigured or replaced): the
+                    # store no longer has them, and views must not keep showing them.
+                    data["gone"] = gone
             hub.publish_device(event.site, event.agent, event.body.device_key, data)
     for ref in restored:
         hub.publish_device(ref.site, ref.agent, ref.device_key, {"kind": "status"})
+
+
+def _channels_gone(change: DeviceChange) -> list[int]:
+    """The indexes of the channels ``change`` took away from its device, in order."""
+    if change.before is None:
+        return []
+    after = {channel.get("index") for channel in change.after.get("channels") or ()}
+    return sorted(
+        index
+        for channel in change.before.get("channels") or ()
+        if type(index := channel.get("index")) is int and index not in after
+    )
 
 
 def _summary_unchanged(change: DeviceChange) -> bool:
@@ -271,13 +290,23 @@ class _Pending:
     sites: set[str] = field(default_factory=set)
     # Devices forgotten (deleted) since the last flush, by key, with the site they were in.
     removed: dict[tuple[str, str], str] = field(default_factory=dict)
+    # Channels a snapshot took away, by device key: their site and indexes.
+    gone: dict[tuple[str, str], tuple[str, set[int]]] = field(default_factory=dict)
 
     def device_removed(self, key: tuple[str, str], site: str) -> None:
         """Note a device deleted from the store: what was noted of it before is void."""
         self.devices.discard(key)
         self.committed.pop(key, None)
         self.channels = {c for c in self.channels if (c[0], c[1]) != key}
+        self.gone.pop(key, None)
         self.removed[key] = site
+
+    def channels_gone(self, key: tuple[str, str], site: str, indexes: list[int]) -> None:
+        """Note channels a snapshot took away; the device is read whole, which decides."""
+        self.devices.add(key)
+        self.committed.pop(key, None)
+        noted = self.gone.setdefault(key, (site, set()))[1]
+        noted.update(indexes)
 
     def device_changed(self, key: tuple[str, str], indexes: object, change: object = None) -> None:
         """Note a device change; ``indexes`` lists the only channels it touched, if known, and
@@ -487,6 +516,9 @@ class LiveFeed:
                 self._wake.set()
                 return
             self._pending.device_changed((agent, device_key), data.get("channels"), data.get("change"))
+            gone = data.get("gone")
+            if isinstance(gone, list) and gone and all(type(i) is int for i in gone):
+                self._pending.channels_gone((agent, device_key), message.site, gone)
             if data.get("summary") is not False:
                 # Its site's counts may have moved (the periodic site refresh catches the rest).
                 self._pending.sites.add(message.site)
@@ -568,9 +600,13 @@ class LiveFeed:
                     items += await self.fleet.channels_where(channel_keys=single)
                 for item in items:
                     self._keys[(item["agent"], item["device_key"])] = (item["device_id"], item["site"])
-                    self._send_channel(item)
                 if changed:
                     await self._learn_keys(changed - {(i["agent"], i["device_key"]) for i in items})
+                if pending.gone:
+                    # Before the channels read: a tile goes before its device's others are redrawn.
+                    self._send_gone(pending.gone, items)
+                for item in items:
+                    self._send_channel(item)
                 if pending.sites:
                     shown = await self._send_sites(only=pending.sites)
                     if pending.removed:
@@ -589,6 +625,32 @@ class LiveFeed:
         if audience:
             item = {"site": site, "agent": key[0], "device_key": key[1], "device_id": device_id}
             self._deliver(_message("device_removed", item), audience)
+
+    def _send_gone(
+        self, gone: dict[tuple[str, str], tuple[str, set[int]]], items: list[dict[str, Any]]
+    ) -> None:
+        # The store, read after the snapshot's commit, is the truth: a channel a later snapshot
+        # of the same flush brought back is in ``items`` and is not removed.
+        present = {(i["agent"], i["device_key"], i["index"]) for i in items}
+        for key, (site, indexes) in gone.items():
+            known = self._keys.get(key)
+            if known is None:
+                continue  # the device itself is gone: a device_removed message says so
+            device_id = known[0]
+            for index in sorted(indexes):
+                if (key[0], key[1], index) in present:
+                    continue
+                self._channel_cache.pop((device_id, index), None)
+                audience = self._audience(site, (device_id, index))
+                if audience:
+                    item = {
+                        "site": site,
+                        "agent": key[0],
+                        "device_key": key[1],
+                        "device_id": device_id,
+                        "index": index,
+                    }
+                    self._deliver(_message("channel_removed", item), audience)
 
     async def _learn_keys(self, keys: set[tuple[str, str]]) -> None:
         if keys:

@@ -271,6 +271,18 @@ class _Condition:
         return _target(self.agent, self.device_key, self.channel)
 
 
+def _channels_gone(change: DeviceTransition) -> list[str]:
+    """The alert targets of the channels ``change`` took away from its device."""
+    if change.before is None or change.after is None:
+        return []
+    kept = {c.index for c in change.after.channels}
+    return [
+        _target(change.agent, change.device_key, c.index)
+        for c in change.before.channels
+        if c.index not in kept
+    ]
+
+
 def _target(agent: str, device_key: str | None, channel: int | None) -> str:
     parts = [agent]
     if device_key is not None:
@@ -506,17 +518,28 @@ class AlertService:
             conn, [c.site for c in changes if c.after is not None and c.status_after == "online"]
         )
         planned: list[tuple[DeviceTransition, list[_Condition], list[_Condition]]] = []
+        gone: set[str] = set()
+        keys: set[tuple[str, str]] = set()
         for change in changes:
             conditions, unknown_now = self._device_conditions(change)
             if conditions or unknown_now:
                 planned.append((change, conditions, unknown_now))
-        if not planned:
+                keys.add((change.agent, change.device_key))
+            taken = _channels_gone(change)
+            if taken:
+                gone.update(taken)
+                keys.add((change.agent, change.device_key))
+        if not keys:
             return []
-        active = await self._active_for_devices(conn, {(c.agent, c.device_key) for c, _, _ in planned})
+        active = await self._active_for_devices(conn, keys)
+        results: list[AlertChange] = []
+        if gone:
+            results += await self._resolve_gone(conn, active, gone, now)
         # Value, hold and "last seen" writes to alerts in force run together at the end of the batch.
         deferred = _DeferredUpdates()
-        results: list[AlertChange] = []
         for _change, conditions, unknown_now in planned:
+            conditions = [c for c in conditions if c.target not in gone]
+            unknown_now = [c for c in unknown_now if c.target not in gone]
             for condition in conditions:
                 result = await self._apply(conn, active, condition, now, deferred)
                 if result is not None:
@@ -527,6 +550,30 @@ class AlertService:
                 if row is not None:
                     deferred.add(row["id"], {"observed_ms": now})
         await deferred.flush(conn)
+        return results
+
+    async def _resolve_gone(
+        self,
+        conn: AsyncConnection,
+        active: Mapping[tuple[str, AlertRule], Mapping[Any, Any]],
+        gone: set[str],
+        now: int,
+    ) -> list[AlertChange]:
+        """Resolve every alert in force on channels their device no longer has.
+
+        A receiver reconfigured or swapped for a smaller one: no reading will ever clear them.
+        """
+        results: list[AlertChange] = []
+        for (target, rule), row in active.items():
+            if target not in gone:
+                continue
+            result = await self._resolve_row(conn, row, SYSTEM, now)
+            if result is not None:
+                results.append(result)
+            if self._meter_alerts is not None:
+                self._meter_alerts.pop((target, rule), None)
+        for target in gone:
+            self._rf_bad_since.pop(target, None)
         return results
 
     def _device_conditions(self, change: DeviceTransition) -> tuple[list[_Condition], list[_Condition]]:

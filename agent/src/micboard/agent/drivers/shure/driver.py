@@ -310,6 +310,10 @@ class ShureDriver(ReceiverDriver):
         self._metered.clear()
         self._synced = False
         self._pending_identity = list(self.dialect.identity_params)
+        # What the last session learned may not hold: a receiver swapped for another at the same
+        # address (or reconfigured) answers GET 0 ALL in full, and only that is reported.
+        self._device_raw = {}
+        self._channels_raw = {}
         # After a blip the silence clock keeps running from the last bytes of the old link.
         if not self._online:
             self._last_rx = connected_at

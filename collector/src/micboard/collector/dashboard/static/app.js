@@ -806,6 +806,10 @@ function onLiveMessage(message) {
       // A receiver forgotten by an admin: its tiles go wherever they are shown.
       if (message.item) removeDeviceTiles(message.item);
       break;
+    case "channel_removed":
+      // A receiver now reports fewer channels (reconfigured or replaced): that tile goes.
+      if (message.item && state.tiles.delete(channelKey(message.item.device_id, message.item.index))) queueLayout();
+      break;
     case "meters":
       // One message per server tick with the latest reading of each channel that moved.
       for (const reading of message.items ?? []) meters.push(reading);
