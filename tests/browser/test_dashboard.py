@@ -126,6 +126,17 @@ async def test_site_view_shows_one_tile_per_channel(fleet: LiveFleet, browser_pa
     await page.wait_for_selector(f"{TILE.format(index=1)} .ant[data-antenna='A']")
     await page.wait_for_selector("#legend li[data-state='previously_good']")
     await browser_page.shot("site")
+    # A tablet or half a laptop screen: the header wraps instead of cutting controls off.
+    for width in (800, 400):
+        await page.set_viewport_size({"width": width, "height": 800})
+        cut = await page.evaluate(
+            """() => [...document.querySelectorAll('#topbar a, #topbar button, #topbar input, #topbar .live')]
+                .filter(e => e.offsetParent !== null && e.getBoundingClientRect().right > window.innerWidth)
+                .map(e => e.id || e.textContent)"""
+        )
+        assert cut == [], f"cut off at {width} px: {cut}"
+        assert await page.locator("#btn-logout").is_visible()
+        await browser_page.shot(f"site-{width}px")
 
 
 async def test_battery_drop_and_transmitter_off_reach_the_tile_within_2s(
@@ -329,6 +340,13 @@ async def test_acknowledging_an_alert(fleet: LiveFleet, browser_page: BrowserPag
     await page.select_option("#alert-state", "acknowledged")
     await page.locator(f"tr[data-alert-id='{alert['id']}'][data-state='acknowledged']").wait_for()
     await browser_page.shot("acknowledged")
+    # On a phone the list fits the screen (one card per alert), its buttons within reach.
+    await page.set_viewport_size({"width": 400, "height": 800})
+    assert await page.evaluate("() => document.documentElement.scrollWidth") <= 400
+    resolve = page.locator(f"tr[data-alert-id='{alert['id']}'] button[data-act='resolve']")
+    box = await resolve.bounding_box()
+    assert box is not None and box["x"] + box["width"] <= 400
+    await browser_page.shot("alerts-400px")
 
 
 async def test_tv_mode_toggles_and_persists(fleet: LiveFleet, browser_page: BrowserPage) -> None:
