@@ -272,6 +272,52 @@ async def test_a_receiver_swapped_for_a_smaller_one_loses_the_tiles_it_no_longer
     assert all(c["model"] == "ULXD4D" for c in body["items"])
 
 
+async def test_the_agents_view_shows_each_venue_box_and_retires_one_gone_for_good(
+    fleet: LiveFleet, browser_page: BrowserPage
+) -> None:
+    from micboard.shared import __version__ as agent_version
+
+    await sign_in(browser_page, fleet, role="admin")
+    page = browser_page.page
+    await page.keyboard.press("g")
+    row = page.locator(f"#agent-rows tr[data-agent='{fleet.agent}']")
+    await row.wait_for()
+    assert await row.get_attribute("data-status") == "online"
+    cells = await row.locator("td").all_inner_texts()
+    assert cells[1] == fleet.site and cells[2].startswith(fleet.agent)
+    assert cells[3] == agent_version
+    assert "queued" in cells[6]
+    # Heard: nothing to forget (it would come straight back).
+    assert await row.locator("button[data-act='forget']").count() == 0
+    await browser_page.shot("agents")
+
+    await fleet.daemon.close()  # the venue box is switched off for good
+    # The list refreshes itself: the agent turns stale (3 missed heartbeats) and may be forgotten.
+    await page.locator(f"#agent-rows tr[data-agent='{fleet.agent}'][data-status='stale']").wait_for(
+        timeout=20_000
+    )
+    dialogs: list[str] = []
+
+    async def accept(dialog: Any) -> None:
+        dialogs.append(dialog.message)
+        await dialog.accept()
+
+    page.on("dialog", accept)
+    await row.locator("button[data-act='forget']").click()
+    await row.wait_for(state="detached")
+    await page.wait_for_selector("#agents-empty", state="visible")
+    toast = await page.locator("#toast").inner_text()
+    assert f"Forgot {fleet.agent}: 1 receiver(s)" in toast and f"site {fleet.site} retired" in toast
+    assert dialogs and fleet.agent in dialogs[0]
+    for path in ("/agents", "/devices", "/sites", "/alerts?state=open"):
+        status, body = await fleet.api("GET", path)
+        assert status == 200 and body["items"] == [], (path, body)
+    # Its alerts went with it: the badge follows.
+    await page.wait_for_selector("#alert-count[data-count='0']")
+    assert await page.locator("#agent-table").is_hidden()
+    await browser_page.shot("agent-forgotten")
+
+
 async def test_live_updates_keep_the_elements_a_click_lands_on(
     fleet: LiveFleet, browser_page: BrowserPage
 ) -> None:

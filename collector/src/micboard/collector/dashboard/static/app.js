@@ -1,5 +1,5 @@
 // The fleet dashboard: routing, views, live updates and user actions.
-// Views: #/fleet, #/site/<site>[/group/<id>], #/alerts; the login form when no token works.
+// Views: #/fleet, #/site/<site>[/group/<id>], #/agents, #/alerts; the login form when no token works.
 
 import { ApiError, api, getToken, handleUnauthorized, query, setToken } from "./api.js";
 import { lineChart } from "./chart.js";
@@ -26,6 +26,7 @@ const state = {
   tiles: new Map(), // channel key -> TileView (current site only)
   groups: [], // groups of the current site, by position
   alerts: new Map(), // id -> alert (alerts view)
+  agents: new Map(), // agent -> agent (agents view)
   openAlertCount: 0,
   arranging: false,
   filter: "",
@@ -92,6 +93,7 @@ function parseRoute() {
     return { view: "site", site: parts[1], group };
   }
   if (parts[0] === "alerts") return { view: "alerts" };
+  if (parts[0] === "agents") return { view: "agents" };
   return { view: "fleet" };
 }
 
@@ -118,6 +120,7 @@ function renderCrumbs() {
   const items = [el("a", { href: "#/fleet", text: "Fleet" })];
   if (state.route.view === "site") items.push(el("span", { text: state.route.site }));
   if (state.route.view === "alerts") items.push(el("span", { text: "Alerts" }));
+  if (state.route.view === "agents") items.push(el("span", { text: "Agents" }));
   crumbs.replaceChildren(...items.flatMap((item, i) => (i ? [el("i", { text: "/" }), item] : [item])));
   $("#tv-title").textContent = state.route.view === "site" ? state.route.site : "Fleet";
 }
@@ -137,6 +140,7 @@ async function route() {
   try {
     if (state.route.view === "site") await enterSite(previous);
     else if (state.route.view === "alerts") await enterAlerts();
+    else if (state.route.view === "agents") await enterAgents();
     else await enterFleet();
   } catch (error) {
     if (!(error instanceof ApiError && error.status === 401)) toast(explain(error), "error");
@@ -718,6 +722,7 @@ function renderAlerts() {
   });
   for (const id of alertRows.keys()) if (!state.alerts.has(id)) alertRows.delete(id);
   placeInOrder($("#alert-rows"), rows);
+  $("#alert-table").hidden = state.alerts.size === 0;
   $("#alerts-empty").hidden = rows.length > 0;
 }
 
@@ -833,6 +838,121 @@ function onLiveMessage(message) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Agents: the venue boxes, how they are doing, and retiring one that is gone for good
+
+// Agents send no live messages of their own (their heartbeats move only "last heard"), so
+// the list is fetched again while it is shown.
+const AGENTS_REFRESH_MS = 5000;
+const AGENT_ORDER = { stale: 0, offline: 1, online: 2 };
+let agentsTimer = 0;
+const agentRows = new Map(); // agent -> { row, signature }
+
+async function enterAgents() {
+  showView("agents");
+  live.start({ scope: "fleet" });
+  await loadAgents();
+}
+
+async function loadAgents() {
+  clearTimeout(agentsTimer);
+  if (state.route.view !== "agents") return;
+  try {
+    const items = [];
+    for (let offset = 0; ; offset += 1000) {
+      const body = await api(`/agents${query({ limit: 1000, offset, sort: "site" })}`);
+      const page = body.items ?? [];
+      items.push(...page);
+      if (!page.length || items.length >= (body.total ?? 0)) break;
+    }
+    state.agents = new Map(items.map((item) => [item.agent, item]));
+    $("#agents-updated").textContent = `updated ${formatClock(Date.now())}`;
+    renderAgents();
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 401) return;
+    // Shown where the time of the last update was: the list stays, marked as not current.
+    $("#agents-updated").textContent = `not updated: ${explain(error)}`;
+  } finally {
+    if (state.route.view === "agents" && getToken()) agentsTimer = setTimeout(loadAgents, AGENTS_REFRESH_MS);
+  }
+}
+
+function outboxText(agent) {
+  const queued = `${agent.outbox_depth ?? 0} queued`;
+  return agent.dropped ? `${queued} · ${agent.dropped} dropped` : queued;
+}
+
+function agentRow(agent) {
+  const actions = el("td", { class: "actions" });
+  if (agent.status !== "online") {
+    actions.append(el("button", {
+      type: "button", "data-act": "forget", class: "ghost",
+      title: "Remove this agent and its receivers (admin; not while it reports)", text: "Forget",
+    }));
+  }
+  return el("tr", { "data-agent": agent.agent, "data-status": agent.status, "data-dropped": agent.dropped > 0 },
+    el("td", {}, el("span", { class: "sev", text: agent.status })),
+    el("td", {}, el("a", { href: siteHash(agent.site), text: agent.site })),
+    el("td", {}, el("strong", { text: agent.agent }), el("small", { text: agent.hostname ?? "" })),
+    el("td", { "data-label": "Version", text: agent.version ?? "—" }),
+    el("td", { class: "started", "data-label": "Started",
+      title: agent.started_ms ? new Date(agent.started_ms).toISOString() : "" }),
+    el("td", { class: "heard", "data-label": "Last heard", title: new Date(agent.last_seen_ms).toISOString() }),
+    el("td", { class: "outbox", "data-label": "Outbox", text: outboxText(agent) }),
+    actions);
+}
+
+function renderAgents() {
+  if (state.route.view !== "agents") return;
+  const agents = [...state.agents.values()]
+    .filter((a) => matchesFilter([a.agent, a.site, a.hostname, a.version, a.status].join(" ")))
+    .sort((a, b) => (AGENT_ORDER[a.status] ?? 9) - (AGENT_ORDER[b.status] ?? 9)
+      || String(a.site).localeCompare(String(b.site)) || String(a.agent).localeCompare(String(b.agent)));
+  const rows = agents.map((agent) => {
+    const { last_seen_ms: _moving, ...shown } = agent; // "last heard" is updated in place below
+    const signature = JSON.stringify(shown);
+    const kept = agentRows.get(agent.agent);
+    if (kept && kept.signature === signature) return kept.row;
+    const row = agentRow(agent);
+    agentRows.set(agent.agent, { row, signature });
+    return row;
+  });
+  agents.forEach((agent, i) => {
+    setText(rows[i].querySelector("td.started"), agent.started_ms ? formatAgo(agent.started_ms) : "—");
+    setText(rows[i].querySelector("td.heard"), formatAgo(agent.last_seen_ms));
+  });
+  for (const name of agentRows.keys()) if (!state.agents.has(name)) agentRows.delete(name);
+  placeInOrder($("#agent-rows"), rows);
+  $("#agent-table").hidden = state.agents.size === 0;
+  $("#agents-empty").hidden = state.agents.size > 0;
+}
+
+async function onAgentAction(event) {
+  const button = event.target.closest("button[data-act='forget']");
+  const row = event.target.closest("tr[data-agent]");
+  if (!button || !row) return;
+  const name = row.dataset.agent;
+  const site = state.agents.get(name)?.site ?? "";
+  if (!window.confirm(`Forget agent ${name} of ${site}? Its receivers, their tiles and open alerts go; ` +
+    "their history stays. If it reports again it comes back as new.")) return;
+  button.disabled = true;
+  try {
+    const gone = await api("/agents/forget", { method: "POST", body: { agent: name } });
+    state.agents.delete(name);
+    renderAgents();
+    const retired = gone.site_removed ? `; site ${gone.site} retired` : "";
+    toast(`Forgot ${name}: ${gone.devices} receiver(s), ${gone.alerts_resolved} alert(s) resolved${retired}`, "ok");
+    refreshAlertCount();
+  } catch (error) {
+    button.disabled = false;
+    if (error instanceof ApiError && error.status === 403) toast("Not allowed: this needs the admin role.", "error");
+    else if (error instanceof ApiError && error.status === 409) {
+      toast(`${name} is reporting again: not forgotten.`, "error");
+      loadAgents();
+    } else toast(explain(error), "error");
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // TV mode, help, keyboard, search
 
 function setTv(on, { fullscreen = false } = {}) {
@@ -905,6 +1025,9 @@ function onKey(event) {
     case "a":
       go("#/alerts");
       break;
+    case "g":
+      go("#/agents");
+      break;
     case "t":
       toggleTv(false);
       break;
@@ -923,6 +1046,7 @@ function setFilter(text) {
   if (state.route.view === "site") applyTileFilter();
   else if (state.route.view === "fleet") renderFleet();
   else if (state.route.view === "alerts") renderAlerts();
+  else if (state.route.view === "agents") renderAgents();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -943,6 +1067,7 @@ function wire() {
     container.addEventListener("submit", onTileSubmit);
   }
   $("#alert-rows").addEventListener("click", onAlertAction);
+  $("#agent-rows").addEventListener("click", onAgentAction);
   $("#alert-state").addEventListener("change", () => loadAlerts().catch((e) => toast(explain(e), "error")));
   $("#btn-new-group").addEventListener("click", () => openGroupDialog("new"));
   $("#btn-group-rename").addEventListener("click", () => openGroupDialog("rename"));
