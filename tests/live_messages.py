@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import weakref
 from collections import deque
@@ -16,9 +17,28 @@ _unread: weakref.WeakKeyDictionary[aiohttp.ClientWebSocketResponse, deque[dict[s
 
 
 async def next_message(
-    ws: aiohttp.ClientWebSocketResponse, timeout_s: float, *, check_batches: bool = False
+    ws: aiohttp.ClientWebSocketResponse,
+    timeout_s: float,
+    *,
+    check_batches: bool = False,
+    keepalives: bool = False,
 ) -> dict[str, Any]:
-    """The next message on ``ws``; ``check_batches`` also asserts the server's batching rules."""
+    """The next message on ``ws``; ``check_batches`` also asserts the server's batching rules.
+
+    ``keepalive`` messages (sent every ``KEEPALIVE_S`` whatever else happens) are skipped
+    unless ``keepalives``.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        message = await _next_any(ws, deadline - loop.time(), check_batches)
+        if keepalives or message["type"] != "keepalive":
+            return message
+
+
+async def _next_any(
+    ws: aiohttp.ClientWebSocketResponse, timeout_s: float, check_batches: bool
+) -> dict[str, Any]:
     unread = _unread.setdefault(ws, deque())
     if not unread:
         msg = await ws.receive(timeout=max(0.01, timeout_s))

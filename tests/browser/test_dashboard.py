@@ -318,6 +318,48 @@ async def test_the_agents_view_shows_each_venue_box_and_retires_one_gone_for_goo
     await browser_page.shot("agent-forgotten")
 
 
+async def test_a_lost_live_link_is_shown_and_a_silent_one_is_replaced(
+    fleet: LiveFleet, browser_page: BrowserPage
+) -> None:
+    from playwright.async_api import WebSocketRoute
+
+    page = browser_page.page
+    cut = False
+    links: list[WebSocketRoute] = []
+
+    def through(route: WebSocketRoute) -> None:
+        # While the link is cut, a new socket opens but nothing answers it: a dead link that
+        # looks open (a pulled cable, a proxy gone quiet).
+        if not cut:
+            route.connect_to_server()
+        links.append(route)
+
+    await page.route_web_socket("**/api/v1/live", through)
+    await sign_in(browser_page, fleet)
+    await open_site(browser_page, fleet)
+    assert await page.locator("#link-lost").is_hidden()
+
+    cut = True
+    for link in links:
+        await link.close()
+    banner = page.locator("#link-lost")
+    await banner.wait_for(state="visible", timeout=10_000)
+    assert "Not live since" in await banner.inner_text()
+    # What is shown may be out of date: it must not look current.
+    opacity = await page.eval_on_selector("#tiles .tile", "t => Number(getComputedStyle(t).opacity)")
+    assert opacity < 0.6
+    await browser_page.shot("link-lost")
+
+    # Back: the silent socket is given up (nothing heard for SILENT_LINK_MS) and a new one
+    # brings a fresh snapshot; the page is live and current again.
+    cut = False
+    await page.wait_for_selector("#live-status[data-live='live']", timeout=45_000)
+    await banner.wait_for(state="hidden")
+    opacity = await page.eval_on_selector("#tiles .tile", "t => Number(getComputedStyle(t).opacity)")
+    assert opacity == 1
+    assert len(links) >= 3  # the first, the silent one, the one that answered
+
+
 async def test_live_updates_keep_the_elements_a_click_lands_on(
     fleet: LiveFleet, browser_page: BrowserPage
 ) -> None:

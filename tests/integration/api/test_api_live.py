@@ -30,11 +30,9 @@ if TYPE_CHECKING:
     from tests.integration.api.conftest import LiveApi
 
 
-@pytest.fixture
-async def sqlite_api(
+async def _sqlite_live_api(
     tmp_path: Path, nats_server: EmbeddedNats, api_factory: Callable[..., AsyncIterator[LiveApi]]
 ) -> AsyncIterator[LiveApi]:
-    """The API on SQLite only: live behaviour does not depend on the database."""
     from micboard.collector.store.database import create_engine, create_schema
 
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'live.db'}")
@@ -42,6 +40,28 @@ async def sqlite_api(
     async for live in api_factory(engine, nats_server.url, live_queue_messages=8):
         yield live
     await engine.dispose()
+
+
+@pytest.fixture
+async def sqlite_api(
+    tmp_path: Path, nats_server: EmbeddedNats, api_factory: Callable[..., AsyncIterator[LiveApi]]
+) -> AsyncIterator[LiveApi]:
+    """The API on SQLite only: live behaviour does not depend on the database."""
+    async for live in _sqlite_live_api(tmp_path, nats_server, api_factory):
+        yield live
+
+
+@pytest.fixture
+async def keepalive_api(
+    tmp_path: Path,
+    nats_server: EmbeddedNats,
+    api_factory: Callable[..., AsyncIterator[LiveApi]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[LiveApi]:
+    """:func:`sqlite_api` with a keepalive every 0.2 s (set before the feed starts)."""
+    monkeypatch.setattr(live_ws, "KEEPALIVE_S", 0.2)
+    async for live in _sqlite_live_api(tmp_path, nats_server, api_factory):
+        yield live
 
 
 async def connect(
@@ -391,6 +411,21 @@ async def test_a_slow_client_is_dropped_and_others_keep_up(sqlite_api: LiveApi) 
             break
     assert slow.close_code == 1013
     await fast.close()
+
+
+async def test_a_quiet_fleet_still_sends_keepalives(keepalive_api: LiveApi) -> None:
+    """With nothing to tell, clients still hear from the server: silence means a dead link."""
+    subscribed = await connect(keepalive_api)
+    await subscribed.send_json({"type": "subscribe", "scope": "fleet"})
+    assert (await next_message(subscribed))["type"] == "snapshot"
+    waiting = await connect(keepalive_api)  # authenticated, not subscribed: nothing yet
+    for _ in range(3):
+        message = await live_messages.next_message(subscribed, 3.0, keepalives=True)
+        assert message["type"] == "keepalive" and isinstance(message["ts_ms"], int), message
+    with pytest.raises(TimeoutError):
+        await waiting.receive(timeout=0.5)
+    await subscribed.close()
+    await waiting.close()
 
 
 async def test_reconnecting_client_gets_a_fresh_snapshot(sqlite_api: LiveApi) -> None:

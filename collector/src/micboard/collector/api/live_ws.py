@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +73,9 @@ CLOSE_AUTH_FAILED = 4401
 CLOSE_RATE_LIMITED = 4429
 CLOSE_SLOW = int(WSCloseCode.TRY_AGAIN_LATER)  # 1013
 SITE_REFRESH_S = 5.0
+#: Every subscribed client hears from the server at least this often (a ``keepalive`` when
+#: nothing else happened), so that a client can tell a quiet fleet from a dead link.
+KEEPALIVE_S = 10.0
 _HUB_QUEUE = 65_536
 _MAX_CLIENT_MESSAGE = 4096
 _SNAPSHOT_SITES = 100_000
@@ -404,6 +408,7 @@ class LiveFeed:
             asyncio.create_task(self._flush_loop(), name="live-flush"),
             asyncio.create_task(self._meter_loop(), name="live-meters"),
             asyncio.create_task(self._site_loop(), name="live-sites"),
+            asyncio.create_task(self._keepalive_loop(), name="live-keepalive"),
         ]
 
     async def close(self) -> None:
@@ -690,6 +695,21 @@ class LiveFeed:
         for item in listing.items:
             self._send_site(item)
         return listing.items
+
+    async def _keepalive_loop(self) -> None:
+        while True:
+            await asyncio.sleep(KEEPALIVE_S)
+            self._send_keepalive()
+
+    def _send_keepalive(self) -> None:
+        clients = [
+            *self._fleet_clients,
+            *(client for clients in self._site_clients.values() for client in clients),
+            *self._group_clients,
+        ]
+        if clients:
+            # Sent to everyone, busy or not: cheaper than tracking who heard what when.
+            self._deliver(orjson.dumps({"type": "keepalive", "ts_ms": int(time.time() * 1000)}), clients)
 
     async def _site_loop(self) -> None:
         # Stale devices and agents change without an event (a sweep marks them); refresh sites

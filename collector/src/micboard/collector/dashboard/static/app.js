@@ -71,11 +71,36 @@ function explain(error) {
   return `Network problem: ${error.message ?? error}`;
 }
 
+// A live link down for longer than a reconnect takes: say so on the page, and dim what it
+// shows, rather than let a wall screen show batteries that may have moved since.
+const LINK_GRACE_MS = 3000;
+let linkDownSince = 0;
+let linkDownTimer = 0;
+
 function showLiveState(value) {
   const words = { connecting: "connecting", live: "live", reconnecting: "reconnecting", closed: "offline" };
   for (const node of [$("#live-status"), $("#tv-live")]) {
     node.dataset.live = value;
     node.textContent = words[value] ?? value;
+  }
+  if (value === "live" || value === "closed") {
+    // Live: the snapshot that came with it replaced everything shown. Closed: signed out.
+    clearTimeout(linkDownTimer);
+    linkDownSince = 0;
+    showLinkLost(false);
+  } else if (!linkDownSince) {
+    linkDownSince = Date.now();
+    linkDownTimer = setTimeout(() => showLinkLost(true), LINK_GRACE_MS);
+  }
+}
+
+function showLinkLost(lost) {
+  document.body.toggleAttribute("data-link-lost", lost);
+  const banner = $("#link-lost");
+  banner.hidden = !lost;
+  if (lost) {
+    banner.textContent = `Not live since ${formatClock(linkDownSince)}: what is shown may be out of date. ` +
+      "Reconnecting…";
   }
 }
 

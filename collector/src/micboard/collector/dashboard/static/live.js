@@ -3,6 +3,10 @@
 
 const BACKOFF_INITIAL_MS = 500;
 const BACKOFF_MAX_MS = 10_000;
+// The server sends at least a keepalive every 10 s. A link that brought nothing for this long
+// is dead even if the socket looks open (a cable pulled, a sleeping laptop, a proxy gone quiet):
+// reconnect rather than keep showing what may no longer be true.
+export const SILENT_LINK_MS = 25_000;
 
 /** One subscription to `/api/v1/live`; call `start(scope)` to (re)subscribe, `stop()` to end. */
 export class LiveConnection {
@@ -19,6 +23,8 @@ export class LiveConnection {
     this.socket = null;
     this.retryMs = BACKOFF_INITIAL_MS;
     this.retryTimer = null;
+    this.lastMessageAt = 0;
+    this.watchdog = setInterval(() => this.#checkSilence(), 5000);
   }
 
   /** Subscribe to `scope` ({scope:"fleet"} | {scope:"site",site} | {scope:"group",group_id}). */
@@ -36,6 +42,23 @@ export class LiveConnection {
     clearTimeout(this.retryTimer);
     this.#close();
     this.onState("closed");
+  }
+
+  #checkSilence() {
+    const socket = this.socket;
+    if (!socket || socket.readyState !== WebSocket.OPEN || !this.lastMessageAt) return;
+    if (Date.now() - this.lastMessageAt < SILENT_LINK_MS) return;
+    // Closing a dead socket may never complete: drop it and connect afresh.
+    this.#close();
+    this.#retryLater();
+  }
+
+  #retryLater() {
+    this.onState("reconnecting");
+    // Full jitter keeps a wall of screens from reconnecting in lock step after a restart.
+    const delay = Math.random() * this.retryMs + 100;
+    this.retryMs = Math.min(this.retryMs * 2, BACKOFF_MAX_MS);
+    this.retryTimer = setTimeout(() => this.#open(), delay);
   }
 
   #close() {
@@ -56,11 +79,14 @@ export class LiveConnection {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     const socket = new WebSocket(`${scheme}//${location.host}/api/v1/live`);
     this.socket = socket;
+    this.lastMessageAt = 0;
     socket.onopen = () => {
+      this.lastMessageAt = Date.now();
       socket.send(JSON.stringify({ type: "auth", token }));
       socket.send(JSON.stringify({ type: "subscribe", ...this.scope }));
     };
     socket.onmessage = (event) => {
+      this.lastMessageAt = Date.now();
       let message;
       try {
         message = JSON.parse(event.data);
@@ -89,11 +115,7 @@ export class LiveConnection {
         this.onState("closed");
         return;
       }
-      this.onState("reconnecting");
-      // Full jitter keeps a wall of screens from reconnecting in lock step after a restart.
-      const delay = Math.random() * this.retryMs + 100;
-      this.retryMs = Math.min(this.retryMs * 2, BACKOFF_MAX_MS);
-      this.retryTimer = setTimeout(() => this.#open(), delay);
+      this.#retryLater();
     };
   }
 }
