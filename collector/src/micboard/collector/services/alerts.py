@@ -538,8 +538,9 @@ class AlertService:
         # Value, hold and "last seen" writes to alerts in force run together at the end of the batch.
         deferred = _DeferredUpdates()
         for _change, conditions, unknown_now in planned:
-            conditions = [c for c in conditions if c.target not in gone]
-            unknown_now = [c for c in unknown_now if c.target not in gone]
+            if gone:
+                conditions = [c for c in conditions if c.target not in gone]
+                unknown_now = [c for c in unknown_now if c.target not in gone]
             for condition in conditions:
                 result = await self._apply(conn, active, condition, now, deferred)
                 if result is not None:
