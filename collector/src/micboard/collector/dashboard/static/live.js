@@ -23,7 +23,7 @@ export class LiveConnection {
     this.socket = null;
     this.retryMs = BACKOFF_INITIAL_MS;
     this.retryTimer = null;
-    this.lastMessageAt = 0;
+    this.lastMessageAt = 0; // when this connection last heard anything (or began)
     this.watchdog = setInterval(() => this.#checkSilence(), 5000);
   }
 
@@ -46,7 +46,9 @@ export class LiveConnection {
 
   #checkSilence() {
     const socket = this.socket;
-    if (!socket || socket.readyState !== WebSocket.OPEN || !this.lastMessageAt) return;
+    // Connecting or open: a connection attempt that hangs (a server gone from the network)
+    // counts as silence from the moment it began.
+    if (!socket || socket.readyState > WebSocket.OPEN) return;
     if (Date.now() - this.lastMessageAt < SILENT_LINK_MS) return;
     // Closing a dead socket may never complete: drop it and connect afresh.
     this.#close();
@@ -79,7 +81,7 @@ export class LiveConnection {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     const socket = new WebSocket(`${scheme}//${location.host}/api/v1/live`);
     this.socket = socket;
-    this.lastMessageAt = 0;
+    this.lastMessageAt = Date.now();
     socket.onopen = () => {
       this.lastMessageAt = Date.now();
       socket.send(JSON.stringify({ type: "auth", token }));
