@@ -8,8 +8,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import pytest
 from sqlalchemy import event, insert
 
+from micboard.collector.services import fleet as fleet_module
+from micboard.collector.services.alerts import AlertService
 from micboard.collector.services.fleet import FleetView
 from micboard.collector.services.sync import SynchronizationService
 from micboard.collector.store.schema_alerts import alerts, history_samples
@@ -165,6 +168,31 @@ async def test_channels_carry_transmitter_and_battery_state(api: LiveApi) -> Non
     assert [c["tx"]["battery_percent"] if c["tx"] else None for c in body["items"]] == [100, 80, 60, None]
 
 
+async def test_a_site_with_its_own_battery_thresholds_shows_tiles_by_them(
+    api: LiveApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fleet_module, "BANDS_CACHE_S", 0.0)  # read the thresholds at every listing
+    for site in ("main-hall", "studio"):
+        await api.seed.devices(site, f"pi-{site}", [api.receiver("rx1", bars=(3, 2, 4))])
+    alerts = AlertService(api.engine)
+    # A louder hall changes batteries later: replace at 2 bars, critical at 1 (and 0 %).
+    await alerts.set_site_thresholds(
+        "main-hall",
+        {"battery_replace_bars": 2, "battery_critical_bars": 1, "battery_critical_percent": 0},
+    )
+    await alerts.set_site_thresholds("studio", {"clip_dbfs": -0.5})  # nothing about batteries
+
+    async def states(site: str) -> list[str]:
+        _, body = await api.get("/api/v1/channels", site=site)
+        return [c["battery_state"] for c in body["items"]]
+
+    assert await states("main-hall") == ["good", "replace", "good"]
+    assert await states("studio") == ["replace", "critical", "good"]
+    # Back to the defaults: so are its tiles.
+    await alerts.clear_site_thresholds("main-hall")
+    assert await states("main-hall") == ["replace", "critical", "good"]
+
+
 async def test_unknown_battery_with_a_recent_reading_is_previously_known(api: LiveApi) -> None:
     await api.seed.devices("venue-a", "pi-a", [api.receiver("rx1", bars=(None, None))])
     now = int(time.time_ns() // 1_000_000)
@@ -225,8 +253,10 @@ async def test_list_endpoints_keep_to_their_query_budget(api: LiveApi) -> None:
         devices = [api.receiver(f"d{site}-{n}", bars=(5, 4, 3, None)) for n in range(6)]
         await api.seed.devices(f"site-{site}", f"agent-{site}", devices)
     await _alert(api, "site-1", "critical")
-    # The token is verified once and then cached: what is counted below is the endpoint's own work.
+    # The token is verified once and then cached, and so are the sites' battery bands (read
+    # again every BANDS_CACHE_S): what is counted below is the endpoint's own work.
     assert (await api.get("/api/v1/sites"))[0] == 200
+    assert (await api.get("/api/v1/channels", limit=1))[0] == 200
     for path in [
         "/api/v1/sites",
         "/api/v1/agents",
@@ -285,7 +315,7 @@ async def test_items_built_from_a_committed_state_equal_the_items_read_back(api:
     async with api.engine.begin() as conn:
         changes = await SynchronizationService().apply_batch_changes(conn, [delta_event])
     (change,) = changes.devices
-    built, unread = FleetView.committed_channel_items(change, [1, 2, 3])
+    built, unread = FleetView(api.engine).committed_channel_items(change, [1, 2, 3])
     assert unread == {3}  # no transmitter: its battery state needs the history
     read = await FleetView(api.engine).channels_where(channel_keys=[("pi-cs", "rx1", 1), ("pi-cs", "rx1", 2)])
     assert built == read
@@ -295,4 +325,7 @@ async def test_items_built_from_a_committed_state_equal_the_items_read_back(api:
         512_000,
     )
     # Without a row id (a change not written), everything is read.
-    assert FleetView.committed_channel_items(dataclasses.replace(change, pk=None), [1]) == ([], {1})
+    assert FleetView(api.engine).committed_channel_items(dataclasses.replace(change, pk=None), [1]) == (
+        [],
+        {1},
+    )

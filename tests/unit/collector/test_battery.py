@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from micboard.collector.battery import (
     PREVIOUS_READING_WINDOW_MS,
+    BatteryBands,
     BatteryState,
     classify_battery,
     state_of_bars,
+    state_of_reading,
 )
+from micboard.collector.services.alerts import AlertRule, AlertThresholds
 
 NOW = 1_700_000_000_000
 
@@ -57,3 +62,40 @@ def test_a_reading_older_than_the_window_is_forgotten() -> None:
     )
     assert classify_battery(None, last_bars=5, last_reading_ms=edge - 1, now_ms=NOW) is BatteryState.UNKNOWN
     assert classify_battery(None, last_bars=5, last_reading_ms=None, now_ms=NOW) is BatteryState.UNKNOWN
+
+
+_bars = st.none() | st.integers(0, 5)
+_percent = st.none() | st.integers(0, 100)
+
+
+@st.composite
+def _thresholds(draw: st.DrawFn) -> AlertThresholds:
+    critical_bars = draw(st.integers(0, 5))
+    critical_percent = draw(st.integers(0, 100))
+    return AlertThresholds(
+        battery_critical_bars=critical_bars,
+        battery_replace_bars=draw(st.integers(critical_bars, 5)),
+        battery_critical_percent=critical_percent,
+        battery_replace_percent=draw(st.integers(critical_percent, 100)),
+    )
+
+
+@given(_bars, _percent, _thresholds())
+def test_a_tile_reads_a_battery_as_its_alerts_do(
+    bars: int | None, percent: int | None, rules: AlertThresholds
+) -> None:
+    """The tile's state and the battery alerts come from one test: they never disagree."""
+    state = state_of_reading(bars, percent, rules.bands)
+    low = rules.battery_reading(AlertRule.BATTERY_LOW, bars, percent)
+    critical = rules.battery_reading(AlertRule.BATTERY_CRITICAL, bars, percent)
+    assert (state is BatteryState.UNKNOWN) == (bars is None and percent is None)
+    assert (state is BatteryState.CRITICAL) == (critical is True)
+    assert (state in (BatteryState.REPLACE, BatteryState.CRITICAL)) == (low is True)
+
+
+def test_percent_counts_as_the_alerts_count_it() -> None:
+    assert state_of_reading(4, 20) is BatteryState.REPLACE  # 25 % and under: replace, whatever the bars
+    assert state_of_reading(5, 9) is BatteryState.CRITICAL
+    assert state_of_reading(None, 60) is BatteryState.GOOD  # a transmitter reporting percent alone
+    assert state_of_reading(9, None) is BatteryState.UNKNOWN  # out of range reads as unknown
+    assert state_of_reading(3, None, BatteryBands(replace_bars=2, critical_bars=1)) is BatteryState.GOOD

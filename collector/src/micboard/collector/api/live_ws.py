@@ -595,10 +595,12 @@ class LiveFeed:
                 if pending.devices:
                     items += await self.fleet.channels_where(device_keys=pending.devices)
                 single = pending.channel_keys()
+                if pending.committed:
+                    await self.fleet.fresh_bands()  # as a read would: a site's thresholds may have moved
                 for key, (change, indexes) in pending.committed.items():
                     if key in pending.devices:
                         continue  # read whole from the store above
-                    built, unread = FleetView.committed_channel_items(change, indexes)
+                    built, unread = self.fleet.committed_channel_items(change, indexes)
                     items += built
                     single.update((key[0], key[1], index) for index in unread)
                 if single:

@@ -42,6 +42,7 @@ from sqlalchemy import and_, bindparam, delete, false, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from micboard.collector.battery import BatteryBands
 from micboard.collector.errors import AlertNotFoundError, InvalidAlertRulesError, InvalidTransitionError
 from micboard.collector.live import LiveHub
 from micboard.collector.services.webhooks import WebhookDispatcher
@@ -136,6 +137,16 @@ class AlertThresholds(BaseModel):
         if self.battery_critical_percent > self.battery_replace_percent:
             raise ValueError("battery_critical_percent must not exceed battery_replace_percent")
         return self
+
+    @property
+    def bands(self) -> BatteryBands:
+        """The battery bounds of these thresholds, by which tiles classify a reading too."""
+        return BatteryBands(
+            self.battery_replace_bars,
+            self.battery_critical_bars,
+            self.battery_replace_percent,
+            self.battery_critical_percent,
+        )
 
     def hold_ms(self, rule: AlertRule) -> int:
         """How long ``rule``'s condition must stay clear before its alert resolves."""

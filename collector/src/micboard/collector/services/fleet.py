@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
@@ -33,11 +34,17 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.elements import NamedColumn
 
-from micboard.collector.battery import PREVIOUS_READING_WINDOW_MS, classify_battery
+from micboard.collector.battery import (
+    DEFAULT_BANDS,
+    PREVIOUS_READING_WINDOW_MS,
+    BatteryBands,
+    classify_battery,
+)
+from micboard.collector.services.alerts import AlertThresholds
 from micboard.collector.services.sync import DeviceChange, channel_rows
 from micboard.collector.store.keys import composite_in
 from micboard.collector.store.schema import agents, channels, devices, sites
-from micboard.collector.store.schema_alerts import ACTIVE_STATES, alerts, history_samples
+from micboard.collector.store.schema_alerts import ACTIVE_STATES, alert_rules, alerts, history_samples
 
 #: Ranks of a site's worst condition, worst highest; the API names them.
 WORST_NAMES = {4: "critical", 3: "warning", 2: "offline", 1: "stale", 0: "ok"}
@@ -144,13 +151,23 @@ def _contains(column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
     return column.icontains(bindparam(name), escape="/")
 
 
-@functools.lru_cache(maxsize=64)
-def _battery_state(bars: int | None, last_bars: int | None) -> str:
-    # A channel's state depends only on these two (the reading lookup only returns readings inside
-    # the window, so "now" stands for their time): classify each pair once, not once per row.
+#: How long a site's battery bands (its alert thresholds) are used before being read again: as
+#: long as the alert rules cache them, so that a tile and an alert change together.
+BANDS_CACHE_S = 30.0
+
+
+@functools.lru_cache(maxsize=4096)
+def _battery_state(bars: int | None, percent: int | None, last_bars: int | None, bands: BatteryBands) -> str:
+    # A channel's state depends only on these (the reading lookup only returns readings inside
+    # the window, so "now" stands for their time): classify each combination once, not per row.
     now_ms = 0
     return classify_battery(
-        bars, last_bars=last_bars, last_reading_ms=now_ms if last_bars is not None else None, now_ms=now_ms
+        bars,
+        percent=percent,
+        last_bars=last_bars,
+        last_reading_ms=now_ms if last_bars is not None else None,
+        now_ms=now_ms,
+        bands=bands,
     ).value
 
 
@@ -162,6 +179,26 @@ class FleetView:
         # A listing's (query, count) statements by shape (which filters, which order): bounded by
         # the API's filter and sort combinations.
         self._statements: dict[Hashable, tuple[Select[Any], Select[Any]]] = {}
+        # Battery bands of the sites whose alert thresholds override them (the rest: defaults).
+        self._bands: dict[str, BatteryBands] = {}
+        self._bands_read = -BANDS_CACHE_S
+
+    async def fresh_bands(self) -> None:
+        """Read the sites' battery bands again if they were read too long ago (one small query)."""
+        moment = time.monotonic()
+        if moment - self._bands_read < BANDS_CACHE_S:
+            return
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(select(alert_rules.c.site, alert_rules.c.thresholds))).all()
+        bands: dict[str, BatteryBands] = {}
+        for site, overrides in rows:
+            try:
+                found = AlertThresholds.model_validate(overrides or {}).bands
+            except ValidationError:
+                found = DEFAULT_BANDS  # as the alert rules do with a row that does not validate
+            if found != DEFAULT_BANDS:
+                bands[site] = found
+        self._bands, self._bands_read = bands, moment
 
     def _statement(
         self, shape: Hashable, build: Callable[[], tuple[Select[Any], Select[Any]]]
@@ -524,10 +561,10 @@ class FleetView:
         )
         return [case((cut.c.battery_bars.is_(None), last_bars), else_=null()).label("last_bars")]
 
-    @staticmethod
-    def _channel_items(rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+    def _channel_items(self, rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
         """The JSON-ready channel items of rows of :data:`_CHANNEL_COLUMNS` and :meth:`_channel_extras`."""
         items: list[dict[str, Any]] = []
+        bands = self._bands
         for row in rows:
             (
                 device_id,
@@ -579,15 +616,16 @@ class FleetView:
                     "frequency_khz": frequency_khz,
                     "group_channel": group_channel,
                     "tx": tx,
-                    "battery_state": _battery_state(battery_bars, last_bars),
+                    "battery_state": _battery_state(
+                        battery_bars, battery_percent, last_bars, bands.get(site, DEFAULT_BANDS)
+                    ),
                     "updated_ms": updated_ms,
                 }
             )
         return items
 
-    @classmethod
     def committed_channel_items(
-        cls, change: DeviceChange, indexes: Iterable[int]
+        self, change: DeviceChange, indexes: Iterable[int]
     ) -> tuple[list[dict[str, Any]], set[int]]:
         """Items of channels ``indexes`` of a device state just committed, built as a listing would.
 
@@ -611,7 +649,7 @@ class FleetView:
                 continue
             rows.append((*head, *_CHANNEL_PART(row), None))  # last_bars: only read for unknown
             wanted.discard(row["index"])
-        return cls._channel_items(rows), wanted
+        return self._channel_items(rows), wanted
 
     async def list_channels(
         self,
@@ -665,6 +703,7 @@ class FleetView:
 
         statements = self._statement(("channels", frozenset(binds), sort), build)
         binds["since_ms"] = _now_ms() - PREVIOUS_READING_WINDOW_MS
+        await self.fresh_bands()
         rows, total = await self._page(statements, page, binds)
         return Listing(self._channel_items(rows), total)
 
@@ -710,6 +749,7 @@ class FleetView:
             source=self._CHANNEL_SOURCE,
             extras=self._channel_extras,
         )
+        await self.fresh_bands()
         params = {"since_ms": _now_ms() - PREVIOUS_READING_WINDOW_MS}
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query, params)).all()
