@@ -6,9 +6,12 @@ import time
 from typing import TYPE_CHECKING
 
 import nats
+import pytest
 from nats.aio.msg import Msg
 from sqlalchemy import insert
 
+from micboard.collector.services import fleet as fleet_module
+from micboard.collector.services.alerts import AlertService
 from micboard.collector.services.history import HistoryService
 from micboard.collector.store.schema_alerts import alerts
 from micboard.shared.codec import decode, encode
@@ -67,6 +70,58 @@ async def test_alert_lifecycle(api: LiveApi) -> None:
     assert status == 409
     _, listing = await api.get("/api/v1/alerts", state="resolved")
     assert [a["id"] for a in listing["items"]] == [first]
+
+
+async def test_a_sites_alert_thresholds_are_read_and_changed_by_an_admin(
+    api: LiveApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fleet_module, "BANDS_CACHE_S", 0.0)
+    await api.seed.devices("main-hall", "pi-m", [api.receiver("rx1", bars=(3,))])
+    status, item = await api.get("/api/v1/thresholds", site="main-hall")
+    assert status == 200 and item["site"] == "main-hall" and item["overrides"] == {}
+    assert (item["in_force"]["battery_replace_bars"], item["in_force"]["clip_dbfs"]) == (3, -1.0)
+    assert (await api.get("/api/v1/channels", site="main-hall"))[1]["items"][0]["battery_state"] == "replace"
+
+    change = {"site": "main-hall", "values": {"battery_replace_bars": 2, "battery_critical_bars": 1}}
+    status, body, _ = await api.call("PUT", "/api/v1/thresholds", role="operator", json=change)
+    assert status == 403
+    status, item, _ = await api.call("PUT", "/api/v1/thresholds", role="admin", json=change)
+    assert status == 200, item
+    assert item["overrides"] == {"battery_replace_bars": 2, "battery_critical_bars": 1}
+    assert item["in_force"]["battery_replace_bars"] == 2
+    # The tiles of the hall follow at once here (every collector within 30 s), and so do alerts.
+    assert (await api.get("/api/v1/channels", site="main-hall"))[1]["items"][0]["battery_state"] == "good"
+    async with api.engine.connect() as conn:
+        assert (await AlertService(api.engine).thresholds_for(conn, "main-hall")).battery_replace_bars == 2
+
+    # Another change keeps what it does not name; a reset drops one override.
+    change = {"site": "main-hall", "values": {"clip_dbfs": -0.5}, "reset": ["battery_critical_bars"]}
+    status, item, _ = await api.call("PUT", "/api/v1/thresholds", role="admin", json=change)
+    assert status == 200 and item["overrides"] == {"battery_replace_bars": 2, "clip_dbfs": -0.5}
+    assert item["in_force"]["battery_critical_bars"] == 2
+
+    # Refused, and nothing stored: an unknown name, a critical bound over the replace one, a
+    # fraction of a bar, a value out of range, an unknown site token.
+    for bad in (
+        {"site": "main-hall", "values": {"battery_replace_volts": 1}},
+        {"site": "main-hall", "reset": ["nope"]},
+        {"site": "main-hall", "values": {"battery_critical_bars": 3}},
+        {"site": "main-hall", "values": {"battery_replace_bars": 2.5}},
+        {"site": "main-hall", "values": {"rf_min_dbm": 10}},
+        {"site": "Main Hall", "values": {"clip_dbfs": -0.5}},
+    ):
+        status, body, _ = await api.call("PUT", "/api/v1/thresholds", role="admin", json=bad)
+        assert status == 400, (bad, body)
+        assert body["code"] in ("alert_rules.invalid", "request.invalid_body"), body
+    assert (await api.get("/api/v1/thresholds", site="main-hall"))[1]["overrides"] == {
+        "battery_replace_bars": 2,
+        "clip_dbfs": -0.5,
+    }
+    # Dropping every override: the defaults again.
+    change = {"site": "main-hall", "reset": ["battery_replace_bars", "clip_dbfs"]}
+    status, item, _ = await api.call("PUT", "/api/v1/thresholds", role="admin", json=change)
+    assert status == 200 and item["overrides"] == {} and item["in_force"]["battery_replace_bars"] == 3
+    assert (await api.get("/api/v1/thresholds"))[0] == 400  # whose thresholds: the site is required
 
 
 async def test_groups_persist_in_order(api: LiveApi) -> None:

@@ -139,8 +139,7 @@ def _set(args: argparse.Namespace) -> int:
     async def action(alerts: AlertService, _hooks: WebhookDispatcher) -> int:
         validate_token(args.site, "site")
         values = _parse_values(args.values)
-        current = (await alerts.site_overrides()).get(args.site, {})
-        in_force = await alerts.set_site_thresholds(args.site, {**current, **values}, by=args.by)
+        _, in_force = await alerts.change_site_thresholds(args.site, values, by=args.by)
         changed = {name: getattr(in_force, name) for name in values}
         _out(f"site {args.site}: {json.dumps(changed, sort_keys=True)} (collectors apply it within 30 s)")
         return 0

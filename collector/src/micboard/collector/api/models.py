@@ -268,6 +268,41 @@ class ChannelPage(Page[ChannelItem]):
 # --- alerts ------------------------------------------------------------------------------------
 
 
+class ThresholdsQuery(_Request):
+    """Whose alert thresholds."""
+
+    site: SiteName
+
+
+ThresholdValue = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class ThresholdsChange(_Request):
+    """Overrides of a site's alert thresholds to set and to drop; the others stay as they are."""
+
+    site: SiteName
+    values: dict[str, ThresholdValue] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="threshold name -> value, e.g. battery_replace_bars: 2",
+    )
+    reset: list[str] = Field(
+        default_factory=list,
+        max_length=32,
+        description="names of overrides to drop (the default applies again)",
+    )
+
+
+class ThresholdsItem(_Response):
+    """A site's alert thresholds: its own overrides and every threshold in force there."""
+
+    site: str
+    overrides: dict[str, int | float] = Field(description="the values this site sets; the rest are defaults")
+    in_force: dict[str, int | float] = Field(
+        description="every threshold as the alert rules and tiles apply it"
+    )
+
+
 class AlertQuery(PageQuery):
     """Filters and order of the alert listing."""
 

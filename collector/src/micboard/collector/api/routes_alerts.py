@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from micboard.collector.api.auth import Role
 from micboard.collector.api.context import context_of
 from micboard.collector.api.errors import ApiError, ApiErrorCode
-from micboard.collector.api.models import AlertItem, AlertPage, AlertQuery, NoBody, NoQuery
+from micboard.collector.api.models import (
+    AlertItem,
+    AlertPage,
+    AlertQuery,
+    NoBody,
+    NoQuery,
+    ThresholdsChange,
+    ThresholdsItem,
+    ThresholdsQuery,
+)
 from micboard.collector.api.routing import Call, JsonBody, RouteTable
 from micboard.collector.services.alerts import AlertService
 from micboard.collector.services.fleet import PageRequest
@@ -32,7 +43,7 @@ async def list_alerts(call: Call[AlertQuery, NoBody]) -> JsonBody:
     return JsonBody.page(listing.items, listing.total, q.limit, q.offset)
 
 
-def _service(call: Call[NoQuery, NoBody]) -> AlertService:
+def _service(call: Call[Any, Any]) -> AlertService:
     service = context_of(call.app).alerts
     if service is None:
         raise ApiError(503, ApiErrorCode.SERVICE_UNAVAILABLE, "alerts are not available in this process")
@@ -69,3 +80,38 @@ async def resolve_alert(call: Call[NoQuery, NoBody]) -> AlertItem:
     """Resolve an open or acknowledged alert; 409 if it is already resolved."""
     alert = await _service(call).resolve(call.path["id"], call.actor)
     return AlertItem.model_validate(alert.to_dict())
+
+
+@routes.route(
+    "GET",
+    "/api/v1/thresholds",
+    summary="A site's alert thresholds: its overrides and what is in force",
+    role=Role.VIEWER,
+    query=ThresholdsQuery,
+    body=NoBody,
+    response=ThresholdsItem,
+    tag="alerts",
+)
+async def get_thresholds(call: Call[ThresholdsQuery, NoBody]) -> ThresholdsItem:
+    """The battery, RF, clipping and agent thresholds that apply at a site (known or not yet)."""
+    overrides, in_force = await _service(call).site_thresholds(call.query.site)
+    return ThresholdsItem(site=call.query.site, overrides=overrides, in_force=in_force.model_dump())
+
+
+@routes.route(
+    "PUT",
+    "/api/v1/thresholds",
+    summary="Change a site's alert thresholds",
+    role=Role.ADMIN,
+    query=NoQuery,
+    body=ThresholdsChange,
+    response=ThresholdsItem,
+    tag="alerts",
+)
+async def change_thresholds(call: Call[NoQuery, ThresholdsChange]) -> ThresholdsItem:
+    """Set some overrides, drop others; refused: 400 `alert_rules.invalid`, nothing stored."""
+    body = call.body
+    overrides, in_force = await _service(call).change_site_thresholds(
+        body.site, body.values, body.reset, by=call.actor
+    )
+    return ThresholdsItem(site=body.site, overrides=overrides, in_force=in_force.model_dump())

@@ -453,6 +453,43 @@ class AlertService:
         self._rules[site] = (thresholds, time.monotonic())
         return thresholds
 
+    async def site_thresholds(self, site: str) -> tuple[dict[str, Any], AlertThresholds]:
+        """``site``'s stored overrides and the thresholds they put in force (read now, not cached)."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(select(alert_rules.c.thresholds).where(alert_rules.c.site == site))
+            ).first()
+        overrides = dict(row[0] or {}) if row is not None else {}
+        return overrides, self._merged(site, overrides)
+
+    async def change_site_thresholds(
+        self, site: str, values: Mapping[str, Any], reset: Iterable[str] = (), *, by: str | None = None
+    ) -> tuple[dict[str, Any], AlertThresholds]:
+        """Set ``values`` and drop the overrides named in ``reset``; the rest of ``site``'s stay.
+
+        Returns the overrides now stored and what is in force. Nothing is stored when a name is
+        unknown or the result does not validate (:class:`InvalidAlertRulesError`).
+        """
+        dropped = set(reset)
+        unknown = sorted((set(values) | dropped) - set(AlertThresholds.model_fields))
+        if unknown:
+            known = ", ".join(AlertThresholds.model_fields)
+            raise InvalidAlertRulesError(f"unknown threshold {', '.join(map(repr, unknown))}; known: {known}")
+        current, _ = await self.site_thresholds(site)
+        merged = {k: v for k, v in current.items() if k not in dropped} | dict(values)
+        if not merged:
+            await self.clear_site_thresholds(site)
+            return {}, self._merged(site, {})
+        try:
+            checked = AlertThresholds.model_validate({**self._default_values, **merged})
+        except ValidationError as exc:
+            raise InvalidAlertRulesError(
+                f"invalid thresholds for site {site!r}: {exc.errors()[0]['msg']}"
+            ) from None
+        # Stored as the model reads them (2.0 for a count of bars is stored as 2).
+        stored = {name: getattr(checked, name) for name in merged}
+        return stored, await self.set_site_thresholds(site, stored, by=by)
+
     async def site_overrides(self) -> dict[str, dict[str, Any]]:
         """Every site's stored overrides, by site."""
         async with self.engine.connect() as conn:
