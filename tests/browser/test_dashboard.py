@@ -272,6 +272,42 @@ async def test_a_receiver_swapped_for_a_smaller_one_loses_the_tiles_it_no_longer
     assert all(c["model"] == "ULXD4D" for c in body["items"])
 
 
+async def test_an_admin_moves_the_sites_battery_thresholds_and_the_tiles_follow(
+    fleet: LiveFleet, browser_page: BrowserPage
+) -> None:
+    await sign_in(browser_page, fleet, role="admin")
+    await open_site(browser_page, fleet)
+    page = browser_page.page
+    fleet.simulators[0].set_battery(1, bars=3)
+    tile_state = "() => document.querySelector(\"#tiles .tile[data-index='1']\").dataset.state"
+    await page.wait_for_function(f"() => ({tile_state})() === 'replace'", timeout=5000)
+
+    await page.click("#btn-thresholds")
+    dialog = page.locator("#thresholds-dialog")
+    await dialog.wait_for(state="visible")
+    assert await page.input_value("#threshold-battery_replace_bars") == "3"
+    assert await dialog.locator("small").first.inner_text() == "default"
+    # A hall that changes batteries later: replace at 2 bars, critical at 1.
+    await page.fill("#threshold-battery_replace_bars", "2")
+    await page.fill("#threshold-battery_critical_bars", "1")
+    await browser_page.shot("thresholds")
+    await dialog.locator("button[type='submit']").click()
+    await dialog.wait_for(state="hidden")
+    await page.wait_for_function(f"() => ({tile_state})() === 'good'", timeout=5000)
+    status, body = await fleet.api("GET", f"/thresholds?site={fleet.site}")
+    assert status == 200 and body["overrides"] == {"battery_replace_bars": 2, "battery_critical_bars": 1}
+
+    # Back to the defaults with one button: the tile reads replace again.
+    await page.click("#btn-thresholds")
+    await dialog.wait_for(state="visible")
+    assert await dialog.locator("small[data-own]").count() == 2
+    await page.click("#thresholds-defaults")
+    await dialog.wait_for(state="hidden")
+    await page.wait_for_function(f"() => ({tile_state})() === 'replace'", timeout=5000)
+    status, body = await fleet.api("GET", f"/thresholds?site={fleet.site}")
+    assert status == 200 and body["overrides"] == {}
+
+
 async def test_the_agents_view_shows_each_venue_box_and_retires_one_gone_for_good(
     fleet: LiveFleet, browser_page: BrowserPage
 ) -> None:

@@ -6,11 +6,9 @@ import time
 from typing import TYPE_CHECKING
 
 import nats
-import pytest
 from nats.aio.msg import Msg
 from sqlalchemy import insert
 
-from micboard.collector.services import fleet as fleet_module
 from micboard.collector.services.alerts import AlertService
 from micboard.collector.services.history import HistoryService
 from micboard.collector.store.schema_alerts import alerts
@@ -72,14 +70,12 @@ async def test_alert_lifecycle(api: LiveApi) -> None:
     assert [a["id"] for a in listing["items"]] == [first]
 
 
-async def test_a_sites_alert_thresholds_are_read_and_changed_by_an_admin(
-    api: LiveApi, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(fleet_module, "BANDS_CACHE_S", 0.0)
+async def test_a_sites_alert_thresholds_are_read_and_changed_by_an_admin(api: LiveApi) -> None:
     await api.seed.devices("main-hall", "pi-m", [api.receiver("rx1", bars=(3,))])
     status, item = await api.get("/api/v1/thresholds", site="main-hall")
     assert status == 200 and item["site"] == "main-hall" and item["overrides"] == {}
     assert (item["in_force"]["battery_replace_bars"], item["in_force"]["clip_dbfs"]) == (3, -1.0)
+    assert item["defaults"] == item["in_force"]
     assert (await api.get("/api/v1/channels", site="main-hall"))[1]["items"][0]["battery_state"] == "replace"
 
     change = {"site": "main-hall", "values": {"battery_replace_bars": 2, "battery_critical_bars": 1}}
@@ -89,7 +85,8 @@ async def test_a_sites_alert_thresholds_are_read_and_changed_by_an_admin(
     assert status == 200, item
     assert item["overrides"] == {"battery_replace_bars": 2, "battery_critical_bars": 1}
     assert item["in_force"]["battery_replace_bars"] == 2
-    # The tiles of the hall follow at once here (every collector within 30 s), and so do alerts.
+    assert item["defaults"]["battery_replace_bars"] == 3
+    # The tiles of the hall follow at once in this process (the others within 30 s), and so do alerts.
     assert (await api.get("/api/v1/channels", site="main-hall"))[1]["items"][0]["battery_state"] == "good"
     async with api.engine.connect() as conn:
         assert (await AlertService(api.engine).thresholds_for(conn, "main-hall")).battery_replace_bars == 2

@@ -301,6 +301,7 @@ class ThresholdsItem(_Response):
     in_force: dict[str, int | float] = Field(
         description="every threshold as the alert rules and tiles apply it"
     )
+    defaults: dict[str, int | float] = Field(description="every threshold of a site without overrides")
 
 
 class AlertQuery(PageQuery):

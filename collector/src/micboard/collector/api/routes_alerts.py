@@ -18,7 +18,7 @@ from micboard.collector.api.models import (
     ThresholdsQuery,
 )
 from micboard.collector.api.routing import Call, JsonBody, RouteTable
-from micboard.collector.services.alerts import AlertService
+from micboard.collector.services.alerts import AlertService, AlertThresholds
 from micboard.collector.services.fleet import PageRequest
 
 routes = RouteTable()
@@ -94,8 +94,17 @@ async def resolve_alert(call: Call[NoQuery, NoBody]) -> AlertItem:
 )
 async def get_thresholds(call: Call[ThresholdsQuery, NoBody]) -> ThresholdsItem:
     """The battery, RF, clipping and agent thresholds that apply at a site (known or not yet)."""
-    overrides, in_force = await _service(call).site_thresholds(call.query.site)
-    return ThresholdsItem(site=call.query.site, overrides=overrides, in_force=in_force.model_dump())
+    service = _service(call)
+    overrides, in_force = await service.site_thresholds(call.query.site)
+    return _thresholds_item(service, call.query.site, overrides, in_force)
+
+
+def _thresholds_item(
+    service: AlertService, site: str, overrides: dict[str, Any], in_force: AlertThresholds
+) -> ThresholdsItem:
+    return ThresholdsItem(
+        site=site, overrides=overrides, in_force=in_force.model_dump(), defaults=service.defaults.model_dump()
+    )
 
 
 @routes.route(
@@ -111,7 +120,10 @@ async def get_thresholds(call: Call[ThresholdsQuery, NoBody]) -> ThresholdsItem:
 async def change_thresholds(call: Call[NoQuery, ThresholdsChange]) -> ThresholdsItem:
     """Set some overrides, drop others; refused: 400 `alert_rules.invalid`, nothing stored."""
     body = call.body
-    overrides, in_force = await _service(call).change_site_thresholds(
+    service = _service(call)
+    overrides, in_force = await service.change_site_thresholds(
         body.site, body.values, body.reset, by=call.actor
     )
-    return ThresholdsItem(site=body.site, overrides=overrides, in_force=in_force.model_dump())
+    # This process's tiles follow at once (a fresh snapshot shows them); the others within 30 s.
+    context_of(call.app).fleet.forget_bands()
+    return _thresholds_item(service, body.site, overrides, in_force)

@@ -183,6 +183,10 @@ class FleetView:
         self._bands: dict[str, BatteryBands] = {}
         self._bands_read = -BANDS_CACHE_S
 
+    def forget_bands(self) -> None:
+        """Read the sites' battery bands again at the next listing (this process changed them)."""
+        self._bands_read = -BANDS_CACHE_S
+
     async def fresh_bands(self) -> None:
         """Read the sites' battery bands again if they were read too long ago (one small query)."""
         moment = time.monotonic()

@@ -863,6 +863,76 @@ function onLiveMessage(message) {
 }
 
 // ---------------------------------------------------------------------------------------
+// A site's thresholds: what makes a battery replace or critical (tiles and alerts alike)
+
+const THRESHOLD_FIELDS = [
+  ["battery_replace_bars", "Replace at bars ≤", 1],
+  ["battery_critical_bars", "Critical at bars ≤", 1],
+  ["battery_replace_percent", "Replace at % ≤", 1],
+  ["battery_critical_percent", "Critical at % ≤", 1],
+  ["rf_min_dbm", "RF lost under dBm", 0.5],
+  ["clip_dbfs", "Clipping at dBFS ≥", 0.1],
+];
+let thresholdsShown = null; // { site, overrides, in_force, defaults } while the dialog is open
+
+async function openThresholds() {
+  const site = state.route.site;
+  try {
+    const mine = await api(`/thresholds${query({ site })}`);
+    thresholdsShown = {
+      site, overrides: mine.overrides ?? {}, inForce: mine.in_force ?? {}, defaults: mine.defaults ?? {},
+    };
+  } catch (error) {
+    toast(`Thresholds unavailable: ${explain(error)}`, "error");
+    return;
+  }
+  $("#thresholds-title").textContent = `Thresholds of ${site}`;
+  $("#thresholds-error").hidden = true;
+  $("#thresholds-fields").replaceChildren(...THRESHOLD_FIELDS.flatMap(([name, label, step]) => {
+    const own = name in thresholdsShown.overrides;
+    const input = el("input", {
+      id: `threshold-${name}`, name, type: "number", step, required: true,
+      value: String(thresholdsShown.inForce[name]),
+    });
+    return [
+      el("label", { for: input.id, text: label }),
+      input,
+      el("small", own ? { "data-own": "1", text: "this site" } : { text: "default" }),
+    ];
+  }));
+  $("#thresholds-dialog").showModal();
+}
+
+async function saveThresholds(event, { allDefaults = false } = {}) {
+  event.preventDefault();
+  const shown = thresholdsShown;
+  if (!shown) return;
+  const values = {};
+  const reset = [];
+  for (const [name] of THRESHOLD_FIELDS) {
+    const value = Number($(`#threshold-${name}`).value);
+    if (allDefaults || value === shown.defaults[name]) {
+      if (name in shown.overrides) reset.push(name);
+    } else if (value !== shown.inForce[name] || name in shown.overrides) {
+      values[name] = value;
+    }
+  }
+  try {
+    await api("/thresholds", { method: "PUT", body: { site: shown.site, values, reset } });
+  } catch (error) {
+    const box = $("#thresholds-error");
+    box.textContent = error instanceof ApiError && error.status === 403
+      ? "Not allowed: changing thresholds needs the admin role." : explain(error);
+    box.hidden = false;
+    return;
+  }
+  $("#thresholds-dialog").close();
+  toast(`Thresholds of ${shown.site} saved: tiles and alerts follow within 30 s`, "ok");
+  // A fresh snapshot shows every tile by the new thresholds (what is committed, read again).
+  live.restart();
+}
+
+// ---------------------------------------------------------------------------------------
 // Agents: the venue boxes, how they are doing, and retiring one that is gone for good
 
 // Agents send no live messages of their own (their heartbeats move only "last heard"), so
@@ -1095,6 +1165,11 @@ function wire() {
   $("#agent-rows").addEventListener("click", onAgentAction);
   $("#alert-state").addEventListener("change", () => loadAlerts().catch((e) => toast(explain(e), "error")));
   $("#btn-new-group").addEventListener("click", () => openGroupDialog("new"));
+  $("#btn-thresholds").addEventListener("click", () => openThresholds());
+  $("#thresholds-form").addEventListener("submit", (event) => saveThresholds(event));
+  $("#thresholds-defaults").addEventListener("click", (event) => saveThresholds(event, { allDefaults: true }));
+  $("#thresholds-cancel").addEventListener("click", () => $("#thresholds-dialog").close());
+  $("#thresholds-dialog").addEventListener("close", () => { thresholdsShown = null; });
   $("#btn-group-rename").addEventListener("click", () => openGroupDialog("rename"));
   $("#group-form").addEventListener("submit", onGroupSubmit);
   $("#group-cancel").addEventListener("click", () => $("#group-dialog").close());
