@@ -105,6 +105,7 @@ async def test_a_sites_alert_thresholds_are_read_and_changed_by_an_admin(api: Li
         {"site": "main-hall", "values": {"battery_critical_bars": 3}},
         {"site": "main-hall", "values": {"battery_replace_bars": 2.5}},
         {"site": "main-hall", "values": {"rf_min_dbm": 10}},
+        {"site": "main-hall", "values": {"resolve_hold_s": 1e308}},  # would overflow as milliseconds
         {"site": "Main Hall", "values": {"clip_dbfs": -0.5}},
     ):
         status, body, _ = await api.call("PUT", "/api/v1/thresholds", role="admin", json=bad)

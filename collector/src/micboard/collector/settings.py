@@ -92,15 +92,23 @@ class CollectorSettings(MicboardSettings):
     live_meter_hz: float = Field(default=10.0, gt=0, le=50, description="meter updates per channel per s")
 
     # Alerts and history (site overrides of the alert thresholds are stored in the database).
+    # The bounds are those of AlertThresholds, so that a setting out of range is refused here,
+    # naming the variable, rather than when the collector builds its default thresholds.
     alert_resolve_hold_s: float = Field(
         default=30.0,
         ge=0,
+        le=86_400,
         description="a battery or RF alert resolves after its condition stays clear this long",
     )
     alert_clip_resolve_hold_s: float = Field(
-        default=10.0, ge=0, description="an audio clipping alert resolves after this long without clipping"
+        default=10.0,
+        ge=0,
+        le=3600,
+        description="an audio clipping alert resolves after this long without clipping",
     )
-    alert_rf_loss_s: float = Field(default=3.0, ge=0, description="no usable RF this long opens rf_loss")
+    alert_rf_loss_s: float = Field(
+        default=3.0, ge=0, le=3600, description="no usable RF this long opens rf_loss"
+    )
     alert_sweep_interval_s: float = Field(
         default=5.0, gt=0, description="how often held alerts, agents and aged-out batteries are swept"
     )

@@ -119,16 +119,18 @@ class AlertThresholds(BaseModel):
     battery_replace_percent: int = Field(default=25, ge=0, le=100)
     battery_critical_percent: int = Field(default=10, ge=0, le=100)
     battery_margin_percent: int = Field(default=5, ge=0, le=50)
-    battery_unknown_keep_s: float = Field(default=1800.0, ge=0)
+    # Times have upper bounds too: they become milliseconds in integer arithmetic, and a value
+    # beyond any sensible setting (1e308 s) would overflow there, in the middle of ingest.
+    battery_unknown_keep_s: float = Field(default=1800.0, ge=0, le=7 * 86_400)
     rf_min_dbm: float = Field(default=-90.0, ge=-130, le=0)
     rf_margin_db: float = Field(default=3.0, ge=0, le=30)
-    rf_loss_s: float = Field(default=3.0, ge=0)
+    rf_loss_s: float = Field(default=3.0, ge=0, le=3600)
     clip_dbfs: float = Field(default=-1.0, ge=-60, le=0)
     clip_margin_db: float = Field(default=3.0, ge=0, le=30)
-    clip_resolve_hold_s: float = Field(default=10.0, ge=0)
-    resolve_hold_s: float = Field(default=30.0, ge=0)
-    agent_stale_intervals: float = Field(default=3.0, gt=0)
-    agent_offline_s: float = Field(default=300.0, gt=0)
+    clip_resolve_hold_s: float = Field(default=10.0, ge=0, le=3600)
+    resolve_hold_s: float = Field(default=30.0, ge=0, le=86_400)
+    agent_stale_intervals: float = Field(default=3.0, gt=0, le=1000)
+    agent_offline_s: float = Field(default=300.0, gt=0, le=30 * 86_400)
 
     @model_validator(mode="after")
     def _ordered(self) -> AlertThresholds:
