@@ -873,7 +873,7 @@ const THRESHOLD_FIELDS = [
   ["rf_min_dbm", "RF lost under dBm", 0.5],
   ["clip_dbfs", "Clipping at dBFS ≥", 0.1],
 ];
-let thresholdsShown = null; // { site, overrides, in_force, defaults } while the dialog is open
+let thresholdsShown = null; // { site, overrides, inForce, defaults } while the dialog is open
 
 async function openThresholds() {
   const site = state.route.site;
