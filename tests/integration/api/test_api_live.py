@@ -428,6 +428,24 @@ async def test_a_quiet_fleet_still_sends_keepalives(keepalive_api: LiveApi) -> N
     await waiting.close()
 
 
+async def test_a_thresholds_change_recolours_the_sites_tiles_at_once(sqlite_api: LiveApi) -> None:
+    api = sqlite_api
+    await api.seed.devices("venue-t", "pi-t", [api.receiver("rx1", bars=(3, 5))])
+    ws = await connect(api)
+    await ws.send_json({"type": "subscribe", "scope": "site", "site": "venue-t"})
+    snapshot = await next_of(ws, "snapshot")
+    assert [c["battery_state"] for c in snapshot["channels"]] == ["replace", "good"]
+    change = {"site": "venue-t", "values": {"battery_replace_bars": 2, "battery_critical_bars": 1}}
+    status, body, _ = await api.call("PUT", "/api/v1/thresholds", role="admin", json=change)
+    assert status == 200, body
+    item = (await next_of(ws, "channel"))["item"]
+    assert (item["index"], item["battery_state"]) == (1, "good")
+    # Only what changed is sent: channel 2 read good before and after.
+    with pytest.raises(TimeoutError):
+        await next_message(ws, timeout_s=0.5)
+    await ws.close()
+
+
 async def test_reconnecting_client_gets_a_fresh_snapshot(sqlite_api: LiveApi) -> None:
     api = sqlite_api
     await api.seed.devices("venue-r", "pi-r", [api.receiver("rx1", bars=(5,))])

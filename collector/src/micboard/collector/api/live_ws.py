@@ -698,6 +698,16 @@ class LiveFeed:
             self._send_site(item)
         return listing.items
 
+    async def refresh_site(self, site: str) -> None:
+        """Read ``site``'s channels again and send those whose item changed (its thresholds moved)."""
+        async with self._lock:
+            if not self._subscribed:
+                return
+            items = await self.fleet.channels_where(site=site)
+            with self._bursting():
+                for item in items:
+                    self._send_channel(item)
+
     async def _keepalive_loop(self) -> None:
         while True:
             await asyncio.sleep(KEEPALIVE_S)

@@ -124,6 +124,10 @@ async def change_thresholds(call: Call[NoQuery, ThresholdsChange]) -> Thresholds
     overrides, in_force = await service.change_site_thresholds(
         body.site, body.values, body.reset, by=call.actor
     )
-    # This process's tiles follow at once (a fresh snapshot shows them); the others within 30 s.
-    context_of(call.app).fleet.forget_bands()
+    # This process's views follow at once: its live clients get the site's tiles whose battery
+    # state moved. Other collector processes read the thresholds again within 30 s.
+    ctx = context_of(call.app)
+    ctx.fleet.forget_bands()
+    if ctx.live is not None:
+        await ctx.live.refresh_site(body.site)
     return _thresholds_item(service, body.site, overrides, in_force)

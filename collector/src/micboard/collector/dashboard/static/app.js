@@ -927,9 +927,9 @@ async function saveThresholds(event, { allDefaults = false } = {}) {
     return;
   }
   $("#thresholds-dialog").close();
-  toast(`Thresholds of ${shown.site} saved: tiles and alerts follow within 30 s`, "ok");
-  // A fresh snapshot shows every tile by the new thresholds (what is committed, read again).
-  live.restart();
+  // The server sends the tiles whose state moved to the views it serves; other collector
+  // processes, and the alert rules, take the new thresholds within 30 s.
+  toast(`Thresholds of ${shown.site} saved`, "ok");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -36,13 +36,6 @@ export class LiveConnection {
     this.#open();
   }
 
-  /** Connect afresh to the same scope: the server's next snapshot replaces what is shown. */
-  restart() {
-    if (!this.scope) return;
-    this.retryMs = BACKOFF_INITIAL_MS;
-    this.#open();
-  }
-
   /** Close for good (sign out). */
   stop() {
     this.scope = null;
