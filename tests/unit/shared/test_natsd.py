@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from micboard.shared import natsd
 from micboard.shared.errors import ErrorCode, NatsServerError
 from micboard.shared.natsd import EmbeddedNats, find_nats_server, free_port
 
@@ -87,6 +88,32 @@ def test_failure_to_start_is_a_clear_error(tmp_path: Path) -> None:
             server.start()
         assert info.value.code is ErrorCode.NATS_SERVER_FAILED
         assert "exited" in info.value.message
+    finally:
+        busy.close()
+
+
+def test_a_chosen_port_taken_meanwhile_is_chosen_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between choosing a free port and the server binding it, another process may take it."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    taken = busy.getsockname()[1]
+    offered = iter([taken])
+    monkeypatch.setattr(natsd, "free_port", lambda host="127.0.0.1": next(offered, None) or free_port(host))
+    try:
+        server = EmbeddedNats(store_dir=tmp_path, ready_timeout_s=5)
+        assert server.port == taken
+        with server:
+            assert server.port != taken and server.server_name == f"micboard-{server.port}"
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.monitor_port}/healthz", timeout=5) as r:
+                assert r.status == 200
+            # A restart keeps what the first start settled on.
+            port = server.port
+            server.kill()
+            server.start()
+            assert server.port == port
     finally:
         busy.close()
 

@@ -57,6 +57,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+#: How many times a start chooses new ports when one it chose was taken meanwhile.
+_PORT_RETRIES = 3
+
+
 class EmbeddedNats:
     """A nats-server child process with JetStream, its own store directory and free ports.
 
@@ -82,6 +86,12 @@ class EmbeddedNats:
         self.host = host
         self.port = port or free_port(host)
         self.monitor_port = monitor_port or free_port(host)
+        # Ports chosen here may be taken by another process before the server binds them; only
+        # those are chosen again, and only before the first successful start (a restart after
+        # kill() must keep them: clients and fault tests reconnect to the same address).
+        self._chosen = (port is None, monitor_port is None)
+        self._named_by_port = server_name is None
+        self._started_once = False
         self._own_store = store_dir is None
         self.store_dir = store_dir or Path(tempfile.mkdtemp(prefix="micboard-nats-"))
         self.binary = find_nats_server(binary)
@@ -131,15 +141,34 @@ class EmbeddedNats:
         if self.running:
             return self
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        log.info("starting nats-server", extra={"url": self.url, "store": str(self.store_dir)})
-        self._process = subprocess.Popen(  # noqa: S603 - the binary path is resolved above  # nosec B603
-            self.command(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=self.new_session,
-        )
-        self._wait_ready()
-        return self
+        retries = 0 if self._started_once or not any(self._chosen) else _PORT_RETRIES
+        while True:
+            log.info("starting nats-server", extra={"url": self.url, "store": str(self.store_dir)})
+            self._process = subprocess.Popen(  # noqa: S603 - the binary path is resolved above  # nosec B603
+                self.command(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=self.new_session,
+            )
+            try:
+                self._wait_ready()
+            except NatsServerError as exc:
+                if retries == 0 or "address already in use" not in exc.message:
+                    raise
+                retries -= 1
+                log.warning("a port chosen for nats-server was taken meanwhile; choosing again")
+                self._choose_ports()
+                continue
+            self._started_once = True
+            return self
+
+    def _choose_ports(self) -> None:
+        if self._chosen[0]:
+            self.port = free_port(self.host)
+            if self._named_by_port:
+                self.server_name = f"micboard-{self.port}"
+        if self._chosen[1]:
+            self.monitor_port = free_port(self.host)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
