@@ -435,16 +435,20 @@ class AlertService:
             log.error("invalid stored alert thresholds, using defaults", extra={"site": site})
             return self.defaults
 
-    async def set_site_thresholds(
-        self, site: str, overrides: Mapping[str, Any], *, by: str | None = None
-    ) -> AlertThresholds:
-        """Validate and store ``site``'s overrides (replacing earlier ones); returns what is in force."""
+    def _checked(self, site: str, overrides: Mapping[str, Any]) -> AlertThresholds:
+        """The thresholds ``overrides`` put in force at ``site``, or :class:`InvalidAlertRulesError`."""
         try:
-            thresholds = AlertThresholds.model_validate({**self._default_values, **overrides})
+            return AlertThresholds.model_validate({**self._default_values, **overrides})
         except ValidationError as exc:
             raise InvalidAlertRulesError(
                 f"invalid thresholds for site {site!r}: {exc.errors()[0]['msg']}"
             ) from None
+
+    async def set_site_thresholds(
+        self, site: str, overrides: Mapping[str, Any], *, by: str | None = None
+    ) -> AlertThresholds:
+        """Validate and store ``site``'s overrides (replacing earlier ones); returns what is in force."""
+        thresholds = self._checked(site, overrides)
         values = {"thresholds": dict(overrides), "updated_by": by, "updated_ms": _now_ms()}
         async with self.engine.begin() as conn:
             found = (await conn.execute(select(alert_rules.c.site).where(alert_rules.c.site == site))).first()
@@ -482,12 +486,7 @@ class AlertService:
         if not merged:
             await self.clear_site_thresholds(site)
             return {}, self._merged(site, {})
-        try:
-            checked = AlertThresholds.model_validate({**self._default_values, **merged})
-        except ValidationError as exc:
-            raise InvalidAlertRulesError(
-                f"invalid thresholds for site {site!r}: {exc.errors()[0]['msg']}"
-            ) from None
+        checked = self._checked(site, merged)
         # Stored as the model reads them (2.0 for a count of bars is stored as 2).
         stored = {name: getattr(checked, name) for name in merged}
         return stored, await self.set_site_thresholds(site, stored, by=by)
