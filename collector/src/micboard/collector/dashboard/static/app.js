@@ -235,6 +235,15 @@ function sortedSites() {
 // Live updates must not replace the element under the user's pointer: a click whose mousedown
 // and mouseup land on different (replaced) elements is lost. Lists keep each item's element,
 // change it in place, and move nodes only when the order or the set changes.
+/** The row kept in `cache` under `key` while its item's `signature` is the same, else `build()`'s. */
+function keptRow(cache, key, signature, build) {
+  const kept = cache.get(key);
+  if (kept && kept.signature === signature) return kept.row;
+  const row = build();
+  cache.set(key, { row, signature });
+  return row;
+}
+
 function placeInOrder(container, nodes) {
   const current = container.children;
   if (current.length !== nodes.length || nodes.some((node, i) => current[i] !== node)) {
@@ -734,14 +743,7 @@ function renderAlerts() {
   const alerts = [...state.alerts.values()]
     .filter((a) => matchesFilter([a.site, a.device_key, a.rule, a.message, a.severity].join(" ")))
     .sort((a, b) => (order[a.severity] ?? 9) - (order[b.severity] ?? 9) || b.opened_ms - a.opened_ms);
-  const rows = alerts.map((alert) => {
-    const signature = JSON.stringify(alert);
-    const kept = alertRows.get(alert.id);
-    if (kept && kept.signature === signature) return kept.row;
-    const row = alertRow(alert);
-    alertRows.set(alert.id, { row, signature });
-    return row;
-  });
+  const rows = alerts.map((alert) => keptRow(alertRows, alert.id, JSON.stringify(alert), () => alertRow(alert)));
   alerts.forEach((alert, i) => {
     setText(rows[i].querySelector("td.opened"), `${formatClock(alert.opened_ms)} · ${formatAgo(alert.opened_ms)}`);
   });
@@ -1004,12 +1006,7 @@ function renderAgents() {
       || String(a.site).localeCompare(String(b.site)) || String(a.agent).localeCompare(String(b.agent)));
   const rows = agents.map((agent) => {
     const { last_seen_ms: _moving, ...shown } = agent; // "last heard" is updated in place below
-    const signature = JSON.stringify(shown);
-    const kept = agentRows.get(agent.agent);
-    if (kept && kept.signature === signature) return kept.row;
-    const row = agentRow(agent);
-    agentRows.set(agent.agent, { row, signature });
-    return row;
+    return keptRow(agentRows, agent.agent, JSON.stringify(shown), () => agentRow(agent));
   });
   agents.forEach((agent, i) => {
     setText(rows[i].querySelector("td.started"), agent.started_ms ? formatAgo(agent.started_ms) : "—");
