@@ -31,7 +31,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from micboard.collector.store.keys import composite_in, ints_in
-from micboard.collector.store.prepared import prepare
+from micboard.collector.store.prepared import prepare, write_locked_sqlite
 from micboard.collector.store.schema import agents, applied_events, channels, devices, discovered, sites
 from micboard.shared.envelope import (
     AnyEvent,
@@ -251,12 +251,17 @@ def _json_text(value: Any) -> str:
 async def _driver_rows(
     conn: AsyncConnection, sqlite_sql: str, postgresql_sql: str, values: list[Any]
 ) -> Sequence[Any]:
-    """The rows of a statement taking one list of ``values``: JSON text (SQLite), an array (PostgreSQL)."""
+    """The rows of a statement taking one list of ``values``: JSON text (SQLite), an array (PostgreSQL).
+
+    For statements after a batch's claim, which took SQLite's write lock (see :func:`write_locked_sqlite`).
+    """
     if conn.dialect.name == "postgresql":
-        result = await conn.exec_driver_sql(postgresql_sql, (values,))
-    else:
-        result = await conn.exec_driver_sql(sqlite_sql, (orjson.dumps(values).decode(),))
-    return result.all()
+        return (await conn.exec_driver_sql(postgresql_sql, (values,))).all()
+    parameter = (orjson.dumps(values).decode(),)
+    db = await write_locked_sqlite(conn)
+    if db is not None:
+        return db.execute(sqlite_sql, parameter).fetchall()
+    return (await conn.exec_driver_sql(sqlite_sql, parameter)).all()
 
 
 def _is_deferred(result: ApplyResult | None) -> bool:
@@ -843,12 +848,15 @@ class SynchronizationService:
         *,
         prefix: str = "",
     ) -> None:
-        """Run a hot statement for many rows straight through the driver (see :func:`prepare`)."""
+        """Run a hot statement for many rows straight through the driver (see :func:`prepare`).
+
+        Only after the batch's claim, which took SQLite's write lock.
+        """
         key = (conn.dialect.name, name)
         prepared = self._statements.get(key)
         if prepared is None:
             prepared = self._statements[key] = prepare(build(), conn.dialect, prefix=prefix)
-        await prepared.executemany(conn, rows)
+        await prepared.executemany(conn, rows, write_locked=True)
 
     @staticmethod
     def _merge(
