@@ -323,8 +323,9 @@ async def test_the_agents_view_shows_each_venue_box_and_retires_one_gone_for_goo
     assert await row.get_attribute("data-status") == "online"
     cells = await row.locator("td").all_inner_texts()
     assert cells[1] == fleet.site and cells[2].startswith(fleet.agent)
-    assert cells[3] == agent_version
-    assert "queued" in cells[6]
+    assert cells[3] == "1 online"  # its receivers, by state
+    assert cells[4] == agent_version
+    assert "queued" in cells[7]
     # Heard: nothing to forget (it would come straight back).
     assert await row.locator("button[data-act='forget']").count() == 0
     await browser_page.shot("agents")
@@ -333,6 +334,12 @@ async def test_the_agents_view_shows_each_venue_box_and_retires_one_gone_for_goo
     # The list refreshes itself: the agent turns stale (3 missed heartbeats) and may be forgotten.
     await page.locator(f"#agent-rows tr[data-agent='{fleet.agent}'][data-status='stale']").wait_for(
         timeout=20_000
+    )
+    # Its receiver's data is old: the desk sees it stale.
+    await page.wait_for_function(
+        f"() => document.querySelector(\"#agent-rows tr[data-agent='{fleet.agent}'] td.receivers\")"
+        ".textContent === '1 stale'",
+        timeout=10_000,
     )
     dialogs: list[str] = []
 

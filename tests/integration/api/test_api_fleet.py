@@ -91,6 +91,17 @@ async def test_agents(api: LiveApi) -> None:
     assert 0 < time.time() * 1000 - body["items"][0]["started_ms"] < 600_000
     _, body = await api.get("/api/v1/agents", sort="-agent")
     assert [a["agent"] for a in body["items"]] == ["pi-c", "pi-b", "pi-a"]
+    # Each agent's receivers by the state the desk sees.
+    counts = {a["agent"]: a["devices"] for a in body["items"]}
+    assert counts == {
+        "pi-a": {"online": 2, "offline": 0, "stale": 0},
+        "pi-b": {"online": 2, "offline": 0, "stale": 0},
+        "pi-c": {"online": 0, "offline": 1, "stale": 0},
+    }
+    async with api.engine.begin() as conn:
+        await SynchronizationService().mark_stale_agents(conn, int(time.time() * 1000) + 3_600_000)
+    _, body = await api.get("/api/v1/agents", site="venue-a", limit=1)
+    assert body["items"][0]["devices"] == {"online": 0, "offline": 0, "stale": 2}
 
 
 async def test_device_filters_sorting_and_detail(api: LiveApi) -> None:

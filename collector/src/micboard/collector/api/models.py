@@ -133,6 +133,7 @@ class AgentItem(_Response):
     started_ms: int | None = Field(
         default=None, description="when the agent last started (its clock, from its newest hello), if heard"
     )
+    devices: DeviceCounts = Field(description="its receivers, by the state the desk sees")
 
 
 class AgentPage(Page[AgentItem]):

@@ -48,6 +48,20 @@ from micboard.collector.store.schema_alerts import ACTIVE_STATES, alert_rules, a
 
 #: Ranks of a site's worst condition, worst highest; the API names them.
 WORST_NAMES = {4: "critical", 3: "warning", 2: "offline", 1: "stale", 0: "ok"}
+_DEVICE_STATES = ("online", "offline", "stale")
+
+
+def _agent_device_counts(page: Subquery) -> list[ColumnElement[Any]]:
+    """How many receivers of each agent on ``page`` are online, offline and stale (by its agent index)."""
+    return [
+        select(func.count())
+        .where(devices.c.agent == page.c.agent, devices.c.status == state)
+        .scalar_subquery()
+        .label(f"devices_{state}")
+        for state in _DEVICE_STATES
+    ]
+
+
 #: Transmitters at or below this many bars count as a low battery ("replace" or worse).
 LOW_BATTERY_BARS = 3
 
@@ -385,13 +399,26 @@ class FleetView:
                 },
             )
             count = select(func.count()).select_from(agents).where(*conditions)
-            return _page_query(self._AGENT_COLUMNS, conditions, order, source=agents, count=count), count
+            query = _page_query(
+                self._AGENT_COLUMNS,
+                conditions,
+                order,
+                source=agents,
+                extras=_agent_device_counts,
+                count=count,
+            )
+            return query, count
 
         rows, total = await self._page(
             self._statement(("agents", frozenset(binds), sort), build), page, binds
         )
-        names = self._AGENT_NAMES
-        return Listing([dict(zip(names, row, strict=False)) for row in rows], total)
+        names, width = self._AGENT_NAMES, len(self._AGENT_NAMES)
+        items = []
+        for row in rows:
+            item = dict(zip(names, row[:width], strict=True))
+            item["devices"] = dict(zip(_DEVICE_STATES, row[width : width + 3], strict=True))
+            items.append(item)
+        return Listing(items, total)
 
     # -- devices --------------------------------------------------------------------------------
 

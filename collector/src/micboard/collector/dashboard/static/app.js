@@ -978,6 +978,12 @@ function outboxText(agent) {
   return agent.dropped ? `${queued} · ${agent.dropped} dropped` : queued;
 }
 
+function receiversText(agent) {
+  const counts = agent.devices ?? {};
+  const parts = ["online", "offline", "stale"].filter((state) => counts[state]).map((state) => `${counts[state]} ${state}`);
+  return parts.length ? parts.join(" · ") : "none";
+}
+
 function agentRow(agent) {
   const actions = el("td", { class: "actions" });
   if (agent.status !== "online") {
@@ -990,6 +996,8 @@ function agentRow(agent) {
     el("td", {}, el("span", { class: "sev", text: agent.status })),
     el("td", {}, el("a", { href: siteHash(agent.site), text: agent.site })),
     el("td", {}, el("strong", { text: agent.agent }), el("small", { text: agent.hostname ?? "" })),
+    el("td", { class: "receivers", "data-label": "Receivers", text: receiversText(agent),
+      "data-offline": (agent.devices?.offline ?? 0) > 0 }),
     el("td", { "data-label": "Version", text: agent.version ?? "—" }),
     el("td", { class: "started", "data-label": "Started",
       title: agent.started_ms ? new Date(agent.started_ms).toISOString() : "" }),
