@@ -20,6 +20,7 @@ from micboard.agent.publisher import EnvelopeFactory, JetStreamPublisher
 from micboard.collector.api import live_ws
 from micboard.collector.api.context import context_of
 from micboard.collector.app import Collector
+from micboard.collector.services.alerts import AlertService
 from micboard.collector.settings import CollectorSettings
 from micboard.shared.codec import encode
 from micboard.shared.envelope import DeviceBody, HelloBody, MeterBody, OfflineBody
@@ -616,6 +617,33 @@ async def test_the_site_refresh_shows_what_changed_without_an_event(refreshing_a
     assert after["site"] == "venue-a" and after != before
     _, listed = await api.get("/api/v1/sites")
     assert [after] == listed["items"]
+    await ws.close()
+
+
+async def test_thresholds_changed_elsewhere_recolour_the_tiles_within_a_refresh(
+    refreshing_api: LiveApi,
+) -> None:
+    """Another collector process (or the CLI) changed a site's thresholds: no message tells this one."""
+    api = refreshing_api
+    await api.seed.devices("venue-t", "pi-t", [api.receiver("rx1", bars=(3, 5))])
+    ws = await connect(api)
+    await ws.send_json({"type": "subscribe", "scope": "site", "site": "venue-t"})
+    snapshot = await next_of(ws, "snapshot")
+    assert [c["battery_state"] for c in snapshot["channels"]] == ["replace", "good"]
+    # Straight into the store, as another process sharing the database does.
+    await AlertService(api.engine).change_site_thresholds(
+        "venue-t", {"battery_replace_bars": 2, "battery_critical_bars": 1}
+    )
+    item = (await next_of(ws, "channel", timeout_s=10))["item"]
+    assert (item["index"], item["battery_state"]) == (1, "good")
+    # Told once: later refreshes find nothing new, and channel 2 read good before and after.
+    with pytest.raises(TimeoutError):
+        await next_of(ws, "channel", timeout_s=1.0)
+    await AlertService(api.engine).change_site_thresholds(
+        "venue-t", {}, reset=["battery_replace_bars", "battery_critical_bars"]
+    )
+    item = (await next_of(ws, "channel", timeout_s=10))["item"]
+    assert (item["index"], item["battery_state"]) == (1, "replace")
     await ws.close()
 
 

@@ -755,6 +755,11 @@ class LiveFeed:
                                 if s not in listed and self._site_shown_at.get(s, 0) <= mark
                             ]:
                                 self._send_site_removed(site)
+                # A site's thresholds changed by another collector process or the CLI: its
+                # tiles follow within one refresh (this process's own changes go at once).
+                await self.fleet.fresh_bands(now=True)
+                for site in sorted(self.fleet.take_moved_bands()):
+                    await self.refresh_site(site)
             except Exception:
                 log.exception("live site refresh failed")
 

@@ -196,15 +196,27 @@ class FleetView:
         # Battery bands of the sites whose alert thresholds override them (the rest: defaults).
         self._bands: dict[str, BatteryBands] = {}
         self._bands_read = -BANDS_CACHE_S
+        self._bands_loaded = False
+        # Sites whose bands a read found changed since the read before (whoever changed them:
+        # this process, another collector, the CLI), until the live feed takes them.
+        self._bands_moved: set[str] = set()
 
     def forget_bands(self) -> None:
         """Read the sites' battery bands again at the next listing (this process changed them)."""
         self._bands_read = -BANDS_CACHE_S
 
-    async def fresh_bands(self) -> None:
-        """Read the sites' battery bands again if they were read too long ago (one small query)."""
+    def take_moved_bands(self) -> set[str]:
+        """The sites whose battery bands changed since this was last asked (as reads found them)."""
+        moved, self._bands_moved = self._bands_moved, set()
+        return moved
+
+    async def fresh_bands(self, *, now: bool = False) -> None:
+        """Read the sites' battery bands again if they were read too long ago (one small query).
+
+        ``now``: read them whatever the age of the last read.
+        """
         moment = time.monotonic()
-        if moment - self._bands_read < BANDS_CACHE_S:
+        if not now and moment - self._bands_read < BANDS_CACHE_S:
             return
         async with self.engine.connect() as conn:
             rows = (await conn.execute(select(alert_rules.c.site, alert_rules.c.thresholds))).all()
@@ -216,7 +228,12 @@ class FleetView:
                 found = DEFAULT_BANDS  # as the alert rules do with a row that does not validate
             if found != DEFAULT_BANDS:
                 bands[site] = found
-        self._bands, self._bands_read = bands, moment
+        if self._bands_loaded:
+            old = self._bands
+            self._bands_moved.update(
+                site for site in old.keys() | bands.keys() if old.get(site) != bands.get(site)
+            )
+        self._bands, self._bands_read, self._bands_loaded = bands, moment, True
 
     def _statement(
         self, shape: Hashable, build: Callable[[], tuple[Select[Any], Select[Any]]]
