@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -267,6 +268,33 @@ async def test_site_thresholds_override_and_validation(engine: AsyncEngine) -> N
     async with engine.connect() as conn:
         assert (await fresh.thresholds_for(conn, SITE)).battery_replace_bars == 4
         assert await fresh.thresholds_for(conn, "other") == AlertThresholds()
+
+
+async def test_changes_to_one_sites_thresholds_at_once_all_take(engine: AsyncEngine) -> None:
+    """Two admins (or an admin and the CLI, or two collector processes) change different values."""
+    first, second, third = AlertService(engine), AlertService(engine), AlertService(engine)
+    await asyncio.gather(
+        first.change_site_thresholds(SITE, {"battery_replace_bars": 4}, by="ada"),
+        second.change_site_thresholds(SITE, {"clip_dbfs": -0.5}, by="bob"),
+        third.change_site_thresholds(SITE, {"battery_critical_percent": 15}, by="cy"),
+    )
+    overrides, in_force = await first.site_thresholds(SITE)
+    assert overrides == {"battery_replace_bars": 4, "clip_dbfs": -0.5, "battery_critical_percent": 15}
+    assert in_force.battery_critical_percent == 15
+    # A refused change stores nothing, and the others stay.
+    with pytest.raises(InvalidAlertRulesError):
+        await second.change_site_thresholds(SITE, {"battery_critical_bars": 5})
+    assert (await first.site_thresholds(SITE))[0] == overrides
+    # On a site with no overrides yet, two first changes at once: neither is lost.
+    await asyncio.gather(
+        first.change_site_thresholds("other", {"battery_replace_bars": 4}),
+        second.change_site_thresholds("other", {"clip_dbfs": -0.5}),
+    )
+    assert (await third.site_thresholds("other"))[0] == {"battery_replace_bars": 4, "clip_dbfs": -0.5}
+    # Dropping the last override removes the row; dropping one that is not there changes nothing.
+    await first.change_site_thresholds("other", {}, reset=["battery_replace_bars", "clip_dbfs"])
+    await first.change_site_thresholds("none", {}, reset=["clip_dbfs"])
+    assert set(await first.site_overrides()) == {SITE}
 
 
 async def test_two_services_never_open_the_same_alert_twice(engine: AsyncEngine) -> None:

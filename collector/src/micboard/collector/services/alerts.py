@@ -451,11 +451,13 @@ class AlertService:
         thresholds = self._checked(site, overrides)
         values = {"thresholds": dict(overrides), "updated_by": by, "updated_ms": _now_ms()}
         async with self.engine.begin() as conn:
-            found = (await conn.execute(select(alert_rules.c.site).where(alert_rules.c.site == site))).first()
-            if found is None:
-                await conn.execute(alert_rules.insert().values(site=site, **values))
-            else:
-                await conn.execute(update(alert_rules).where(alert_rules.c.site == site).values(**values))
+            # One upsert: two first writes at once must not both insert.
+            upsert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(alert_rules)
+            await conn.execute(
+                upsert.values(site=site, **values).on_conflict_do_update(
+                    index_elements=[alert_rules.c.site], set_=values
+                )
+            )
         self._rules[site] = (thresholds, time.monotonic())
         return thresholds
 
@@ -481,15 +483,44 @@ class AlertService:
         if unknown:
             known = ", ".join(AlertThresholds.model_fields)
             raise InvalidAlertRulesError(f"unknown threshold {', '.join(map(repr, unknown))}; known: {known}")
-        current, _ = await self.site_thresholds(site)
-        merged = {k: v for k, v in current.items() if k not in dropped} | dict(values)
-        if not merged:
-            await self.clear_site_thresholds(site)
-            return {}, self._merged(site, {})
-        checked = self._checked(site, merged)
-        # Stored as the model reads them (2.0 for a count of bars is stored as 2).
-        stored = {name: getattr(checked, name) for name in merged}
-        return stored, await self.set_site_thresholds(site, stored, by=by)
+        now = _now_ms()
+        async with self.engine.begin() as conn:
+            # The site's row first, made if missing: on SQLite this takes the write lock, on
+            # PostgreSQL the row (FOR UPDATE) until commit. Two changes at once then apply one
+            # after the other, each on what the other stored, instead of the later one writing
+            # back what it read before the earlier one committed.
+            claim = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+            await conn.execute(
+                claim(alert_rules)
+                .values(site=site, thresholds={}, updated_by=by, updated_ms=now)
+                .on_conflict_do_nothing(index_elements=[alert_rules.c.site])
+            )
+            row = (
+                await conn.execute(
+                    select(alert_rules.c.thresholds).where(alert_rules.c.site == site).with_for_update()
+                )
+            ).one()
+            current = dict(row[0] or {})
+            merged = {k: v for k, v in current.items() if k not in dropped} | dict(values)
+            if not merged:
+                await conn.execute(delete(alert_rules).where(alert_rules.c.site == site))
+                stored: dict[str, Any] = {}
+                in_force = self._merged(site, {})
+            else:
+                # Refused: the transaction rolls back, the row made above with it.
+                in_force = self._checked(site, merged)
+                # Stored as the model reads them (2.0 for a count of bars is stored as 2).
+                stored = {name: getattr(in_force, name) for name in merged}
+                await conn.execute(
+                    update(alert_rules)
+                    .where(alert_rules.c.site == site)
+                    .values(thresholds=stored, updated_by=by, updated_ms=now)
+                )
+        if stored:
+            self._rules[site] = (in_force, time.monotonic())
+        else:
+            self._rules.pop(site, None)
+        return stored, in_force
 
     async def site_overrides(self) -> dict[str, dict[str, Any]]:
         """Every site's stored overrides, by site."""
