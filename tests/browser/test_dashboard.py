@@ -309,6 +309,31 @@ async def test_an_admin_moves_the_sites_battery_thresholds_and_the_tiles_follow(
     status, body = await fleet.api("GET", f"/thresholds?site={fleet.site}")
     assert status == 200 and body["overrides"] == {}
 
+    # Every other threshold is under "More thresholds": a hall with RF dropouts of a few seconds.
+    await page.click("#btn-thresholds")
+    await dialog.wait_for(state="visible")
+    more = page.locator("#thresholds-more")
+    assert await more.get_attribute("open") is None  # closed: nothing of the site's own in it
+    assert await page.locator("#threshold-rf_loss_s").is_hidden()
+    await more.locator("summary").click()
+    assert await page.input_value("#threshold-rf_loss_s") == "3"
+    await page.fill("#threshold-rf_loss_s", "5")
+    await browser_page.shot("thresholds-more")
+    await dialog.locator("button[type='submit']").click()
+    await dialog.wait_for(state="hidden")
+    status, body = await fleet.api("GET", f"/thresholds?site={fleet.site}")
+    assert status == 200 and body["overrides"] == {"rf_loss_s": 5.0}
+    # Shown again, the section opens by itself: the site has a value of its own there.
+    await page.click("#btn-thresholds")
+    await dialog.wait_for(state="visible")
+    assert await more.get_attribute("open") is not None
+    assert await page.input_value("#threshold-rf_loss_s") == "5"
+    assert await dialog.locator("small[data-own]").count() == 1
+    await page.click("#thresholds-defaults")
+    await dialog.wait_for(state="hidden")
+    status, body = await fleet.api("GET", f"/thresholds?site={fleet.site}")
+    assert status == 200 and body["overrides"] == {}
+
 
 async def test_the_agents_view_shows_each_venue_box_and_retires_one_gone_for_good(
     fleet: LiveFleet, browser_page: BrowserPage

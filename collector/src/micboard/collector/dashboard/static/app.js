@@ -867,6 +867,7 @@ function onLiveMessage(message) {
 // ---------------------------------------------------------------------------------------
 // A site's thresholds: what makes a battery replace or critical (tiles and alerts alike)
 
+// [name, label, step, shown under "More thresholds"]: every threshold the API takes.
 const THRESHOLD_FIELDS = [
   ["battery_replace_bars", "Replace at bars ≤", 1],
   ["battery_critical_bars", "Critical at bars ≤", 1],
@@ -874,6 +875,15 @@ const THRESHOLD_FIELDS = [
   ["battery_critical_percent", "Critical at % ≤", 1],
   ["rf_min_dbm", "RF lost under dBm", 0.5],
   ["clip_dbfs", "Clipping at dBFS ≥", 0.1],
+  ["battery_margin_percent", "Battery clears % above", 1, true],
+  ["battery_unknown_keep_s", "Unknown battery kept for s", 1, true],
+  ["rf_margin_db", "RF clears dB above", 0.5, true],
+  ["rf_loss_s", "RF lost for s", 0.5, true],
+  ["clip_margin_db", "Clipping clears dB below", 0.1, true],
+  ["clip_resolve_hold_s", "Clipping resolves after s", 1, true],
+  ["resolve_hold_s", "Battery and RF resolve after s", 1, true],
+  ["agent_stale_intervals", "Agent stale after heartbeats", 1, true],
+  ["agent_offline_s", "Agent offline after s", 1, true],
 ];
 let thresholdsShown = null; // { site, overrides, inForce, defaults } while the dialog is open
 
@@ -890,7 +900,7 @@ async function openThresholds() {
   }
   $("#thresholds-title").textContent = `Thresholds of ${site}`;
   $("#thresholds-error").hidden = true;
-  $("#thresholds-fields").replaceChildren(...THRESHOLD_FIELDS.flatMap(([name, label, step]) => {
+  const field = ([name, label, step]) => {
     const own = name in thresholdsShown.overrides;
     const input = el("input", {
       id: `threshold-${name}`, name, type: "number", step, required: true,
@@ -901,7 +911,14 @@ async function openThresholds() {
       input,
       el("small", own ? { "data-own": "1", text: "this site" } : { text: "default" }),
     ];
-  }));
+  };
+  const more = THRESHOLD_FIELDS.filter((f) => f[3]);
+  const details = el("details", { id: "thresholds-more" },
+    el("summary", { text: "More thresholds" }),
+    el("div", { class: "threshold-fields" }, ...more.flatMap(field)));
+  // Open when the site has one of them of its own: what is changed is never out of sight.
+  details.open = more.some(([name]) => name in thresholdsShown.overrides);
+  $("#thresholds-fields").replaceChildren(...THRESHOLD_FIELDS.filter((f) => !f[3]).flatMap(field), details);
   $("#thresholds-dialog").showModal();
 }
 
@@ -930,7 +947,7 @@ async function saveThresholds(event, { allDefaults = false } = {}) {
   }
   $("#thresholds-dialog").close();
   // The server sends the tiles whose state moved to the views it serves; other collector
-  // processes, and the alert rules, take the new thresholds within 30 s.
+  // processes' views follow within 5 s, and the alert rules take the new thresholds within 30 s.
   toast(`Thresholds of ${shown.site} saved`, "ok");
 }
 
