@@ -48,6 +48,9 @@ from micboard.collector.store.schema_alerts import ACTIVE_STATES, alert_rules, a
 
 #: Ranks of a site's worst condition, worst highest; the API names them.
 WORST_NAMES = {4: "critical", 3: "warning", 2: "offline", 1: "stale", 0: "ok"}
+#: Transmitters at or below this many bars count as a low battery ("replace" or worse).
+LOW_BATTERY_BARS = 3
+
 _DEVICE_STATES = ("online", "offline", "stale")
 
 
@@ -60,10 +63,6 @@ def _agent_device_counts(page: Subquery) -> list[ColumnElement[Any]]:
         .label(f"devices_{state}")
         for state in _DEVICE_STATES
     ]
-
-
-#: Transmitters at or below this many bars count as a low battery ("replace" or worse).
-LOW_BATTERY_BARS = 3
 
 
 @dataclass(frozen=True, slots=True)
