@@ -429,13 +429,19 @@ async def test_a_quiet_fleet_still_sends_keepalives(keepalive_api: LiveApi) -> N
     await waiting.close()
 
 
-async def test_a_thresholds_change_recolours_the_sites_tiles_at_once(sqlite_api: LiveApi) -> None:
-    api = sqlite_api
+async def _watching_a_replace_and_a_good_tile(api: LiveApi) -> aiohttp.ClientWebSocketResponse:
+    """A client of site venue-t, whose receiver's channel 1 reads replace (3 bars), channel 2 good."""
     await api.seed.devices("venue-t", "pi-t", [api.receiver("rx1", bars=(3, 5))])
     ws = await connect(api)
     await ws.send_json({"type": "subscribe", "scope": "site", "site": "venue-t"})
     snapshot = await next_of(ws, "snapshot")
     assert [c["battery_state"] for c in snapshot["channels"]] == ["replace", "good"]
+    return ws
+
+
+async def test_a_thresholds_change_recolours_the_sites_tiles_at_once(sqlite_api: LiveApi) -> None:
+    api = sqlite_api
+    ws = await _watching_a_replace_and_a_good_tile(api)
     change = {"site": "venue-t", "values": {"battery_replace_bars": 2, "battery_critical_bars": 1}}
     status, body, _ = await api.call("PUT", "/api/v1/thresholds", role="admin", json=change)
     assert status == 200, body
@@ -625,11 +631,7 @@ async def test_thresholds_changed_elsewhere_recolour_the_tiles_within_a_refresh(
 ) -> None:
     """Another collector process (or the CLI) changed a site's thresholds: no message tells this one."""
     api = refreshing_api
-    await api.seed.devices("venue-t", "pi-t", [api.receiver("rx1", bars=(3, 5))])
-    ws = await connect(api)
-    await ws.send_json({"type": "subscribe", "scope": "site", "site": "venue-t"})
-    snapshot = await next_of(ws, "snapshot")
-    assert [c["battery_state"] for c in snapshot["channels"]] == ["replace", "good"]
+    ws = await _watching_a_replace_and_a_good_tile(api)
     # Straight into the store, as another process sharing the database does.
     await AlertService(api.engine).change_site_thresholds(
         "venue-t", {"battery_replace_bars": 2, "battery_critical_bars": 1}
