@@ -45,7 +45,7 @@ async def write_locked_sqlite(conn: AsyncConnection) -> sqlite3.Connection | Non
     rows. Handed to the driver's thread instead, it cost more than that work: a hand-off each
     way, and a statement run for many rows takes the interpreter's lock back after each row,
     waiting up to the switch interval (5 ms) whenever the event loop is busy meanwhile
-    (docs/PERFORMANCE.md). ``None`` on PostgreSQL, or when the driver is not aiosqlite.
+    (docs/adr/0008). ``None`` on PostgreSQL, or when the driver is not aiosqlite.
     """
     if conn.dialect.name != "sqlite":
         return None
