@@ -955,6 +955,37 @@ def ingest_progress(
     return acked
 
 
+class GcPauses:
+    """The garbage collector's collections in this process while in use (``with GcPauses() as g``)."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float]] = []  # (generation, ms)
+        self._started = 0.0
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], (time.perf_counter() - self._started) * 1000))
+
+    def describe(self) -> str:
+        """``N collections (gen0 a, gen1 b, gen2 c), T ms in all, longest L ms``."""
+        by_gen = [sum(1 for g, _ms in self.pauses if g == gen) for gen in range(3)]
+        total = sum(ms for _g, ms in self.pauses)
+        longest = max((ms for _g, ms in self.pauses), default=0.0)
+        return (
+            f"{len(self.pauses)} collections (gen0 {by_gen[0]}, gen1 {by_gen[1]}, gen2 {by_gen[2]}), "
+            f"{total:,.0f} ms in all, longest {longest:,.1f} ms"
+        )
+
+
 def collector_feed(
     pool: ProcessPoolExecutor,
     nats_url: str,
@@ -973,14 +1004,16 @@ def collector_feed(
         before = await progress()
         batches_before = replace(ingest) if ingest is not None else None
         load = PublishLoad(nats_url, messages, deltas.rate, in_flight)
-        start, seconds = await asyncio.get_running_loop().run_in_executor(pool, publish_worker, load)
-        interval_ns = 1e9 / deltas.rate
-        published = time.monotonic()
-        while (done := await progress() - before) < len(messages):
-            if time.monotonic() - published > 60:
-                print(f"  ingest applied only {done:,} of {len(messages):,}")
-                break
-            await asyncio.sleep(0.01)
+        # Every collection stops this process's event loop, ingest and live feed alike.
+        with GcPauses() as collections:
+            start, seconds = await asyncio.get_running_loop().run_in_executor(pool, publish_worker, load)
+            interval_ns = 1e9 / deltas.rate
+            published = time.monotonic()
+            while (done := await progress() - before) < len(messages):
+                if time.monotonic() - published > 60:
+                    print(f"  ingest applied only {done:,} of {len(messages):,}")
+                    break
+                await asyncio.sleep(0.01)
         lag = time.monotonic() - published
         # Ingest's own rate over the phase: below the publishing rate, a backlog grew.
         applied = done / (seconds + lag)
@@ -997,6 +1030,7 @@ def collector_feed(
                 f"{1000 * busy_s / max(batches, 1):,.1f} ms each; applying batches "
                 f"{busy_s / (seconds + lag):.0%} of the phase"
             )
+        print(f"  garbage collector in this process over the phase: {collections.describe()}")
         return [start + int(m * interval_ns) for m in range(len(messages))], seconds
 
     return feed
