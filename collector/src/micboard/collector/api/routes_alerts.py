@@ -125,7 +125,8 @@ async def change_thresholds(call: Call[NoQuery, ThresholdsChange]) -> Thresholds
         body.site, body.values, body.reset, by=call.actor
     )
     # This process's views follow at once: its live clients get the site's tiles whose battery
-    # state moved. Other collector processes read the thresholds again within 30 s.
+    # state moved. Other collector processes' live feeds find the change at their next site
+    # refresh (within 5 s).
     ctx = context_of(call.app)
     ctx.fleet.forget_bands()
     if ctx.live is not None:

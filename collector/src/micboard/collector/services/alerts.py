@@ -39,7 +39,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from sqlalchemy import and_, bindparam, delete, false, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from micboard.collector.battery import BatteryBands
@@ -49,6 +48,7 @@ from micboard.collector.services.webhooks import WebhookDispatcher
 from micboard.collector.store.keys import values_in
 from micboard.collector.store.schema import agents, channels, devices
 from micboard.collector.store.schema_alerts import ACTIVE_STATES, alert_rules, alerts
+from micboard.collector.store.upsert import insert_for
 from micboard.shared.envelope import MeterBody
 from micboard.shared.model import Device, ReceiverChannel, Transmitter
 
@@ -452,11 +452,10 @@ class AlertService:
         values = {"thresholds": dict(overrides), "updated_by": by, "updated_ms": _now_ms()}
         async with self.engine.begin() as conn:
             # One upsert: two first writes at once must not both insert.
-            upsert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(alert_rules)
             await conn.execute(
-                upsert.values(site=site, **values).on_conflict_do_update(
-                    index_elements=[alert_rules.c.site], set_=values
-                )
+                insert_for(conn, alert_rules)
+                .values(site=site, **values)
+                .on_conflict_do_update(index_elements=[alert_rules.c.site], set_=values)
             )
         self._rules[site] = (thresholds, time.monotonic())
         return thresholds
@@ -489,9 +488,8 @@ class AlertService:
             # PostgreSQL the row (FOR UPDATE) until commit. Two changes at once then apply one
             # after the other, each on what the other stored, instead of the later one writing
             # back what it read before the earlier one committed.
-            claim = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
             await conn.execute(
-                claim(alert_rules)
+                insert_for(conn, alert_rules)
                 .values(site=site, thresholds={}, updated_by=by, updated_ms=now)
                 .on_conflict_do_nothing(index_elements=[alert_rules.c.site])
             )
@@ -1146,10 +1144,9 @@ class AlertService:
             "observed_ms": now,
             "updated_ms": now,
         }
-        dialect = sqlite if conn.dialect.name == "sqlite" else postgresql
         # Another collector may have opened the same alert: the partial unique index turns that
         # into a no-op instead of a failed ingest transaction.
-        statement = dialect.insert(alerts).values(**values).on_conflict_do_nothing().returning(alerts.c.id)
+        statement = insert_for(conn, alerts).values(**values).on_conflict_do_nothing().returning(alerts.c.id)
         alert_id = (await conn.execute(statement)).scalar()
         if alert_id is None:
             return None

@@ -27,12 +27,12 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Table, bindparam, case, delete, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from micboard.collector.store.keys import composite_in, ints_in
 from micboard.collector.store.prepared import prepare, write_locked_sqlite
 from micboard.collector.store.schema import agents, applied_events, channels, devices, discovered, sites
+from micboard.collector.store.upsert import insert_for
 from micboard.shared.envelope import (
     AnyEvent,
     DeviceEvent,
@@ -268,15 +268,6 @@ def _is_deferred(result: ApplyResult | None) -> bool:
     return result is not None and result.outcome is ApplyOutcome.DEFERRED
 
 
-def _insert(conn: AsyncConnection, table: Table) -> Any:
-    # Upserts are dialect-specific; both supported databases share the ON CONFLICT form.
-    if conn.dialect.name == "postgresql":
-        return postgresql.insert(table)
-    if conn.dialect.name == "sqlite":
-        return sqlite.insert(table)
-    raise NotImplementedError(f"unsupported database dialect {conn.dialect.name!r}")
-
-
 @dataclass(slots=True, eq=False)
 class _DeviceState:
     """A device row being worked on in memory for the length of one batch."""
@@ -470,7 +461,7 @@ class SynchronizationService:
         key = (conn.dialect.name, name)
         stmt = self._statements.get(key)
         if stmt is None:
-            stmt = self._statements[key] = build(_insert(conn, table))
+            stmt = self._statements[key] = build(insert_for(conn, table))
         return stmt
 
     async def apply(self, conn: AsyncConnection, event: AnyEvent) -> ApplyResult:
@@ -770,7 +761,7 @@ class SynchronizationService:
         if new:
             rows = [{"agent": w.agent, "device_key": w.device_key, **_device_columns(w, now)} for w in new]
             inserted = await conn.execute(
-                _insert(conn, devices).returning(devices.c.id, devices.c.agent, devices.c.device_key),
+                insert_for(conn, devices).returning(devices.c.id, devices.c.agent, devices.c.device_key),
                 rows,
             )
             ids = {(row.agent, row.device_key): row.id for row in inserted.all()}
@@ -832,7 +823,7 @@ class SynchronizationService:
             await self._executemany(
                 conn,
                 "channels:upsert",
-                lambda: (ins := _insert(conn, channels)).on_conflict_do_update(
+                lambda: (ins := insert_for(conn, channels)).on_conflict_do_update(
                     index_elements=[channels.c.device_pk, channels.c.index],
                     set_={c.name: ins.excluded[c.name] for c in channels.c if not c.primary_key},
                 ),
