@@ -86,7 +86,7 @@ async def test_a_sites_alert_thresholds_are_read_and_changed_by_an_admin(api: Li
     assert item["overrides"] == {"battery_replace_bars": 2, "battery_critical_bars": 1}
     assert item["in_force"]["battery_replace_bars"] == 2
     assert item["defaults"]["battery_replace_bars"] == 3
-    # The tiles of the hall follow at once in this process (the others within 30 s), and so do alerts.
+    # The tiles of the hall follow at once in this process (the others within 5 s), and so do alerts.
     assert (await api.get("/api/v1/channels", site="main-hall"))[1]["items"][0]["battery_state"] == "good"
     async with api.engine.connect() as conn:
         assert (await AlertService(api.engine).thresholds_for(conn, "main-hall")).battery_replace_bars == 2

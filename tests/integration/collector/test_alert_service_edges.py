@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -11,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from micboard.collector.errors import AlertNotFoundError, InvalidAlertRulesError
 from micboard.collector.services.alerts import (
+    THRESHOLDS_REFRESH_S,
     AlertChange,
     AlertRule,
     AlertService,
@@ -73,6 +75,30 @@ async def test_thresholds_are_validated_and_replaced_per_site(engine: AsyncEngin
     fresh = AlertService(engine)
     async with engine.connect() as conn:
         assert (await fresh.thresholds_for(conn, SITE)).rf_min_dbm == -85.0
+
+
+async def test_thresholds_changed_by_another_process_reach_the_alert_rules_within_the_refresh(
+    engine: AsyncEngine,
+) -> None:
+    assert AlertService(engine).rules_cache_s == THRESHOLDS_REFRESH_S == 5.0  # what the docs promise
+    # A short refresh, so that the test can wait it out; no hold, so that a clear resolves at once.
+    ingesting = AlertService(engine, rules_cache_s=0.5, defaults=AlertThresholds(resolve_hold_s=0))
+    serving = AlertService(engine)  # the process (or the CLI) that takes the change
+    # Bars 3 open "replace" under the defaults; the site lowers that threshold to 1 bar.
+    assert kinds(await transition(ingesting, engine, None, device(3), None, "online", T0)) == [
+        ("opened", "battery_low")
+    ]
+    await serving.change_site_thresholds(SITE, {"battery_replace_bars": 1, "battery_critical_bars": 0})
+    # Inside the refresh the ingesting process still works with what it read: a new reading of
+    # 3 bars (the transition says the battery changed, so it is evaluated) stays "replace".
+    assert await transition(ingesting, engine, device(5), device(3), "online", "online", T0 + 1) == []
+    await asyncio.sleep(0.6)
+    async with engine.connect() as conn:
+        assert (await ingesting.thresholds_for(conn, SITE)).battery_replace_bars == 1
+    # Past it, 3 bars are good at this site: the alert resolves.
+    assert kinds(await transition(ingesting, engine, device(5), device(3), "online", "online", T0 + 2)) == [
+        ("resolved", "battery_low")
+    ]
 
 
 async def test_an_invalid_stored_row_falls_back_to_the_defaults(

@@ -1,8 +1,8 @@
 """``micboard-collector thresholds ...`` and ``webhook ...``: alert configuration from the command line.
 
 Each command sets ``handler`` on its parsed arguments; the CLI calls it. Changes go to the
-database the collector uses: a running collector applies new thresholds within its rules cache
-time (30 s) and new or changed webhooks at the next alert.
+database the collector uses: a running collector applies new thresholds within 5 s
+(``THRESHOLDS_REFRESH_S``) and new or changed webhooks at the next alert.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def _set(args: argparse.Namespace) -> int:
         values = _parse_values(args.values)
         _, in_force = await alerts.change_site_thresholds(args.site, values, by=args.by)
         changed = {name: getattr(in_force, name) for name in values}
-        _out(f"site {args.site}: {json.dumps(changed, sort_keys=True)} (collectors apply it within 30 s)")
+        _out(f"site {args.site}: {json.dumps(changed, sort_keys=True)} (collectors apply it within 5 s)")
         return 0
 
     return _run(action)

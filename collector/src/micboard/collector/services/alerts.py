@@ -55,6 +55,10 @@ from micboard.shared.model import Device, ReceiverChannel, Transmitter
 log = logging.getLogger(__name__)
 
 SYSTEM = "system"
+# How old a process's copy of a site's thresholds may be: a change made through another
+# collector process or the CLI reaches this one's alert rules (and its listings, and its live
+# tiles) within this time. One small query per refresh.
+THRESHOLDS_REFRESH_S = 5.0
 """Who resolves an alert whose condition cleared."""
 
 
@@ -384,7 +388,7 @@ class AlertService:
         *,
         hub: LiveHub | None = None,
         webhooks: WebhookDispatcher | None = None,
-        rules_cache_s: float = 30.0,
+        rules_cache_s: float = THRESHOLDS_REFRESH_S,
         defaults: AlertThresholds | None = None,
     ) -> None:
         self.engine = engine

@@ -40,7 +40,7 @@ from micboard.collector.battery import (
     BatteryBands,
     classify_battery,
 )
-from micboard.collector.services.alerts import AlertThresholds
+from micboard.collector.services.alerts import THRESHOLDS_REFRESH_S, AlertThresholds
 from micboard.collector.services.sync import DeviceChange, channel_rows
 from micboard.collector.store.keys import composite_in
 from micboard.collector.store.schema import agents, channels, devices, sites
@@ -165,8 +165,8 @@ def _contains(column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
 
 
 #: How long a site's battery bands (its alert thresholds) are used before being read again: as
-#: long as the alert rules cache them, so that a tile and an alert change together.
-BANDS_CACHE_S = 30.0
+#: long as the alert rules keep them, so that a tile and an alert change together.
+BANDS_CACHE_S = THRESHOLDS_REFRESH_S
 
 
 @functools.lru_cache(maxsize=4096)

@@ -947,7 +947,7 @@ async function saveThresholds(event, { allDefaults = false } = {}) {
   }
   $("#thresholds-dialog").close();
   // The server sends the tiles whose state moved to the views it serves; other collector
-  // processes' views follow within 5 s, and the alert rules take the new thresholds within 30 s.
+  // processes' views and alert rules follow within 5 s.
   toast(`Thresholds of ${shown.site} saved`, "ok");
 }
 
