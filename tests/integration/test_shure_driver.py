@@ -12,6 +12,7 @@ import pytest
 
 from micboard.agent.drivers.base import CommandReply, DeviceTarget, DriverCommand, DriverOptions
 from micboard.agent.drivers.shure import SHURE_SIMULATOR_KINDS, ShureDriver, ShureSimulator
+from micboard.agent.drivers.shure.driver import REFUSED_REASON
 from micboard.agent.drivers.shure.protocol import FrameReader, Get, Rep, RepErr, Sample, Set
 from micboard.agent.drivers.shure.simulator import MODELS
 from micboard.shared.envelope import CommandAction, CommandOutcome
@@ -379,17 +380,49 @@ async def test_slow_device_times_out_commands() -> None:
         r.sim.faults.delay_s = 0.0
 
 
-async def test_connecting_to_a_device_with_rep_err_still_comes_online() -> None:
+async def test_a_receiver_refusing_control_is_offline_with_the_reason_until_allowed() -> None:
+    # An SLX-D before "Allow Third-Party Controls" answers REP ERR to everything: offline with
+    # what the installer must do, not online with no channels; retried until control is allowed.
     sim = ShureSimulator("slxd4d", port=0, activity=0.0)
     sim.faults.rep_err = True
     await sim.start()
     try:
         async with running_driver(sim) as (driver, seen, _task):
+            await until(lambda: driver.stats.connects >= 2)
+            assert seen.links == [(False, REFUSED_REASON)]
+            assert "Allow Third-Party Controls" in REFUSED_REASON
+            assert not driver.online and seen.devices == []
+            assert driver.stats.device_errors >= 2
+            sim.faults.rep_err = False  # the installer ticks the box
             await until(lambda: driver.online)
-            assert driver.stats.device_errors >= 1
-            assert seen.devices[-1].channels == ()
+            assert seen.links[-1] == (True, "connected")
+            assert len(seen.devices[-1].channels) == 2
     finally:
         await sim.stop()
+
+
+async def test_a_device_with_rep_err_to_one_identity_question_still_comes_online() -> None:
+    # GET 0 ALL answered in full, one identity GET refused: online, with what the device said.
+    async def device(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(4096)
+        writer.write(b"< REP 1 CHAN_NAME {Vox     } >< REP MODEL {ULXD4                          } >")
+        writer.write(b"< REP ERR >" * 4)
+        with contextlib.suppress(OSError):
+            for _ in range(100):
+                writer.write(b"< SAMPLE 1 ALL AX 078 032 >")
+                await asyncio.sleep(0.05)
+        writer.close()
+
+    server = await asyncio.start_server(device, "127.0.0.1", 0)
+    sim = ShureSimulator("ulxd4", port=server.sockets[0].getsockname()[1])
+    try:
+        async with running_driver(sim) as (driver, seen, _task):
+            await until(lambda: driver.online)
+            assert seen.devices[-1].channels[0].name == "Vox"
+            assert seen.links == [(True, "connected")]
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_two_controllers_both_receive_pushed_changes() -> None:
@@ -496,8 +529,9 @@ async def test_simulator_answers_like_the_hardware() -> None:
             sim,
             b"< GET 1 CHAN_NAME >< GET 2 FREQUENCY >< GET MODEL >< GET 3 CHAN_NAME >"
             b"< GET DEVICE_ID >< GET 0 AUDIO_GAIN >< SET 1 AUDIO_GAIN 020 >< SET 1 METER_RATE 00050 >"
-            b"< GET 1 METER_RATE >< SET 1 AUDIO_MUTE TOGGLE >< SET 1 FREQUENCY 470150 >< BOGUS 1 X >",
-            13,
+            b"< GET 1 METER_RATE >< SET 1 AUDIO_MUTE TOGGLE >< SET 1 FREQUENCY 470150 >< BOGUS 1 X >"
+            b"< SET 1 METER_RATE 65536 >",
+            14,
         )
         name = sim.channel(1).name.ljust(8)
         assert got == [
@@ -514,6 +548,7 @@ async def test_simulator_answers_like_the_hardware() -> None:
             Rep(1, "AUDIO_MUTE", None, "ON"),
             Rep(1, "FREQUENCY", None, "470150"),
             RepErr(),
+            RepErr(),  # 00100..65535 ms, or 00000
         ]
     finally:
         await sim.stop()

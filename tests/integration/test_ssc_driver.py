@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -158,6 +159,19 @@ async def test_subscription_is_renewed_before_its_lifetime_ends_and_cancelled_on
     await eventually(lambda: simulator.subscription_count == 0, 1.0)
 
 
+async def test_metering_off_subscribes_to_nothing_and_a_long_interval_stays_valid() -> None:
+    # meter_interval_ms 0 switches metering off (as METER_RATE 00000 does on Shure).
+    async with rig(options=replace(FAST, meter_interval_ms=0)) as (simulator, driver, recorder):
+        await online(driver, recorder)
+        await asyncio.sleep(0.3)
+        assert simulator.subscription_count == 0 and recorder.meters == []
+    # Above the subscription's "max" (10 s) the driver asks for the slowest valid rate.
+    async with rig(options=replace(FAST, meter_interval_ms=30_000)) as (simulator, driver, recorder):
+        await online(driver, recorder)
+        await eventually(lambda: simulator.subscription_count == 1)
+        assert driver.stats.device_errors == 0  # the subscription was not refused
+
+
 async def test_meters_come_back_after_the_device_forgets_subscribers() -> None:
     async with rig(subscription_lifetime_s=0.5) as (simulator, driver, recorder):
         await online(driver, recorder)
@@ -229,6 +243,34 @@ async def test_device_errors_become_failed_commands() -> None:
         assert driver.online  # an error answer is still an answer
         assert driver.stats.device_errors > errors + 2
         assert recorder.devices[-1] == snapshot  # the last good state is kept
+
+
+async def test_an_error_on_some_leaves_keeps_the_rest_of_the_reply() -> None:
+    # A model or firmware without a queried parameter answers 454 for it and fills the others:
+    # the channel's name and the transmitter's battery must still be read, and an errored leaf
+    # keeps what it said before rather than going blank.
+    async with rig("ewdx-em2") as (simulator, driver, recorder):
+        await online(driver, recorder)
+        before = recorder.transmitter(1)
+        assert before is not None and before.battery_percent is not None and before.model is not None
+        full_tree = simulator.tree
+
+        def without_some_leaves() -> dict[str, Any]:
+            tree = full_tree()
+            del tree["rx1"]["gain"]
+            if "tx1" in tree["mates"]:
+                del tree["mates"]["tx1"]["battery"]["gauge"]
+                del tree["mates"]["tx1"]["trim"]
+            return tree
+
+        simulator.tree = without_some_leaves  # type: ignore[method-assign]
+        errors = driver.stats.device_errors
+        simulator.set_channel_name(1, "Lead Vox")
+        await eventually(lambda: recorder.channel(1).name == "Lead Vox")
+        assert driver.stats.device_errors > errors  # each errored reply is counted
+        after = recorder.transmitter(1)
+        assert after is not None and after.model == before.model
+        assert after.battery_percent is not None  # kept from the last good answer, not blanked
 
 
 async def test_transmitter_off_reads_as_no_transmitter_and_comes_back() -> None:

@@ -101,6 +101,7 @@ async def test_osc_and_subscription_refusals(ssc: tuple[SscSimulator, Client]) -
         {"#": {"lifetime": 0}, "rx1": {"name": None}},
         {"#": {"min": 1}, "rx1": {"name": None}},
         {"#": {"count": True}, "rx1": {"name": None}},
+        {"#": {"min": 20_000, "max": 10_000}, "rx1": {"name": None}},
         {"#": {}, "rx1": {"name": "set"}},
     ]
     reply = await client.ask({"osc": {"state": {"subscribe": bad_items}}})
@@ -111,6 +112,7 @@ async def test_osc_and_subscription_refusals(ssc: tuple[SscSimulator, Client]) -
         "a subscription is an object",
         "count is a positive integer",
         "lifetime is 0 < seconds <= 3600",
+        "max is a number of ms not below min",
         "min is 10..60000 ms",
     ]
     assert error_of(reply, "rx1", "name")["desc"] == "a subscription takes null leaves"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections.abc import Iterator
@@ -92,6 +93,46 @@ def test_check_names_a_device_that_never_answers(
     out = capsys.readouterr().out
     assert "ok   nats: " in out
     assert f"FAIL device ulxd 127.0.0.1:{silent_device}: no answer" in out and "1 check(s) failed" in out
+
+
+def test_check_says_what_to_do_about_a_receiver_refusing_control(
+    tmp_path: Path, nats_server: EmbeddedNats, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A receiver that answers REP ERR to everything: an SLX-D before third-party control is on.
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def refuse() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn = server.accept()[0]
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(1.0)
+                with contextlib.suppress(OSError):
+                    asked = conn.recv(4096).count(b"<")
+                    conn.sendall(b"< REP ERR >" * asked)
+                    conn.recv(4096)  # until the driver hangs up
+
+    thread = threading.Thread(target=refuse, daemon=True)
+    thread.start()
+    port = int(server.getsockname()[1])
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'site = "hall"\nagent = "pi-1"\nnats_url = "{nats_server.url}"\n'
+        f'[[static_devices]]\naddress = "127.0.0.1"\nport = {port}\nfamily = "slxd"\n'
+    )
+    try:
+        assert cli.main(["check", "--config", str(config), "--timeout", "3"]) == 1
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+    out = capsys.readouterr().out
+    assert f"FAIL device slxd 127.0.0.1:{port}: the receiver refuses control" in out
+    assert "enable its Allow Third-Party Controls" in out
 
 
 def test_discover_on_an_address_of_no_interface_exits_1(capsys: pytest.CaptureFixture[str]) -> None:

@@ -141,7 +141,18 @@ def test_first_failure_to_connect_is_offline_too(
     tracker.track("ssc-1")
     tracker.link_changed("ssc-1", False, "connect_failed")
     assert isinstance(out[0], OfflineBody) and out[0].reason is OfflineReason.CONNECT_FAILED
-    assert out[0].last_seen_ts is None
+    assert out[0].last_seen_ts is None and out[0].detail is None
+
+
+def test_a_known_reason_with_what_the_driver_saw_keeps_both(
+    tracker: StateTracker, out: list[DeviceBody | OfflineBody]
+) -> None:
+    tracker.track("slxd-1")
+    tracker.link_changed("slxd-1", False, "connect_failed: refuses control; allow it" + "!" * 200)
+    [offline] = out
+    assert isinstance(offline, OfflineBody) and offline.reason is OfflineReason.CONNECT_FAILED
+    assert offline.detail is not None and offline.detail.startswith("refuses control; allow it")
+    assert len(offline.detail) == 128  # bounded, whatever the driver said
 
 
 def test_restarted_driver_sends_a_snapshot(

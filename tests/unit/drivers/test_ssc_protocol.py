@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from micboard.agent.drivers.sennheiser.driver import _overlay, _without_errors
 from micboard.agent.drivers.sennheiser.mapping import (
     antenna_from_divi,
     battery_bars_from_percent,
@@ -459,3 +460,31 @@ def test_mapping_arbitrary_values_never_raises(first: Any, second: Any) -> None:
         json.dumps({"osc": {"error": first, "xid": second}, "m": first}, allow_nan=True).encode()
     )
     assert isinstance(decoded_tree, SscMessage | SscRejected)
+
+
+def test_a_reply_without_its_errored_leaves_over_what_was_known() -> None:
+    reply = SscMessage(
+        {"mates": {"tx1": {"battery": {"gauge": None, "lifetime": 300}, "trim": None, "name": "A"}}},
+        errors=(
+            SscError(("mates", "tx1", "battery", "gauge"), 454),
+            SscError(("mates", "tx1", "trim"), 423),
+            SscError(("mates", "tx1", "name", "deeper"), 454),  # below a leaf: nothing to drop
+            SscError(("mates", "tx1", "gone", "x"), 454),  # under a node the reply lacks
+            SscError(("mates", "tx1"), 500),  # about the whole node: its leaves still came
+            SscError(("rx1", "gain"), 454),  # another address
+        ),
+    )
+    node = reply.node("mates", "tx1")
+    assert node is not None
+    kept = _without_errors(node, reply, ("mates", "tx1"))
+    assert kept == {"battery": {"lifetime": 300}, "name": "A"}
+    assert reply.tree["mates"]["tx1"]["battery"] == {"gauge": None, "lifetime": 300}  # not mutated
+    known = {"battery": {"gauge": 80, "lifetime": 310, "type": "Battery"}, "trim": 3, "name": "B"}
+    assert _overlay(known, kept) == {
+        "battery": {"gauge": 80, "lifetime": 300, "type": "Battery"},
+        "trim": 3,
+        "name": "A",
+    }
+    assert _overlay(None, kept) is kept
+    clean = SscMessage({"rx1": {"name": "A"}})
+    assert _without_errors({"name": "A"}, clean, ("rx1",)) == {"name": "A"}

@@ -224,7 +224,9 @@ async def probe_device(
             f"{model} id={device.device_id or device.serial or '?'}, {device.channel_count} channel(s)",
         )
     if listener.failure is not None:
-        return False, f"no answer ({listener.failure.replace('_', ' ')})"
+        # A reason with what the driver saw ("connect_failed: ...") says it better than its code.
+        code, _, said = listener.failure.partition(": ")
+        return False, said or f"no answer ({code.replace('_', ' ')})"
     return False, f"no answer within {timeout_s:g} s"
 
 

@@ -201,12 +201,15 @@ class StateTracker:
             return
         tracked.state = DeviceState.OFFLINE
         self.stats.offline += 1
-        known = _OFFLINE_REASONS.get(reason)
+        # A driver's reason is a known one, optionally followed by ": " and what it saw.
+        head, _, said = reason.partition(": ")
+        known = _OFFLINE_REASONS.get(head)
+        detail = (said if known is not None else reason) or None
         self._emit(
             OfflineBody(
                 device_key=device_key,
                 reason=known or OfflineReason.SILENT,
-                detail=None if known is not None else reason[:128],
+                detail=detail[:128] if detail else None,
                 last_seen_ts=tracked.last_seen_ms,
             )
         )

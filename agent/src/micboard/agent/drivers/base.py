@@ -83,7 +83,11 @@ class DeviceListener(Protocol):
         """New live levels for some channels."""
 
     def link_changed(self, device_key: str, online: bool, reason: str) -> None:
-        """The device answered again (``online``) or went silent / unreachable."""
+        """The device answered again (``online``) or went silent / unreachable.
+
+        ``reason``: ``connected``, ``silent`` or ``connect_failed``, optionally followed by ``": "``
+        and what the driver saw (sent as the ``offline`` event's detail).
+        """
 
 
 class ReceiverDriver(abc.ABC):

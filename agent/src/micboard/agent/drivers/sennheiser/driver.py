@@ -35,6 +35,7 @@ from micboard.agent.drivers.sennheiser.mapping import (
 )
 from micboard.agent.drivers.sennheiser.protocol import (
     METER_FIELDS,
+    METER_MAX_MS,
     SscMessage,
     SscRejected,
     SscStatus,
@@ -66,6 +67,39 @@ _SUPPORTED = frozenset(
 
 def _describe(reply: SscMessage) -> str:
     return "; ".join(error.describe() for error in reply.errors)
+
+
+def _without_errors(node: Tree, reply: SscMessage, prefix: tuple[str, ...]) -> Tree:
+    """``node`` (the reply's tree at ``prefix``) without the leaves the reply's errors name."""
+    paths = [e.path[len(prefix) :] for e in reply.errors if e.within(*prefix) and len(e.path) > len(prefix)]
+    if not paths:
+        return node
+    kept: Tree = dict(node)
+    for path in paths:
+        parent: Any = kept
+        for key in path[:-1]:
+            child = parent.get(key) if isinstance(parent, dict) else None
+            if not isinstance(child, dict):
+                parent = None
+                break
+            parent[key] = child = dict(child)  # copied: the reply's tree stays as received
+            parent = child
+        if isinstance(parent, dict):
+            parent.pop(path[-1], None)
+    return kept
+
+
+def _overlay(old: Tree | None, new: Tree) -> Tree:
+    """``new`` over ``old``, object by object: what ``new`` lacks keeps its value in ``old``."""
+    if not old:
+        return new
+    merged = dict(old)
+    for key, value in new.items():
+        before = merged.get(key)
+        merged[key] = (
+            _overlay(before, value) if isinstance(before, dict) and isinstance(value, dict) else value
+        )
+    return merged
 
 
 @dataclass(slots=True)
@@ -248,8 +282,11 @@ class SscDriver(ReceiverDriver):
         log.info("ssc device online", extra={"device_key": self.target.device_key, "product": product})
         self.listener.link_changed(self.target.device_key, True, "answering")
         self._publish(force=True)
-        await self._subscribe()
-        self._renewal = asyncio.create_task(self._renew_loop(), name=f"ssc-renew-{self.target.device_key}")
+        if self.options.meter_interval_ms > 0:  # 0: metering off, as METER_RATE 00000 on Shure
+            await self._subscribe()
+            self._renewal = asyncio.create_task(
+                self._renew_loop(), name=f"ssc-renew-{self.target.device_key}"
+            )
         return True
 
     async def _end_session(self) -> None:
@@ -298,7 +335,8 @@ class SscDriver(ReceiverDriver):
             await self._subscribe()
 
     async def _subscribe(self) -> None:
-        interval_ms = max(10, self.options.meter_interval_ms)
+        # Within what a subscription takes: "min" may not exceed its "max" (10 s).
+        interval_ms = min(max(10, self.options.meter_interval_ms), METER_MAX_MS)
         count = max(1000, int(self.subscription_lifetime_s * 1000 / interval_ms) + 10)
         tree = meter_subscription(
             range(1, self._channel_count + 1),
@@ -326,22 +364,26 @@ class SscDriver(ReceiverDriver):
             self._request(channel_query(channel), self.options.command_timeout_s),
             self._request(mate_query(channel), self.options.command_timeout_s),
         )
+        # An error inline is about the leaves it names: the other leaves of the reply are good
+        # (a model without "gain" still says its name and frequency). An errored leaf keeps the
+        # value it had, so that a passing error (423 locked, 500) does not blank it.
         if rx_reply is not None:
-            node = rx_reply.node(f"rx{channel}")
             if rx_reply.errors:
                 self.stats.device_errors += 1
-            elif node is not None:
-                self._rx[channel] = {**self._rx.get(channel, {}), **node}
+            rx = (f"rx{channel}",)
+            if (node := rx_reply.node(*rx)) is not None:
+                self._rx[channel] = _overlay(self._rx.get(channel), _without_errors(node, rx_reply, rx))
         if mate_reply is not None:
-            if any(
-                e.code == SscStatus.FAILED_DEPENDENCY and e.within("mates", f"tx{channel}")
-                for e in mate_reply.errors
-            ):
+            tx = ("mates", f"tx{channel}")
+            if any(e.code == SscStatus.FAILED_DEPENDENCY and e.within(*tx) for e in mate_reply.errors):
                 self._mates[channel] = None  # 424: the linked transmitter is off - no transmitter
+            elif (node := mate_reply.node(*tx)) is not None:
+                if mate_reply.errors:
+                    self.stats.device_errors += 1
+                    node = _overlay(self._mates.get(channel), _without_errors(node, mate_reply, tx))
+                self._mates[channel] = node
             elif mate_reply.errors:
                 self.stats.device_errors += 1
-            elif (node := mate_reply.node("mates", f"tx{channel}")) is not None:
-                self._mates[channel] = node
 
     def _publish(self, *, force: bool = False) -> None:
         if self._identity is None:

@@ -273,8 +273,12 @@ def mate_query(channel: int) -> Tree:
     }
 
 
+#: The longest interval a meter subscription asks for ("max"): a push at least this often.
+METER_MAX_MS = 10_000
+
+
 def meter_subscription(
-    channels: Iterable[int], *, lifetime_s: float, min_ms: int, max_ms: int = 10_000, count: int = 1000
+    channels: Iterable[int], *, lifetime_s: float, min_ms: int, max_ms: int = METER_MAX_MS, count: int = 1000
 ) -> Tree:
     """Subscribe to the meters of ``channels`` for ``lifetime_s`` seconds (renew before it ends)."""
     lifetime: int | float = int(lifetime_s) if float(lifetime_s).is_integer() else lifetime_s

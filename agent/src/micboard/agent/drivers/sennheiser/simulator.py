@@ -587,6 +587,9 @@ class SscSimulator(ReceiverSimulator):
             return "lifetime is 0 < seconds <= 3600"
         if not is_finite_number(min_ms) or not 10 <= min_ms <= 60_000:
             return "min is 10..60000 ms"
+        max_ms = params.get("max", min_ms)
+        if not is_finite_number(max_ms) or max_ms < min_ms:
+            return "max is a number of ms not below min"
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             return "count is a positive integer"
         return float(lifetime), min_ms / 1000.0, count

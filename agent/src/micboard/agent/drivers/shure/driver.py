@@ -25,6 +25,11 @@ _READ_SIZE = 64 * 1024
 # A session that breaks sooner than this after reading the device in full is retried with
 # backoff, so that a device that accepts and hangs up at once is not hammered.
 _STABLE_SESSION_S = 1.0
+#: The link-down reason of a receiver that answers ``REP ERR`` to ``GET 0 ALL``.
+REFUSED_REASON = (
+    "connect_failed: the receiver refuses control (REP ERR to GET 0 ALL); "
+    "enable its Allow Third-Party Controls"
+)
 # Parameters that change at metering speed: they belong to ChannelMeter, not to state.
 _METER_PARAMS = frozenset({"RSSI", "CHAN_QUALITY", "METER_RATE", "AUDIO_LEVEL", "RF_LEVEL"})
 _FORBIDDEN_NAME_CHARS = frozenset("{}<>")
@@ -121,6 +126,9 @@ class ShureDriver(ReceiverDriver):
         self._dirty = False
         self._synced = False
         self._pending_identity: list[str] = []
+        # Whether this session's GET 0 ALL was answered with REPs, or refused with REP ERR.
+        self._all_answered = False
+        self._all_refused = False
         self._online = False
         self._link_known = False
         self._last_rx = 0.0
@@ -310,6 +318,7 @@ class ShureDriver(ReceiverDriver):
         self._metered.clear()
         self._synced = False
         self._pending_identity = list(self.dialect.identity_params)
+        self._all_answered = self._all_refused = False
         # What the last session learned may not hold: a receiver swapped for another at the same
         # address (or reconfigured) answers GET 0 ALL in full, and only that is reported.
         self._device_raw = {}
@@ -341,6 +350,7 @@ class ShureDriver(ReceiverDriver):
                     if not self._synced and got_bytes and now >= sync_deadline:
                         # Some devices never answer one of the identity GETs: go with what we have.
                         self._finish_sync()
+                        self._raise_if_refused()
                         synced_at = now
                     if now >= silence_at:
                         self._set_link(False, "silent")
@@ -360,6 +370,7 @@ class ShureDriver(ReceiverDriver):
                 probed = False
                 self._last_rx = loop.time()
                 self._handle(data)
+                self._raise_if_refused()
                 if self._synced and synced_at is None:
                     synced_at = self._last_rx
             if self._stopping.is_set():
@@ -425,7 +436,10 @@ class ShureDriver(ReceiverDriver):
                 self._apply_rep(message)
             elif type(message) is RepErr:
                 self.stats.device_errors += 1
-                if self._pending_identity and not self._synced:
+                if not self._synced and not self._all_answered and not self._all_refused:
+                    # Answers are in the order asked, and GET 0 ALL was asked first.
+                    self._all_refused = True
+                elif self._pending_identity and not self._synced:
                     self._pending_identity.pop(0)
                     if not self._pending_identity:
                         self._finish_sync()
@@ -451,6 +465,7 @@ class ShureDriver(ReceiverDriver):
             self._publish(force=False)
 
     def _apply_rep(self, rep: Rep) -> None:
+        self._all_answered = True
         channel = rep.channel
         if channel is None:
             if rep.position is None:
@@ -490,8 +505,20 @@ class ShureDriver(ReceiverDriver):
     def _finish_sync(self) -> None:
         self._synced = True
         self._pending_identity = []
-        self._publish(force=True)
-        self._set_link(True, "connected")
+        if not self._refused():
+            self._publish(force=True)
+            self._set_link(True, "connected")
+
+    def _refused(self) -> bool:
+        # A receiver refusing third-party control (an SLX-D until "Allow Third-Party Controls"
+        # is on) answers REP ERR to GET 0 ALL: not a receiver to show online with no channels.
+        return self._all_refused and not self._channels_raw
+
+    def _raise_if_refused(self) -> None:
+        if self._synced and self._refused():
+            # Offline with the reason, and retried with backoff until control is allowed.
+            self._set_link(False, REFUSED_REASON)
+            raise _LinkDownError("refused")
 
     def _publish(self, *, force: bool) -> None:
         self._dirty = False

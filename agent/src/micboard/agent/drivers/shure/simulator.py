@@ -610,7 +610,8 @@ class ShureSimulator(ReceiverSimulator):
         if targets is None or command.position is not None:
             return None
         if param == "METER_RATE":
-            if len(raw) != 5 or not raw.isdigit() or 0 < int(raw) < 100:
+            # 00000 (off) or 00100..65535 ms, as the hardware takes.
+            if len(raw) != 5 or not raw.isdigit() or 0 < int(raw) < 100 or int(raw) > 65_535:
                 return None
             now = asyncio.get_running_loop().time()
             for channel in targets:
