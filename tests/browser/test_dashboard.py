@@ -174,6 +174,16 @@ async def test_battery_drop_and_transmitter_off_reach_the_tile_within_2s(
     # A transmitter read a moment ago is "previously ..." rather than an error.
     assert state in {"previously_good", "previously_replace", "previously_critical", "unknown"}
     assert await tile_attr(browser_page, 2, "data-tx") == "off"
+    # Meters keep coming from the receiver (its audio floor): no level and no peak are drawn.
+    await asyncio.sleep(1.0)
+    audio = await page.evaluate(
+        """() => {
+            const tile = document.querySelector("#tiles .tile[data-index='2']");
+            return [tile.querySelector("[data-part='audio-fill']").style.transform,
+                    tile.querySelector("[data-part='audio-peak']").dataset.visible ?? "0"];
+        }"""
+    )
+    assert audio == ["scaleX(1)", "0"], audio
     await browser_page.shot("transmitter-off")
     assert battery_s < 2.0 and off_s < 2.0
 

@@ -17,7 +17,7 @@ from micboard.agent.drivers.base import DeviceTarget, DriverCommand, DriverOptio
 from micboard.agent.drivers.sennheiser import SSC_SIMULATOR_KINDS, SscDriver, SscSimulator
 from micboard.agent.drivers.sennheiser.protocol import SSC_SERVICE_TYPE
 from micboard.shared.envelope import CommandAction, CommandOutcome
-from micboard.shared.model import ChannelMeter, Device, Family, ReceiverChannel, Transmitter
+from micboard.shared.model import Antenna, ChannelMeter, Device, Family, ReceiverChannel, Transmitter
 
 FAST = DriverOptions(
     meter_interval_ms=50,
@@ -139,9 +139,13 @@ async def test_identity_state_and_meters_of_every_kind(kind: str) -> None:
             assert abs(tx.runtime_min - sim_channel.transmitter.battery_remaining_min) <= 1
         await eventually(lambda: all(recorder.meters_of(i) for i in range(1, spec.channels + 1)))
         meter = recorder.meters_of(1)[-1]
-        assert len(meter.rf_dbm) == 1 and meter.rf_dbm[0] is not None and -107 <= meter.rf_dbm[0] <= 0
         assert meter.link_quality_percent is not None and meter.link_quality_percent > 0
         assert meter.active_antenna is not None
+        # One level, on the antenna diversity chose.
+        slot = 1 if meter.active_antenna is Antenna.B else 0
+        assert len(meter.rf_dbm) == slot + 1 and meter.rf_dbm[:slot] == (None,) * slot
+        level = meter.rf_dbm[slot]
+        assert level is not None and -107 <= level <= 0
         assert meter.audio_dbfs is not None and -138.5 <= meter.audio_dbfs <= 0
         assert driver.stats.connects == 1 and driver.stats.parse_errors == 0
     assert simulator.subscription_count == 0

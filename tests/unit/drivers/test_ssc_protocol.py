@@ -208,9 +208,11 @@ def test_meter_maps_documented_units() -> None:
     message = decoded('{"m":{"rx1":{"rssi":-63.5,"rsqi":87,"divi":2,"af":-21.5}}}')
     meter = meter_from_ssc(1, message.lookup("m", "rx1"))
     assert meter.index == 1
-    assert meter.rf_dbm == (-63.5,)
+    assert meter.rf_dbm == (None, -63.5)  # the one level, in the slot of the active antenna
     assert meter.link_quality_percent == 87
     assert meter.active_antenna is Antenna.B
+    on_a = meter_from_ssc(1, {"rssi": -60, "rsqi": 90, "divi": 1, "af": -20})
+    assert (on_a.rf_dbm, on_a.active_antenna) == ((-60.0,), Antenna.A)
     assert meter.audio_dbfs == -21.5
 
 

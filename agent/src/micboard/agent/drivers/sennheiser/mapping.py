@@ -83,15 +83,20 @@ def battery_bars_from_percent(percent: int | None) -> int | None:
 def meter_from_ssc(index: int, values: Any) -> ChannelMeter:
     """Map ``m/rxN`` (``rssi`` dBm, ``rsqi`` %, ``divi``, ``af`` dBFS) into a :class:`ChannelMeter`.
 
-    SSC v1 reports one RSSI for the received signal, not one per antenna, so ``rf_dbm`` holds a
-    single value and ``active_antenna`` tells which antenna diversity chose.
+    SSC v1 reports one RSSI for the received signal, not one per antenna: ``rf_dbm`` holds it in
+    the slot of the antenna diversity chose (``(None, rssi)`` when it is B), since ``rf_dbm`` is
+    per antenna, and in the first slot when none is active (no transmitter: the noise floor).
     """
     fields = _mapping(values)
     rssi = _number(fields.get("rssi"), -150.0, 20.0)
+    active = antenna_from_divi(fields.get("divi"))
+    rf_dbm: tuple[float | None, ...] = ()
+    if rssi is not None:
+        rf_dbm = (None, rssi) if active is Antenna.B else (rssi,)
     return ChannelMeter(
         index=index,
-        rf_dbm=() if rssi is None else (rssi,),
-        active_antenna=antenna_from_divi(fields.get("divi")),
+        rf_dbm=rf_dbm,
+        active_antenna=active,
         audio_dbfs=_number(fields.get("af"), -200.0, 20.0),
         link_quality_percent=_integer(fields.get("rsqi"), 0, 100),
     )

@@ -129,11 +129,14 @@ export class TileView {
         antenna.fill.style.transform = `scaleX(${scale.toFixed(3)})`;
       }
     });
-    const level = message.audio_dbfs ?? null;
+    // Without a transmitter the receiver's audio is its own floor, not a level to show (as
+    // #quietMeters() leaves the tile when the transmitter goes).
+    const heard = Boolean(this.channel?.tx);
+    const level = heard ? (message.audio_dbfs ?? null) : null;
     const audio = fraction(level, AUDIO_FLOOR_DBFS, 0);
     // The cover hides the part of the coloured scale above the level.
     this.parts.audioFill.style.transform = `scaleX(${(1 - audio).toFixed(3)})`;
-    const peak = message.audio_peak_dbfs ?? level;
+    const peak = heard ? (message.audio_peak_dbfs ?? level) : null;
     if (peak !== null && (peak >= this.peak.dbfs || now - this.peak.at > PEAK_HOLD_MS)) {
       const changed = peak !== this.peak.dbfs;
       this.peak = { dbfs: peak, at: now };
