@@ -90,9 +90,14 @@ def test_check_and_migrate_commands(
     monkeypatch.setenv("MICBOARD_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.delenv("MICBOARD_NATS_URL", raising=False)
     monkeypatch.delenv("MICBOARD_DATABASE_URL", raising=False)
-    assert main(["check"]) == 4
+    # A new SQLite file is ready: `run` creates the schema itself.
+    assert main(["check"]) == 0
     out = capsys.readouterr().out
-    assert "FAIL schema: at revision none (empty)" in out and "`run` will migrate it automatically" in out
+    assert "ok   schema: at revision none (empty)" in out and "`run` will migrate it automatically" in out
+    monkeypatch.setenv("MICBOARD_AUTO_MIGRATE", "never")
+    assert main(["check"]) == 4
+    assert "FAIL schema: at revision none (empty)" in capsys.readouterr().out
+    monkeypatch.delenv("MICBOARD_AUTO_MIGRATE")
     assert main(["migrate"]) == 0
     assert f"database migrated: empty -> {migrate.head_revision()}" in capsys.readouterr().out
     assert main(["check"]) == 0

@@ -6,6 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from micboard.agent.settings import AgentSettings
+from micboard.shared.errors import ConfigError
+from micboard.shared.settings import load_settings
 
 BASE = {"site": "hall", "agent": "pi-1"}
 
@@ -36,3 +38,34 @@ def test_good_discovery_settings_are_kept() -> None:
     )
     assert settings.interfaces == ["192.0.2.10"]
     assert settings.allow_cidrs == [" 192.0.2.0/24", "2001:db8::1"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("192.0.2.10", ["192.0.2.10"]),
+        ("192.0.2.10, 198.51.100.7,", ["192.0.2.10", "198.51.100.7"]),
+        ('["192.0.2.11"]', ["192.0.2.11"]),
+    ],
+)
+def test_list_settings_from_the_environment_take_commas_or_json(
+    monkeypatch: pytest.MonkeyPatch, text: str, expected: list[str]
+) -> None:
+    # What an operator writes in agent.env: a plain address, several, or the JSON form.
+    monkeypatch.setenv("MICBOARD_INTERFACES", text)
+    monkeypatch.setenv("MICBOARD_DENY_CIDRS", "192.0.2.99/32,198.51.100.0/24")
+    settings = load_settings(AgentSettings, **BASE)
+    assert settings.interfaces == expected
+    assert settings.deny_cidrs == ["192.0.2.99/32", "198.51.100.0/24"]
+
+
+def test_unparseable_settings_from_the_environment_are_one_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MICBOARD_INTERFACES", "[192.0.2.10")
+    with pytest.raises(ConfigError, match=r"interfaces: .*not a JSON list.*separated by commas"):
+        load_settings(AgentSettings, **BASE)
+    monkeypatch.delenv("MICBOARD_INTERFACES")
+    monkeypatch.setenv("MICBOARD_STATIC_DEVICES", "192.0.2.10")  # a list of objects: JSON only
+    with pytest.raises(ConfigError, match='invalid settings: error parsing value for field "static_devices"'):
+        load_settings(AgentSettings, **BASE)

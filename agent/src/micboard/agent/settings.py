@@ -13,7 +13,7 @@ from micboard.shared.envelope import Token
 from micboard.shared.errors import ConfigError
 from micboard.shared.model import Family
 from micboard.shared.secret_files import check_config_file
-from micboard.shared.settings import MicboardSettings, load_settings
+from micboard.shared.settings import MicboardSettings, StrList, load_settings
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 
@@ -52,16 +52,16 @@ class AgentSettings(MicboardSettings):
     static_devices: list[StaticDeviceSetting] = Field(default_factory=list)
     discovery_mdns: bool = True
     discovery_slp: bool = True
-    interfaces: list[str] = Field(
+    interfaces: StrList = Field(
         default_factory=lambda: ["127.0.0.1"],
         description="IPv4 addresses of the interfaces mDNS and SLP use (loopback unless set)",
     )
-    allow_cidrs: list[str] = Field(default_factory=list, description="adopt only devices inside these")
-    deny_cidrs: list[str] = Field(default_factory=list, description="never adopt devices inside these")
-    mdns_service_types: list[str] | None = Field(
+    allow_cidrs: StrList = Field(default_factory=list, description="adopt only devices inside these")
+    deny_cidrs: StrList = Field(default_factory=list, description="never adopt devices inside these")
+    mdns_service_types: StrList | None = Field(
         default=None, description="DNS-SD types to browse instead of the standard ones"
     )
-    extra_service_types: list[str] = Field(default_factory=list, description="DNS-SD types browsed as well")
+    extra_service_types: StrList = Field(default_factory=list, description="DNS-SD types browsed as well")
 
     # State and meters.
     snapshot_interval_s: float = Field(default=60.0, gt=0, le=86_400)

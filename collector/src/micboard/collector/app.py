@@ -35,6 +35,45 @@ from micboard.shared.natsd import EmbeddedNats
 from micboard.shared.sdnotify import SystemdNotifier
 
 log = logging.getLogger(__name__)
+
+
+class NatsLog:
+    """nats-py's connection callbacks as one log line each, without tracebacks.
+
+    nats-py logs every failed attempt with a traceback by default: a collector waiting for its
+    NATS server wrote some 60 lines a second. The same error is logged once per ``every_s``,
+    with how many times it recurred meanwhile.
+    """
+
+    def __init__(self, every_s: float = 30.0) -> None:
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._repeated: dict[str, int] = {}
+
+    async def error(self, exc: Exception) -> None:
+        """``error_cb``: a failed attempt, a protocol error, a permissions violation."""
+        text = f"{type(exc).__name__}: {exc}"[:300]
+        now = time.monotonic()
+        last = self._last.get(text)
+        if last is not None and now - last < self.every_s:
+            self._repeated[text] = self._repeated.get(text, 0) + 1
+            return
+        if len(self._last) > 100:  # distinct errors without end: forget the old ones
+            self._last.clear()
+            self._repeated.clear()
+        self._last[text] = now
+        repeated = self._repeated.pop(text, 0)
+        log.warning("nats error", extra={"error": text, **({"repeated": repeated} if repeated else {})})
+
+    async def disconnected(self) -> None:
+        """``disconnected_cb``."""
+        log.warning("nats disconnected; reconnecting")
+
+    async def reconnected(self) -> None:
+        """``reconnected_cb``."""
+        log.info("nats reconnected")
+
+
 #: SQLite's automatic checkpoint threshold (pages of 4 KiB, so 64 MiB of WAL) while checkpoints run in
 #: the background: only a backstop for when they cannot keep up.
 _WAL_BACKSTOP_PAGES = 16_384
@@ -118,9 +157,13 @@ class Collector:
             url, wal_autocheckpoint=_WAL_BACKSTOP_PAGES if background_checkpoints else None
         )
         await prepare(engine, settings.auto_migrate)
+        # Until the server answers, however long (a collector started before its NATS server
+        # waits for it); stop() or a signal ends the wait (see cli._run).
+        nats_log = NatsLog()
         self._nc = nc = await nats.connect(
             servers=[nats_url], name="micboard-collector", max_reconnect_attempts=-1, reconnect_time_wait=1.0,
-            **connect_options,
+            error_cb=nats_log.error, disconnected_cb=nats_log.disconnected,
+            reconnected_cb=nats_log.reconnected, **connect_options,
         )  # fmt: skip
         self.history = HistoryService(
             engine,

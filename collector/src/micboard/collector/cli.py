@@ -9,6 +9,9 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from alembic.util.exc import CommandError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
 from micboard.collector import admin_commands, preflight
 from micboard.collector.api import token_commands
 from micboard.collector.app import Collector
@@ -51,7 +54,17 @@ async def _run() -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    running = await collector.start()
+    # A signal must end the start too: it can wait without end for a NATS server that is down.
+    starting = asyncio.create_task(collector.start(), name="collector-start")
+    stopped = asyncio.create_task(stop.wait(), name="collector-stop")
+    await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()  # start() stops what it had started
+        await asyncio.gather(starting, return_exceptions=True)
+        log.info("stopped before the collector was ready")
+        return 0
+    stopped.cancel()
+    running = starting.result()
     print(f"micboard collector listening on {running.url} (NATS {running.nats_url})", flush=True)  # noqa: T201
     try:
         await stop.wait()
@@ -93,6 +106,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MicboardError as exc:
         print(f"micboard-collector: {exc}", file=sys.stderr)  # noqa: T201 - CLI output
         return 2
+    except (ArgumentError, CommandError) as exc:
+        # An unparseable database URL, an unknown --revision: what was asked cannot be done.
+        print(f"micboard-collector: {_first_line(exc)}", file=sys.stderr)  # noqa: T201 - CLI output
+        return 2
+    except (SQLAlchemyError, OSError) as exc:
+        # The database (or the state directory holding it) cannot be reached or used; the
+        # exit code is check's "database unreachable".
+        print(  # noqa: T201 - CLI output
+            f"micboard-collector: database or state directory unusable: {_first_line(exc)}", file=sys.stderr
+        )
+        return 3
+
+
+def _first_line(exc: BaseException) -> str:
+    """The error as one line: its type and the first line of its message (SQLAlchemy adds more)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:400]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -68,7 +68,10 @@ async def check_database(settings: CollectorSettings) -> list[CheckResult]:
         detail = f"at revision {found.current or 'none (empty)'}, this build needs {found.head}; " + (
             "`run` will migrate it automatically" if auto else "run `micboard-collector migrate`"
         )
-        results.append(CheckResult("schema", False, detail, CheckExit.SCHEMA_NOT_CURRENT))
+        # A schema that `run` migrates by itself (a new SQLite file) does not stop it: ready.
+        results.append(
+            CheckResult("schema", auto, detail, CheckExit.OK if auto else CheckExit.SCHEMA_NOT_CURRENT)
+        )
     return results
 
 

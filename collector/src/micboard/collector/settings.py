@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
-from micboard.shared.settings import MicboardSettings
+from micboard.shared.settings import FloatList, MicboardSettings
 
 
 class CollectorSettings(MicboardSettings):
@@ -31,7 +33,7 @@ class CollectorSettings(MicboardSettings):
     ack_wait_s: float = Field(
         default=30.0, gt=0, description="an un-acked delivery (a collector died) is redelivered after this"
     )
-    redelivery_backoff_s: list[float] = Field(
+    redelivery_backoff_s: FloatList = Field(
         default_factory=lambda: [60.0, 120.0, 300.0, 600.0],
         description="waits before the 2nd, 3rd, ... redelivery of an un-acked event (the last repeats)",
     )
@@ -126,6 +128,19 @@ class CollectorSettings(MicboardSettings):
     nats_tls_key: Path | None = Field(default=None, description="client certificate key (mode 0600)")
     nats_tls_hostname: str | None = Field(default=None, description="name the server certificate must hold")
     nats_require_tls: bool = Field(default=False, description="refuse plaintext: tls:// URLs, TLS first")
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value:
+            try:
+                make_url(value)
+            except ArgumentError:
+                # The value is not echoed: it may hold a password.
+                raise ValueError(
+                    "not a database URL (e.g. postgresql+asyncpg://user@host/micboard)"
+                ) from None
+        return value
 
     @model_validator(mode="after")
     def _check_redelivery(self) -> CollectorSettings:
