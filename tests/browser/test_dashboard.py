@@ -241,6 +241,15 @@ async def test_an_admin_forgets_a_receiver_that_went_offline(
         "#tiles .tile [data-part='audio-peak']", "els => els.map(e => e.dataset.visible ?? '')"
     )
     assert peaks and all(p != "1" for p in peaks), peaks
+    # Nor a battery as if current: no bars, and the API calls the reading a previous one.
+    bars = await page.eval_on_selector_all("#tiles .tile .battery", "els => els.map(e => e.dataset.bars)")
+    assert bars and set(bars) == {"0"}, bars
+    status, body = await fleet.api("GET", f"/channels?site={fleet.site}")
+    assert status == 200 and body["items"], body
+    assert all(
+        i["battery_state"] in {"previously_good", "previously_replace", "previously_critical", "unknown"}
+        for i in body["items"]
+    ), body["items"]
     await tile.hover()
     forget = tile.locator("button[data-act='forget']")
     await forget.wait_for(state="visible")

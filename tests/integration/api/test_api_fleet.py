@@ -171,6 +171,9 @@ async def test_channels_carry_transmitter_and_battery_state(api: LiveApi) -> Non
     ]
     _, body = await api.get("/api/v1/channels", status="offline")
     assert [c["device_key"] for c in body["items"]] == ["qx1"]
+    # Its 4 bars are what it said before it went offline, not a battery that is good now.
+    [qx1] = body["items"]
+    assert qx1["tx"]["battery_bars"] == 4 and qx1["battery_state"] == "previously_good"
     _, body = await api.get("/api/v1/channels", device_id=1)
     assert {c["device_key"] for c in body["items"]} == {"rx1"}
     _, body = await api.get("/api/v1/channels", sort="battery_percent", site="venue-a")

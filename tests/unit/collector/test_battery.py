@@ -11,6 +11,7 @@ from micboard.collector.battery import (
     BatteryBands,
     BatteryState,
     classify_battery,
+    previously,
     state_of_bars,
     state_of_reading,
 )
@@ -99,3 +100,10 @@ def test_percent_counts_as_the_alerts_count_it() -> None:
     assert state_of_reading(None, 60) is BatteryState.GOOD  # a transmitter reporting percent alone
     assert state_of_reading(9, None) is BatteryState.UNKNOWN  # out of range reads as unknown
     assert state_of_reading(3, None, BatteryBands(replace_bars=2, critical_bars=1)) is BatteryState.GOOD
+
+
+def test_a_reading_no_longer_current_reads_as_previously_known() -> None:
+    assert previously(BatteryState.GOOD) is BatteryState.PREVIOUSLY_GOOD
+    assert previously(BatteryState.CRITICAL) is BatteryState.PREVIOUSLY_CRITICAL
+    assert previously(BatteryState.PREVIOUSLY_REPLACE) is BatteryState.PREVIOUSLY_REPLACE
+    assert previously(BatteryState.UNKNOWN) is BatteryState.UNKNOWN

@@ -78,6 +78,11 @@ def state_of_bars(bars: int | None, bands: BatteryBands = DEFAULT_BANDS) -> Batt
     return state_of_reading(bars, None, bands)
 
 
+def previously(state: BatteryState) -> BatteryState:
+    """``state`` as a reading that is no longer current (``good`` -> ``previously_good``)."""
+    return _PREVIOUSLY.get(state, state)
+
+
 def classify_battery(
     bars: int | None,
     *,

@@ -39,6 +39,7 @@ from micboard.collector.battery import (
     PREVIOUS_READING_WINDOW_MS,
     BatteryBands,
     classify_battery,
+    previously,
 )
 from micboard.collector.services.alerts import THRESHOLDS_REFRESH_S, AlertThresholds
 from micboard.collector.services.sync import DeviceChange, channel_rows
@@ -170,18 +171,23 @@ BANDS_CACHE_S = THRESHOLDS_REFRESH_S
 
 
 @functools.lru_cache(maxsize=4096)
-def _battery_state(bars: int | None, percent: int | None, last_bars: int | None, bands: BatteryBands) -> str:
+def _battery_state(
+    bars: int | None, percent: int | None, last_bars: int | None, bands: BatteryBands, current: bool = True
+) -> str:
     # A channel's state depends only on these (the reading lookup only returns readings inside
     # the window, so "now" stands for their time): classify each combination once, not per row.
     now_ms = 0
-    return classify_battery(
+    state = classify_battery(
         bars,
         percent=percent,
         last_bars=last_bars,
         last_reading_ms=now_ms if last_bars is not None else None,
         now_ms=now_ms,
         bands=bands,
-    ).value
+    )
+    # The stored reading of a receiver that is offline or stale is what it last said, not what
+    # the battery holds now: shown as such, as for a transmitter that went off.
+    return (previously(state) if not current else state).value
 
 
 class FleetView:
@@ -664,7 +670,11 @@ class FleetView:
                     "group_channel": group_channel,
                     "tx": tx,
                     "battery_state": _battery_state(
-                        battery_bars, battery_percent, last_bars, bands.get(site, DEFAULT_BANDS)
+                        battery_bars,
+                        battery_percent,
+                        last_bars,
+                        bands.get(site, DEFAULT_BANDS),
+                        status == "online",
                     ),
                     "updated_ms": updated_ms,
                 }

@@ -63,7 +63,11 @@ export class TileView {
     this.#text("person", person ?? (id ? "" : channel.name ?? ""));
     this.#text("chip", tx?.muted && state === "good" ? "MUTED" : stateChip(state));
     // Unknown and previously-known batteries show no bars: the label carries the last state.
-    const bars = tx && !state.startsWith("previously") && state !== "unknown" ? tx.battery_bars ?? 0 : 0;
+    // Nor does a receiver that is offline or stale: its reading is the last it gave, not now's
+    // (the API says previously_*; the percent and runtime stay, dimmed, as that last reading).
+    const live = (channel.status ?? "online") === "online";
+    const known = live && !state.startsWith("previously") && state !== "unknown";
+    const bars = tx && known ? tx.battery_bars ?? 0 : 0;
     this.#attr(this.parts.battery, "data-bars", String(bars), "bars");
     this.segments.forEach((segment, i) => {
       this.#attr(segment, "data-on", i < bars ? "1" : "0", `seg${i}`);
