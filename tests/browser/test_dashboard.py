@@ -196,6 +196,14 @@ async def test_rename_from_the_tile_reaches_the_receiver(fleet: LiveFleet, brows
     await tile.hover()
     await tile.locator("button[data-act='rename']").click()
     field = tile.locator(".rename-form input[name='name']")
+    # A blank name is refused on the spot, with a word, and nothing is sent.
+    await field.fill("   ")
+    await field.press("Enter")
+    await page.wait_for_function(
+        "() => document.querySelector(\"#tiles .tile[data-index='1'] .tile-msg\").textContent"
+        ".includes('must not be blank')",
+        timeout=2000,
+    )
     await field.fill("HH01 Ola")
     await browser_page.shot("rename-form")
     await field.press("Enter")

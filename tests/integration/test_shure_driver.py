@@ -176,6 +176,7 @@ async def test_invalid_commands_are_rejected_before_sending() -> None:
             DriverCommand(CommandAction.RENAME, channel=1, value="Zoë"),
             DriverCommand(CommandAction.RENAME, channel=1, value="a{b}"),
             DriverCommand(CommandAction.RENAME, channel=1, value=None),
+            DriverCommand(CommandAction.RENAME, channel=1, value="   "),  # would leave it unnamed
             DriverCommand(CommandAction.RENAME, channel=None, value="x"),
             DriverCommand(CommandAction.RENAME, channel=9, value="x"),
             DriverCommand(CommandAction.MUTE, channel=None),

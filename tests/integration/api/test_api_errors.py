@@ -141,6 +141,15 @@ async def test_command_arguments_are_checked(api: LiveApi) -> None:
         json={"action": "rename", "channel": 1, "value": "é" * 3},
     )
     assert_problem(status, body, 400, "command.invalid")
+    # Blanks alone would leave the channel without a name: refused before anything is sent.
+    status, body, _ = await api.call(
+        "POST",
+        "/api/v1/devices/1/commands",
+        role="operator",
+        json={"action": "rename", "channel": 1, "value": "   "},
+    )
+    assert_problem(status, body, 400, "command.invalid")
+    assert "blank" in body["detail"]
     status, body, _ = await api.call(
         "POST", "/api/v1/devices/1/commands", role="operator", json={"action": "mute", "channel": 9}
     )

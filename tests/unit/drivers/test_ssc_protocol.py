@@ -377,7 +377,7 @@ def test_channel_count_from_product(family: Family, product: str | None, count: 
         ("VOX 1", Family.EWDX, None),
         ("HH01", Family.D6000, None),
         ("12345678", Family.EWDX, None),
-        ("123456789", Family.EWDX, "longer than 8"),
+        ("123456789", Family.EWDX, "names are at most 8 characters on ewdx"),
         ("   ", Family.EWDX, "blank"),
         ("Zoë", Family.EWDX, "printable ASCII"),
         ("A\tB", Family.EWDX, "printable ASCII"),

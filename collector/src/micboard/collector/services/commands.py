@@ -80,8 +80,9 @@ def _now_ms() -> int:
 
 def validate_name(name: str) -> str:
     """Return ``name`` if receivers accept it: 1 to 31 printable ASCII characters, else raise."""
-    if not isinstance(name, str) or not name:
-        raise InvalidCommandError("a name must not be empty")
+    if not isinstance(name, str) or not name.strip():
+        # Blanks alone would leave the channel without a name on the receiver.
+        raise InvalidCommandError("a name must not be empty or blank")
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidCommandError(f"a name has at most {MAX_NAME_LENGTH} characters, got {len(name)}")
     if any(not 0x20 <= ord(ch) <= 0x7E for ch in name):

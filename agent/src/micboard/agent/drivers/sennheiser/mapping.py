@@ -174,10 +174,11 @@ def channel_count(family: Family, product: str | None) -> int:
 
 def channel_name_problem(name: str, family: Family) -> str | None:
     """Why ``name`` cannot be a channel name on ``family`` (too long, not printable ASCII), or ``None``."""
+    # Worded as the Shure driver words them: the dashboard shows either to the same people.
     if not name.strip():
-        return "name is blank"
+        return "a name must not be empty or blank"
     if len(name) > CHANNEL_NAME_MAX:
-        return f"name is longer than {CHANNEL_NAME_MAX} characters"
+        return f"names are at most {CHANNEL_NAME_MAX} characters on {family}"
     if not all(" " <= char <= "~" for char in name):
         return "name has characters other than printable ASCII"
     if family is Family.D6000:

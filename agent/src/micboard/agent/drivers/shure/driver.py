@@ -250,6 +250,8 @@ class ShureDriver(ReceiverDriver):
         if value is None:
             return "a name is required"
         name = value.rstrip()
+        if not name:
+            return "a name must not be empty or blank"
         if any(not " " <= c <= "~" or c in _FORBIDDEN_NAME_CHARS for c in name):
             return "names are printable ASCII without braces or angle brackets"
         if len(name) > self.dialect.name_width:

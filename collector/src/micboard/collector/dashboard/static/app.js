@@ -588,7 +588,10 @@ async function sendCommand(view, action, value) {
 async function onRename(view, event) {
   event.preventDefault();
   const value = view.parts.renameForm.elements.name.value.trim();
-  if (!value) return;
+  if (!value) {
+    view.say("Not renamed: a name must not be blank", "error");
+    return;
+  }
   closeRename(view);
   view.say("Sending to the receiver…", "info", 0);
   try {
