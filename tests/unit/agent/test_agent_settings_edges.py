@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
-from micboard.agent.settings import AgentSettings
+from micboard.agent.settings import AgentSettings, load_agent_settings
 from micboard.shared.errors import ConfigError
 from micboard.shared.settings import load_settings
 
@@ -69,3 +71,19 @@ def test_unparseable_settings_from_the_environment_are_one_clear_error(
     monkeypatch.setenv("MICBOARD_STATIC_DEVICES", "192.0.2.10")  # a list of objects: JSON only
     with pytest.raises(ConfigError, match='invalid settings: error parsing value for field "static_devices"'):
         load_settings(AgentSettings, **BASE)
+
+
+def test_a_misspelt_key_in_the_config_file_is_refused_with_a_suggestion(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        'site = "hall"\nagent = "pi-1"\ninterface = ["192.0.2.10"]\nheartbeat_intervall_s = 5\n'
+    )
+    config.chmod(0o600)
+    with pytest.raises(ConfigError) as info:
+        load_agent_settings(config)
+    message = str(info.value)
+    assert "unknown setting 'heartbeat_intervall_s' (did you mean 'heartbeat_interval_s'?)" in message
+    assert "'interface' (did you mean 'interfaces'?)" in message
+    config.write_text('site = "hall"\nagent = "pi-1"\nflavour = "x"\n')
+    with pytest.raises(ConfigError, match=r"unknown setting 'flavour'$"):
+        load_agent_settings(config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import tomllib
 from pathlib import Path
@@ -121,6 +122,20 @@ class AgentSettings(MicboardSettings):
         return value
 
 
+def _refuse_unknown_keys(config_file: Path, values: dict[str, Any]) -> None:
+    # A misspelt key would otherwise be ignored without a word: `interface = [...]` left
+    # discovery on loopback, `heartbeat_intervall_s` the default.
+    known = set(AgentSettings.model_fields)
+    unknown = sorted(key for key in values if key not in known)
+    if not unknown:
+        return
+    problems = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1)
+        problems.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ConfigError(f"config file {config_file}: unknown setting {', '.join(problems)}")
+
+
 def load_agent_settings(config_file: Path | None = None, **overrides: Any) -> AgentSettings:
     """Load settings from ``config_file`` (TOML) if given, then the environment, then ``overrides``.
 
@@ -135,6 +150,7 @@ def load_agent_settings(config_file: Path | None = None, **overrides: Any) -> Ag
             raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from None
+        _refuse_unknown_keys(config_file, file_values)
     settings = load_settings(AgentSettings, **overrides)
     if not file_values:
         return settings
