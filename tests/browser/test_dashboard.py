@@ -90,6 +90,9 @@ async def test_sign_in_lists_the_site_in_the_fleet_view(fleet: LiveFleet, browse
         await asyncio.sleep(0.1)
     else:
         raise AssertionError(f"badge {await badge.inner_text()!r}, open alerts {body['total']}")
+    # The fleet's total counts alerts in force (acknowledged too), and says so, unlike the badge.
+    total = page.locator("#fleet-totals [data-total='alerts-in-force'] span")
+    assert await total.inner_text() == "Alerts in force"
     # The token lives in sessionStorage, never in the address.
     assert fleet.tokens["viewer"] not in page.url
     stored = await page.evaluate("sessionStorage.getItem('micboard.token')")

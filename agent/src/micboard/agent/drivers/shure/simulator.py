@@ -172,6 +172,7 @@ MODELS: dict[str, SimulatedModel] = {
 }
 
 _PEOPLE = ("Fatai", "Ana", "Mei", "Omar", "Lena", "Raj", "Zoe", "Ivo")
+_SHORT_PEOPLE = ("Tom", "Ana", "Mei", "Ali", "Eva", "Raj", "Zoe", "Ivo")
 
 
 @dataclass(slots=True)
@@ -269,7 +270,12 @@ class ShureSimulator(ReceiverSimulator):
         frequency = low + step * rnd.randrange((high - low) // step)
         width = self.dialect.name_width
         prefix = "HH" if n % 2 else "BP"
-        name = f"{prefix}{n:02d} {_PEOPLE[(n - 1 + self.seed) % len(_PEOPLE)]}"[:width]
+        person = _PEOPLE[(n - 1 + self.seed) % len(_PEOPLE)]
+        if len(prefix) + 3 + len(person) > width:
+            # An 8-character family holds "HH01 " and three letters: a name that fits, as a
+            # real engineer would choose, rather than one cut short ("HH01 Fat").
+            person = _SHORT_PEOPLE[(n - 1 + self.seed) % len(_SHORT_PEOPLE)]
+        name = f"{prefix}{n:02d} {person}"[:width]
         channel = _Channel(
             index=n,
             name=name,

@@ -302,10 +302,11 @@ function renderFleet() {
     ["Offline", sum((s) => s.devices?.offline)],
     ["Stale", sum((s) => s.devices?.stale)],
     ["Channels", sum((s) => s.channels)],
-    ["Open alerts", sum((s) => s.open_alerts)],
+    // Open or acknowledged (the API's open_alerts); the header's badge counts those not yet acknowledged.
+    ["Alerts in force", sum((s) => s.open_alerts)],
   ];
   $("#fleet-totals").replaceChildren(...totals.map(([label, value]) =>
-    el("div", { class: "total", "data-total": label.toLowerCase().replace(" ", "-") },
+    el("div", { class: "total", "data-total": label.toLowerCase().replaceAll(" ", "-") },
       el("strong", { text: String(value) }), el("span", { text: label }))));
 }
 
