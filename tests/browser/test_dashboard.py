@@ -142,6 +142,40 @@ async def test_site_view_shows_one_tile_per_channel(fleet: LiveFleet, browser_pa
         await browser_page.shot(f"site-{width}px")
 
 
+async def test_a_viewer_is_offered_no_control_its_role_does_not_allow(
+    fleet: LiveFleet, browser_page: BrowserPage
+) -> None:
+    await sign_in(browser_page, fleet, role="viewer")
+    await open_site(browser_page, fleet)
+    page = browser_page.page
+    assert await page.get_attribute("body", "data-role") == "viewer"
+    assert "(viewer)" in (await page.get_attribute("#btn-logout", "title") or "")
+    tile = page.locator(TILE.format(index=1))
+    await tile.hover()
+    assert await tile.locator("button[data-act='history']").is_visible()
+    for act in ("rename", "identify", "forget"):
+        assert not await tile.locator(f"button[data-act='{act}']").is_visible(), act
+    for control in ("#btn-new-group", "#btn-arrange"):
+        assert not await page.locator(control).is_visible(), control
+    # The thresholds can be read, not changed.
+    await page.click("#btn-thresholds")
+    await page.wait_for_selector("#thresholds-dialog[open]")
+    assert await page.locator("#thresholds-cancel").is_visible()
+    assert not await page.locator("#thresholds-form button[type='submit']").is_visible()
+    await page.click("#thresholds-cancel")
+    await browser_page.shot("viewer")
+    # An operator gets the tile's actions, but not the admin's.
+    await page.click("#btn-logout")
+    await sign_in(browser_page, fleet, role="operator")
+    await open_site(browser_page, fleet)
+    await tile.hover()
+    assert await tile.locator("button[data-act='rename']").is_visible()
+    assert await page.locator("#btn-new-group").is_visible()
+    await page.click("#btn-thresholds")
+    await page.wait_for_selector("#thresholds-dialog[open]")
+    assert not await page.locator("#thresholds-form button[type='submit']").is_visible()
+
+
 async def test_battery_drop_and_transmitter_off_reach_the_tile_within_2s(
     fleet: LiveFleet, browser_page: BrowserPage
 ) -> None:

@@ -55,6 +55,11 @@ async def test_roles(api: LiveApi) -> None:
     assert (await api.call("POST", "/api/v1/alerts/1/acknowledge", role="viewer"))[0] == 403
     for role in ("viewer", "operator", "admin"):
         assert (await api.get("/api/v1/channels", role=role))[0] == 200
+        # Every token may ask who it is: a client offers what the role allows.
+        status, me, _ = await api.call("GET", "/api/v1/session", role=role)
+        assert status == 200 and me["role"] == role and me["name"] == f"test-{role}"
+        assert isinstance(me["token_id"], int) and api.tokens[role] not in str(me)
+    assert (await api.call("GET", "/api/v1/session", role=None))[0] == 401
 
 
 async def test_failed_auth_is_rate_limited_per_address(api: LiveApi) -> None:

@@ -446,6 +446,14 @@ class TokenPage(Page[TokenItem]):
     """A page of tokens."""
 
 
+class SessionInfo(_Response):
+    """The token a request came with: what the dashboard shows and offers depends on its role."""
+
+    token_id: int
+    name: str
+    role: Literal["viewer", "operator", "admin"]
+
+
 # --- health ------------------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from micboard.collector.api.models import (
     NoBody,
     NoQuery,
     PageQuery,
+    SessionInfo,
     SiteName,
     TokenCreate,
     TokenCreated,
@@ -176,3 +177,20 @@ async def revoke_token(call: Call[NoQuery, NoBody]) -> None:
     """Revoke a token at once (in this process; within seconds in others)."""
     if not await context_of(call.app).tokens.revoke(call.path["id"]):
         raise ApiError(404, ApiErrorCode.TOKEN_NOT_FOUND, f"token {call.path['id']} does not exist")
+
+
+@routes.route(
+    "GET",
+    "/api/v1/session",
+    summary="The calling token: its id, name and role",
+    role=Role.VIEWER,
+    query=NoQuery,
+    body=NoBody,
+    response=SessionInfo,
+    tag="tokens",
+)
+async def session(call: Call[NoQuery, NoBody]) -> SessionInfo:
+    """Who is calling: a client offers only what the token's role allows (the API enforces it anyway)."""
+    principal = call.principal
+    assert principal is not None, "a route that needs a role has a principal"
+    return SessionInfo(token_id=principal.token_id, name=principal.name, role=principal.role.value)

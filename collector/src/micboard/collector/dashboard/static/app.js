@@ -156,6 +156,7 @@ async function route() {
     return;
   }
   document.body.dataset.auth = "in";
+  if (!document.body.dataset.role) await loadSession();
   const previous = state.route;
   state.route = parseRoute();
   renderCrumbs();
@@ -176,9 +177,25 @@ async function route() {
 // ---------------------------------------------------------------------------------------
 // Login
 
+/** Learn the token's role: controls it does not allow are hidden (the API refuses them anyway). */
+async function loadSession(token = getToken()) {
+  try {
+    showSession(await api("/session", { token }));
+  } catch (error) {
+    // Without a role every guarded control stays hidden; a 401 signs out through the handler.
+    if (!(error instanceof ApiError && error.status === 401)) toast(explain(error), "error");
+  }
+}
+
+function showSession(me) {
+  document.body.dataset.role = me.role;
+  $("#btn-logout").title = `Signed in as ${me.name} (${me.role})`;
+}
+
 function showLogin(message) {
   live.stop();
   document.body.dataset.auth = "out";
+  delete document.body.dataset.role;
   showView("login");
   const error = $("#login-error");
   error.hidden = !message;
@@ -193,8 +210,9 @@ async function onLogin(event) {
   const button = $("#login-submit");
   button.disabled = true;
   try {
-    await api("/sites?limit=1", { token });
+    const me = await api("/session", { token });
     setToken(token);
+    showSession(me);
     $("#login-token").value = "";
     route();
   } catch (error) {
@@ -722,10 +740,14 @@ function alertRow(alert) {
   const channel = alert.channel ? ` · ch ${alert.channel}` : "";
   const actions = el("td", { class: "actions" });
   if (alert.state === "open") {
-    actions.append(el("button", { type: "button", "data-act": "acknowledge", class: "ghost", text: "Acknowledge" }));
+    actions.append(el("button", {
+      type: "button", "data-act": "acknowledge", "data-needs": "operator", class: "ghost", text: "Acknowledge",
+    }));
   }
   if (alert.state !== "resolved") {
-    actions.append(el("button", { type: "button", "data-act": "resolve", class: "ghost", text: "Resolve" }));
+    actions.append(el("button", {
+      type: "button", "data-act": "resolve", "data-needs": "operator", class: "ghost", text: "Resolve",
+    }));
   }
   const who = alert.state === "acknowledged" && alert.acknowledged_by ? ` by ${alert.acknowledged_by}`
     : alert.state === "resolved" && alert.resolved_by ? ` by ${alert.resolved_by}` : "";
@@ -1009,7 +1031,7 @@ function agentRow(agent) {
   const actions = el("td", { class: "actions" });
   if (agent.status !== "online") {
     actions.append(el("button", {
-      type: "button", "data-act": "forget", class: "ghost",
+      type: "button", "data-act": "forget", "data-needs": "admin", class: "ghost",
       title: "Remove this agent and its receivers (admin; not while it reports)", text: "Forget",
     }));
   }
