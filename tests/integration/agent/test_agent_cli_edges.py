@@ -138,3 +138,13 @@ def test_check_says_what_to_do_about_a_receiver_refusing_control(
 def test_discover_on_an_address_of_no_interface_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["discover", "--interface", "192.0.2.1", "--seconds", "0.2"]) == 1
     assert "micboard-agent discover: cannot listen on 192.0.2.1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "soon"])
+def test_a_timeout_that_is_no_positive_number_is_a_usage_error(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["check", "--timeout", value])
+    assert info.value.code == 2
+    assert "seconds" in capsys.readouterr().err

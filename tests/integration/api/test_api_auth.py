@@ -155,4 +155,4 @@ def test_token_cli(
     assert asyncio.run(verify())
     assert collector_main(["token", "revoke", "1"]) == 0
     assert asyncio.run(verify()) is False
-    assert collector_main(["token", "revoke", "42"]) == 1
+    assert collector_main(["token", "revoke", "42"]) == 2

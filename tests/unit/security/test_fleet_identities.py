@@ -141,6 +141,17 @@ def test_rendered_configuration_is_valid_for_nats_server(tmp_path: Path) -> None
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+@pytest.mark.parametrize("listen", ["not a listen", "4222", ":4222", "host:", "host:99999", "my host:4222"])
+def test_a_listen_address_that_is_no_host_and_port_is_a_usage_error(
+    listen: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MICBOARD_STATE_DIR", str(tmp_path / "state"))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["nats-config", "--listen", listen])
+    assert info.value.code == 2 and "is not host:port" in capsys.readouterr().err
+    assert not (tmp_path / "state").exists()  # nothing written
+
+
 def test_cli_nats_config_and_agent_lifecycle(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import sys
 from collections.abc import Sequence
@@ -44,6 +45,17 @@ def _out(text: str = "", *, err: bool = False, end: str = "\n") -> None:
     stream.flush()
 
 
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse type): ``-1`` or ``nan`` is a usage error."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of the agent."""
     parser = argparse.ArgumentParser(prog="micboard-agent", description="micboard fleet venue agent")
@@ -59,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--demo-churn", type=float, default=0.0, help=argparse.SUPPRESS)
 
     discover = sub.add_parser("discover", help="scan once for receivers on mDNS and SLP and print them")
-    discover.add_argument("--seconds", type=float, default=5.0, help="how long to listen (default 5)")
+    discover.add_argument("--seconds", type=_seconds, default=5.0, help="how long to listen (default 5)")
     discover.add_argument(
         "--interface",
         action="append",
@@ -72,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate the configuration, NATS and each static device")
     check.add_argument("--config", type=Path, help="TOML settings file (MICBOARD_* variables win)")
     check.add_argument(
-        "--timeout", type=float, default=5.0, help="seconds to wait for each answer (default 5)"
+        "--timeout", type=_seconds, default=5.0, help="seconds to wait for each answer (default 5)"
     )
 
     simulate = sub.add_parser("simulate", help="run a rack of simulated receivers until Ctrl-C")

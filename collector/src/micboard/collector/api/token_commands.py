@@ -77,8 +77,9 @@ def _list(_args: argparse.Namespace) -> int:
 def _revoke(args: argparse.Namespace) -> int:
     async def action(store: TokenStore) -> int:
         if not await store.revoke(args.id):
-            print(f"no token {args.id}", file=sys.stderr)  # noqa: T201 - CLI output
-            return 1
+            # As for an unknown webhook: a wrong argument, exit 2.
+            print(f"micboard-collector: [token.not_found] no token {args.id}", file=sys.stderr)  # noqa: T201
+            return 2
         sys.stdout.write(f"token {args.id} revoked\n")
         return 0
 

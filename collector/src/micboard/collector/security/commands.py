@@ -21,6 +21,20 @@ from micboard.shared.subjects import validate_token
 RELOAD_HINT = "reload nats-server to apply it: nats-server --signal reload (or: systemctl reload nats-server)"
 
 
+def _listen(text: str) -> str:
+    """``host:port`` for nats-server's ``listen`` (argparse type), checked before it is written."""
+    host, sep, port = text.rpartition(":")
+    if (
+        not sep
+        or not host
+        or not port.isdigit()
+        or not 0 < int(port) < 65536
+        or any(c.isspace() for c in host)
+    ):
+        raise argparse.ArgumentTypeError(f"{text!r} is not host:port (e.g. 0.0.0.0:4222)")
+    return text
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``nats-config`` and ``agent`` to the collector's subcommands."""
     conf = sub.add_parser(
@@ -30,7 +44,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "configuration is printed. The options are remembered for `agent add` and `agent revoke`.",
     )
     conf.add_argument("--out", type=Path, help="write the configuration to this file")
-    conf.add_argument("--listen", default="0.0.0.0:4222", help="client listen address (default 0.0.0.0:4222)")
+    conf.add_argument(
+        "--listen", type=_listen, default="0.0.0.0:4222", help="client listen address (default 0.0.0.0:4222)"
+    )
     conf.add_argument("--store-dir", type=Path, help="JetStream store directory")
     conf.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
     conf.add_argument("--tls-key", type=Path, help="server certificate key (PEM)")
