@@ -353,6 +353,18 @@ async def test_an_admin_moves_the_sites_battery_thresholds_and_the_tiles_follow(
     await dialog.wait_for(state="visible")
     assert await page.input_value("#threshold-battery_replace_bars") == "3"
     assert await dialog.locator("small").first.inner_text() == "default"
+    # Out of range: the browser refuses it at its field, nothing is sent.
+    await page.fill("#threshold-battery_replace_bars", "9")
+    await dialog.locator("button[type='submit']").click()
+    assert await page.eval_on_selector("#threshold-battery_replace_bars", "e => !e.validity.valid")
+    assert await dialog.is_visible()
+    # In range but contradictory: the server's refusal names the fields as the dialog does.
+    await page.fill("#threshold-battery_replace_bars", "2")
+    await page.fill("#threshold-battery_critical_bars", "4")
+    await dialog.locator("button[type='submit']").click()
+    error = page.locator("#thresholds-error")
+    await error.wait_for(state="visible")
+    assert "“Critical at bars ≤”" in await error.inner_text()
     # A hall that changes batteries later: replace at 2 bars, critical at 1.
     await page.fill("#threshold-battery_replace_bars", "2")
     await page.fill("#threshold-battery_critical_bars", "1")

@@ -69,6 +69,11 @@ async def test_thresholds_are_validated_and_replaced_per_site(engine: AsyncEngin
     service = AlertService(engine)
     with pytest.raises(InvalidAlertRulesError, match="battery_critical_percent must not exceed"):
         await service.set_site_thresholds(SITE, {"battery_critical_percent": 40})
+    # A value out of range: the message names the threshold.
+    with pytest.raises(
+        InvalidAlertRulesError, match=r"'venue': rf_min_dbm: Input should be less than or equal to 0"
+    ):
+        await service.set_site_thresholds(SITE, {"rf_min_dbm": 20})
     await service.set_site_thresholds(SITE, {"rf_min_dbm": -80.0}, by="ada")
     replaced = await service.set_site_thresholds(SITE, {"rf_min_dbm": -85.0}, by="grace")
     assert replaced.rf_min_dbm == -85.0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import pytest
 
 from micboard.collector import cli
 from micboard.collector.app import NatsLog
-from micboard.shared.natsd import free_port
+from micboard.shared.natsd import EmbeddedNats, free_port
 
 
 def test_run_waiting_for_a_nats_server_that_is_down_ends_on_sigterm(tmp_path: Path) -> None:
@@ -53,6 +54,24 @@ def test_run_waiting_for_a_nats_server_that_is_down_ends_on_sigterm(tmp_path: Pa
     assert text.count("nats error") == 1  # the same error again is not logged again at once
     assert "ConnectionRefusedError" in text
     assert "stopped before the collector was ready" in text
+
+
+def test_run_with_its_http_port_taken_is_one_line_and_exit_1(
+    tmp_path: Path,
+    nats_server: EmbeddedNats,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        monkeypatch.setenv("MICBOARD_STATE_DIR", str(tmp_path / "state"))
+        monkeypatch.setenv("MICBOARD_NATS_URL", nats_server.url)
+        monkeypatch.setenv("MICBOARD_HTTP_PORT", str(taken.getsockname()[1]))
+        assert cli.main(["run"]) == 1
+    # The log lines of the start (on stderr too), then one line that says why it stopped.
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("micboard-collector: cannot start: OSError: ")
+    assert "address already in use" in err[-1] and not any("Traceback" in line for line in err)
 
 
 @pytest.fixture

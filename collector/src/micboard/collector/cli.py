@@ -111,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"micboard-collector: {_first_line(exc)}", file=sys.stderr)  # noqa: T201 - CLI output
         return 2
     except (SQLAlchemyError, OSError) as exc:
+        if args.command == "run" and not isinstance(exc, SQLAlchemyError):
+            # Anything of the start that the OS refused: the HTTP port taken, a file not readable.
+            print(f"micboard-collector: cannot start: {_first_line(exc)}", file=sys.stderr)  # noqa: T201
+            return 1
         # The database (or the state directory holding it) cannot be reached or used; the
         # exit code is check's "database unreachable".
         print(  # noqa: T201 - CLI output

@@ -444,8 +444,11 @@ class AlertService:
         try:
             return AlertThresholds.model_validate({**self._default_values, **overrides})
         except ValidationError as exc:
+            first = exc.errors()[0]
+            # Name the threshold (a check across thresholds names them in its message).
+            where = ".".join(str(part) for part in first["loc"])
             raise InvalidAlertRulesError(
-                f"invalid thresholds for site {site!r}: {exc.errors()[0]['msg']}"
+                f"invalid thresholds for site {site!r}: {where + ': ' if where else ''}{first['msg']}"
             ) from None
 
     async def set_site_thresholds(

@@ -893,24 +893,32 @@ function onLiveMessage(message) {
 // ---------------------------------------------------------------------------------------
 // A site's thresholds: what makes a battery replace or critical (tiles and alerts alike)
 
-// [name, label, step, shown under "More thresholds"]: every threshold the API takes.
+// [name, label, step, shown under "More thresholds", min, max]: every threshold the API takes,
+// with the range it accepts, so that the browser refuses a value out of range at its field.
 const THRESHOLD_FIELDS = [
-  ["battery_replace_bars", "Replace at bars ≤", 1],
-  ["battery_critical_bars", "Critical at bars ≤", 1],
-  ["battery_replace_percent", "Replace at % ≤", 1],
-  ["battery_critical_percent", "Critical at % ≤", 1],
-  ["rf_min_dbm", "RF lost under dBm", 0.5],
-  ["clip_dbfs", "Clipping at dBFS ≥", 0.1],
-  ["battery_margin_percent", "Battery clears % above", 1, true],
-  ["battery_unknown_keep_s", "Unknown battery kept for s", 1, true],
-  ["rf_margin_db", "RF clears dB above", 0.5, true],
-  ["rf_loss_s", "RF lost for s", 0.5, true],
-  ["clip_margin_db", "Clipping clears dB below", 0.1, true],
-  ["clip_resolve_hold_s", "Clipping resolves after s", 1, true],
-  ["resolve_hold_s", "Battery and RF resolve after s", 1, true],
-  ["agent_stale_intervals", "Agent stale after heartbeats", 1, true],
-  ["agent_offline_s", "Agent offline after s", 1, true],
+  ["battery_replace_bars", "Replace at bars ≤", 1, false, 0, 5],
+  ["battery_critical_bars", "Critical at bars ≤", 1, false, 0, 5],
+  ["battery_replace_percent", "Replace at % ≤", 1, false, 0, 100],
+  ["battery_critical_percent", "Critical at % ≤", 1, false, 0, 100],
+  ["rf_min_dbm", "RF lost under dBm", 0.5, false, -130, 0],
+  ["clip_dbfs", "Clipping at dBFS ≥", 0.1, false, -60, 0],
+  ["battery_margin_percent", "Battery clears % above", 1, true, 0, 50],
+  ["battery_unknown_keep_s", "Unknown battery kept for s", 1, true, 0, 604800],
+  ["rf_margin_db", "RF clears dB above", 0.5, true, 0, 30],
+  ["rf_loss_s", "RF lost for s", 0.5, true, 0, 3600],
+  ["clip_margin_db", "Clipping clears dB below", 0.1, true, 0, 30],
+  ["clip_resolve_hold_s", "Clipping resolves after s", 1, true, 0, 3600],
+  ["resolve_hold_s", "Battery and RF resolve after s", 1, true, 0, 86400],
+  ["agent_stale_intervals", "Agent stale after heartbeats", 1, true, 1, 1000],
+  ["agent_offline_s", "Agent offline after s", 1, true, 1, 2592000],
 ];
+
+/** An API message with each threshold's name replaced by its label in the dialog. */
+function withThresholdLabels(text) {
+  // Longest names first: "resolve_hold_s" is part of "clip_resolve_hold_s".
+  const fields = [...THRESHOLD_FIELDS].sort((a, b) => b[0].length - a[0].length);
+  return fields.reduce((out, [name, label]) => out.replaceAll(name, `“${label}”`), text);
+}
 let thresholdsShown = null; // { site, overrides, inForce, defaults } while the dialog is open
 
 async function openThresholds() {
@@ -926,10 +934,10 @@ async function openThresholds() {
   }
   $("#thresholds-title").textContent = `Thresholds of ${site}`;
   $("#thresholds-error").hidden = true;
-  const field = ([name, label, step]) => {
+  const field = ([name, label, step, , min, max]) => {
     const own = name in thresholdsShown.overrides;
     const input = el("input", {
-      id: `threshold-${name}`, name, type: "number", step, required: true,
+      id: `threshold-${name}`, name, type: "number", step, min, max, required: true,
       value: String(thresholdsShown.inForce[name]),
     });
     return [
@@ -967,7 +975,7 @@ async function saveThresholds(event, { allDefaults = false } = {}) {
   } catch (error) {
     const box = $("#thresholds-error");
     box.textContent = error instanceof ApiError && error.status === 403
-      ? "Not allowed: changing thresholds needs the admin role." : explain(error);
+      ? "Not allowed: changing thresholds needs the admin role." : withThresholdLabels(explain(error));
     box.hidden = false;
     return;
   }
