@@ -129,11 +129,14 @@ async def test_the_same_nats_error_is_logged_once_per_interval(caplog: pytest.Lo
         await nats_log.error(TimeoutError("slow"))
         await nats_log.disconnected()
         await nats_log.reconnected()
+        nats_log.closing = True  # an orderly close is reported as a disconnection too
+        await nats_log.disconnected()
     assert [r.getMessage() for r in caplog.records] == [
         "nats error",
         "nats error",
         "nats disconnected; reconnecting",
         "nats reconnected",
+        "nats connection closed",
     ]
     assert [getattr(r, "error", None) for r in caplog.records[:2]] == [
         "ConnectionRefusedError: [Errno 111] refused",

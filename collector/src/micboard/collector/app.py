@@ -47,6 +47,8 @@ class NatsLog:
 
     def __init__(self, every_s: float = 30.0) -> None:
         self.every_s = every_s
+        # Set before an orderly close, which nats-py reports as a disconnection too.
+        self.closing = False
         self._last: dict[str, float] = {}
         self._repeated: dict[str, int] = {}
 
@@ -67,7 +69,10 @@ class NatsLog:
 
     async def disconnected(self) -> None:
         """``disconnected_cb``."""
-        log.warning("nats disconnected; reconnecting")
+        if self.closing:
+            log.info("nats connection closed")
+        else:
+            log.warning("nats disconnected; reconnecting")
 
     async def reconnected(self) -> None:
         """``reconnected_cb``."""
@@ -101,6 +106,7 @@ class Collector:
         self.embedded: EmbeddedNats | None = None
         self.running: RunningCollector | None = None
         self._nc: Client | None = None
+        self._nats_log: NatsLog | None = None
         self._engine: AsyncEngine | None = None
         self._ingest_task: asyncio.Task[None] | None = None
         # Periodic jobs (stale agents, alert sweep, watchdog); stopped and awaited by stop().
@@ -159,7 +165,7 @@ class Collector:
         await prepare(engine, settings.auto_migrate)
         # Until the server answers, however long (a collector started before its NATS server
         # waits for it); stop() or a signal ends the wait (see cli._run).
-        nats_log = NatsLog()
+        self._nats_log = nats_log = NatsLog()
         self._nc = nc = await nats.connect(
             servers=[nats_url], name="micboard-collector", max_reconnect_attempts=-1, reconnect_time_wait=1.0,
             error_cb=nats_log.error, disconnected_cb=nats_log.disconnected,
@@ -367,6 +373,8 @@ class Collector:
             self.history = None
         self.alerts = None
         if self._nc is not None:
+            if self._nats_log is not None:
+                self._nats_log.closing = True
             try:
                 await self._nc.close()
             except (OSError, NatsError) as exc:
