@@ -391,7 +391,9 @@ class SscSimulator(ReceiverSimulator):
         else:
             talking = rng.random() < 0.7
             target = rng.uniform(-32.0, -8.0) if talking else rng.uniform(-70.0, -55.0)
-            if rng.random() < 0.005:
+            # A shout near full scale: at 10 meters a second, about once per channel in eight
+            # minutes (clipping alerts in a demo now and then, not every few seconds).
+            if rng.random() < 0.0002:
                 target = rng.uniform(-3.0, 0.0)
             channel.af_dbfs += (target - channel.af_dbfs) * 0.5
             af = channel.af_dbfs

@@ -759,9 +759,13 @@ class ShureSimulator(ReceiverSimulator):
             channel.rf_dbm = channel.base_rf_dbm + rnd.gauss(0.0, 1.5) - channel.fade_db
             if rnd.random() < 0.05:
                 channel.active_antenna = rnd.randrange(self.kind.antennas)
-            # Audio: speech comes in bursts.
+            # Audio: speech comes in bursts, peaks (6 dB over the level) some 12 dB under full
+            # scale, as a gain set by an engineer leaves them; and now and then a shout that
+            # clips, about once per channel in ten minutes, not every few seconds.
             channel.talk = min(1.0, max(0.0, channel.talk + rnd.gauss(0.0, 0.15)))
-            channel.audio_dbfs = -45.0 + 35.0 * channel.talk + rnd.gauss(0.0, 2.0)
+            channel.audio_dbfs = -48.0 + 30.0 * channel.talk + rnd.gauss(0.0, 2.0)
+            if rnd.random() < events / 600.0:
+                channel.audio_dbfs = -3.0 + rnd.gauss(0.0, 1.0)
 
 
 async def _finish(tasks: list[asyncio.Task[None]]) -> None:
