@@ -338,6 +338,17 @@ async def test_items_built_from_a_committed_state_equal_the_items_read_back(api:
         "NIMH",
         512_000,
     )
+    # The transmitter on channel 1 goes: its last reading (1 bar) is the change's own "before",
+    # newer than anything history holds, so the tile reads previously critical at once.
+    gone = DeviceEvent(
+        site="venue-cs", agent="pi-cs", boot="b1", seq=delta_event.seq + 1, ts=2,
+        body=DeviceBody(device_key="rx1", changes={"channels": {1: {"transmitter": None}}}),
+    )  # fmt: skip
+    async with api.engine.begin() as conn:
+        (went,) = (await SynchronizationService().apply_batch_changes(conn, [gone])).devices
+    built, unread = FleetView(api.engine).committed_channel_items(went, [1, 3])
+    assert unread == {3}  # no transmitter before either: history decides
+    assert [(i["index"], i["tx"], i["battery_state"]) for i in built] == [(1, None, "previously_critical")]
     # Without a row id (a change not written), everything is read.
     assert FleetView(api.engine).committed_channel_items(dataclasses.replace(change, pk=None), [1]) == (
         [],

@@ -688,8 +688,8 @@ class FleetView:
 
         The values are those ``change`` wrote to the ``channels`` and ``devices`` rows (the same
         :func:`channel_rows`), so nothing needs reading back. Returns the items and the indexes
-        that must be read instead: a battery that reads unknown (its last reading is history's)
-        or a channel the state does not hold.
+        that must be read instead: a battery that reads unknown (its last reading is history's,
+        unless the transmitter went in this change) or a channel the state does not hold.
         """
         wanted = set(indexes)
         if change.pk is None or change.updated_ms is None:
@@ -700,12 +700,25 @@ class FleetView:
             change.pk, change.site, change.agent, change.device_key, state.get("name"),
             state.get("model"), change.status_after, change.updated_ms,
         )  # fmt: skip
+        # A transmitter gone in this very change: its reading just before is the last valid one,
+        # newer than anything history has written yet (history is flushed every few seconds).
+        before_bars: dict[int, int] = {}
+        for channel in (change.before or {}).get("channels", ()):
+            before_tx = channel.get("transmitter")
+            if before_tx and before_tx.get("battery_bars") is not None:
+                before_bars[channel["index"]] = before_tx["battery_bars"]
         rows: list[tuple[Any, ...]] = []
         for row in channel_rows(change.pk, state, wanted):
-            if row["battery_bars"] is None or row["index"] not in wanted:
+            index = row["index"]
+            if index not in wanted:
                 continue
-            rows.append((*head, *_CHANNEL_PART(row), None))  # last_bars: only read for unknown
-            wanted.discard(row["index"])
+            last_bars = None  # only read for a battery that reads unknown
+            if row["battery_bars"] is None:
+                last_bars = before_bars.get(index)
+                if last_bars is None:
+                    continue  # read: history knows the last reading
+            rows.append((*head, *_CHANNEL_PART(row), last_bars))
+            wanted.discard(index)
         return self._channel_items(rows), wanted
 
     async def list_channels(
