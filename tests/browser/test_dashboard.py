@@ -559,6 +559,10 @@ async def test_acknowledging_an_alert(fleet: LiveFleet, browser_page: BrowserPag
     await page.keyboard.press("a")
     row = page.locator(f"tr[data-alert-id='{alert['id']}']")
     await row.wait_for()
+    # The receiver and channel by the names people gave them, their keys in the title.
+    place = row.locator("td").nth(2)
+    assert await place.inner_text() == f"{alert['device_name']} · {sim.channel(3).name}"
+    assert await place.get_attribute("title") == f"{alert['device_key']} ch 3"
     await browser_page.shot("alerts")
     await row.locator("button[data-act='acknowledge']").click()
     # The list shows open alerts: an acknowledged one leaves it.

@@ -82,6 +82,26 @@ async def test_sites_are_counted_and_worst_first(api: LiveApi) -> None:
     assert [s["site"] for s in only_ok["items"]] == ["venue-a"]
 
 
+async def test_alerts_say_what_the_receiver_and_channel_are_called_now(api: LiveApi) -> None:
+    await api.seed.devices("venue-a", "pi-a", [api.receiver("rx1", bars=(2,))])
+    now = int(time.time_ns() // 1_000_000)
+    async with api.engine.begin() as conn:
+        for channel in (1, 7, None):  # a channel, one the receiver lacks, the receiver itself
+            await conn.execute(
+                insert(alerts).values(
+                    site="venue-a", agent="pi-a", device_key="rx1", channel=channel,
+                    target=f"pi-a/rx1/{channel}", rule="battery_low", severity="warning",
+                    state="open", message="low", opened_ms=now, observed_ms=now, updated_ms=now,
+                )
+            )  # fmt: skip
+    _, devices_ = await api.get("/api/v1/devices", site="venue-a")
+    [device] = devices_["items"]
+    _, body = await api.get("/api/v1/alerts", site="venue-a")
+    labels = {item["channel"]: (item["device_name"], item["channel_name"]) for item in body["items"]}
+    named = device["name"] or device["model"]
+    assert named and labels == {1: (named, "HH01 Person1"), 7: (named, None), None: (named, None)}
+
+
 async def test_agents(api: LiveApi) -> None:
     await _fleet(api)
     _, body = await api.get("/api/v1/agents", site="venue-b")

@@ -532,7 +532,10 @@ class LiveFeed:
     def _on_alert(self, message: LiveMessage) -> None:
         raw = message.data.get("alert", message.data)
         try:
-            item = AlertItem.model_validate(raw).model_dump(mode="json")
+            # Without the listing's labels: looking them up would cost a read per alert here.
+            item = AlertItem.model_validate(raw).model_dump(
+                mode="json", exclude={"device_name", "channel_name"}
+            )
         except ValidationError:
             log.warning("alert message not understood", extra={"site": message.site})
             return

@@ -331,6 +331,9 @@ class AlertItem(_Response):
     acknowledged_ms: int | None = None
     resolved_by: str | None = None
     resolved_ms: int | None = None
+    # As the receiver and channel are called now (listings; live messages leave them out).
+    device_name: str | None = Field(default=None, description="the receiver's name, else its model")
+    channel_name: str | None = Field(default=None, description="the channel's name now")
 
 
 class AlertPage(Page[AlertItem]):

@@ -66,6 +66,22 @@ def _agent_device_counts(page: Subquery) -> list[ColumnElement[Any]]:
     ]
 
 
+def _alert_labels(page: Subquery) -> list[ColumnElement[Any]]:
+    """What the receiver and channel of each alert on ``page`` are called now (by their keys)."""
+    device = devices.c.agent == page.c.agent, devices.c.device_key == page.c.device_key
+    return [
+        select(func.coalesce(devices.c.name, devices.c.model))
+        .where(*device)
+        .scalar_subquery()
+        .label("device_name"),
+        select(channels.c.name)
+        .select_from(channels.join(devices, channels.c.device_pk == devices.c.id))
+        .where(*device, channels.c.index == page.c.channel)
+        .scalar_subquery()
+        .label("channel_name"),
+    ]
+
+
 @dataclass(frozen=True, slots=True)
 class PageRequest:
     """Which slice of a listing to return."""
@@ -901,12 +917,15 @@ class FleetView:
                 },
             )
             count = select(func.count()).select_from(alerts).where(*conditions)
-            return _page_query(self._ALERT_COLUMNS, conditions, order, source=alerts, count=count), count
+            query = _page_query(
+                self._ALERT_COLUMNS, conditions, order, source=alerts, extras=_alert_labels, count=count
+            )
+            return query, count
 
         rows, total = await self._page(
             self._statement(("alerts", frozenset(binds), sort), build), page, binds
         )
-        names = self._ALERT_NAMES
+        names = (*self._ALERT_NAMES, "device_name", "channel_name")
         return Listing([dict(zip(names, row, strict=False)) for row in rows], total)
 
 

@@ -732,12 +732,37 @@ async function loadAlerts() {
   const wanted = $("#alert-state").value;
   const body = await api(`/alerts${query({ state: wanted, limit: 500 })}`);
   state.alerts.clear();
-  for (const item of body.items ?? []) state.alerts.set(item.id, item);
+  for (const item of body.items ?? []) {
+    state.alerts.set(item.id, item);
+    rememberAlertLabels(item);
+  }
   renderAlerts();
 }
 
+// What receivers and channels are called, as alert listings said: live alert messages carry
+// only their keys.
+const alertLabels = new Map();
+
+function rememberAlertLabels(item) {
+  const device = `${item.agent}/${item.device_key}`;
+  if (item.device_name) alertLabels.set(device, item.device_name);
+  if (item.channel_name) alertLabels.set(`${device}/${item.channel}`, item.channel_name);
+}
+
+/** "ULXD4D · HH01 Ana" rather than the receiver's key and channel number (kept in the title). */
+function alertPlace(alert) {
+  if (!alert.device_key) return { text: "", title: "" };
+  const device = `${alert.agent}/${alert.device_key}`;
+  const name = alert.device_name ?? alertLabels.get(device) ?? alert.device_key;
+  const channel = alert.channel
+    ? alert.channel_name ?? alertLabels.get(`${device}/${alert.channel}`) ?? `ch ${alert.channel}`
+    : "";
+  const title = `${alert.device_key}${alert.channel ? ` ch ${alert.channel}` : ""}`;
+  return { text: channel ? `${name} · ${channel}` : name, title };
+}
+
 function alertRow(alert) {
-  const channel = alert.channel ? ` · ch ${alert.channel}` : "";
+  const place = alertPlace(alert);
   const actions = el("td", { class: "actions" });
   if (alert.state === "open") {
     actions.append(el("button", {
@@ -754,7 +779,7 @@ function alertRow(alert) {
   return el("tr", { "data-alert-id": alert.id, "data-severity": alert.severity, "data-state": alert.state },
     el("td", {}, el("span", { class: "sev", text: alert.severity })),
     el("td", {}, el("a", { href: siteHash(alert.site), text: alert.site })),
-    el("td", { text: `${alert.device_key ?? ""}${channel}` }),
+    el("td", { text: place.text, title: place.title }),
     el("td", {}, el("strong", { text: alert.message ?? alert.rule }), el("small", { text: alert.rule })),
     el("td", { class: "opened", title: new Date(alert.opened_ms).toISOString() }),
     el("td", { class: "state", text: `${alert.state}${who}` }),
