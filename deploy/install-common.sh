@@ -56,6 +56,10 @@ install_unit() {
     if [ "$PREFIX" != "/opt/micboard-$COMPONENT" ]; then
         sed -i "s#/opt/micboard-$COMPONENT#$PREFIX#g" "$UNIT_DIR/$unit"
     fi
+    if [ "$CONFIG_DIR" != "/etc/micboard" ]; then
+        # The unit reads its settings (and the agent its agent.toml credential) from there.
+        sed -i "s#/etc/micboard/#$CONFIG_DIR/#g" "$UNIT_DIR/$unit"
+    fi
     install -d -m 0755 "$CONFIG_DIR"
 }
 
