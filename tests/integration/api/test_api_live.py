@@ -135,6 +135,9 @@ async def test_snapshots_by_scope(sqlite_api: LiveApi) -> None:
     await ws.send_json({"type": "subscribe", "scope": "group", "group_id": 999})
     error = await next_of(ws, "error")
     assert error["code"] == "live.invalid_subscription"
+    await ws.send_json({"type": "subscribe", "scope": "fleet", "meters": "no"})
+    error = await next_of(ws, "error")
+    assert error["code"] == "live.invalid_subscription" and "meters must be true or false" in error["detail"]
     await ws.send_str("not json")
     assert (await next_of(ws, "error"))["code"] == "live.invalid_message"
     await ws.close()
@@ -161,6 +164,10 @@ async def test_meters_come_batched_per_tick_and_latest_wins(sqlite_api: LiveApi)
     fleet = await connect(api)
     await fleet.send_json({"type": "subscribe", "scope": "fleet"})
     ids |= {c["device_key"]: c["device_id"] for c in (await next_of(fleet, "snapshot"))["channels"]}
+    # A view that shows no live levels (the dashboard's site cards) asks for none.
+    quiet = await connect(api)
+    await quiet.send_json({"type": "subscribe", "scope": "fleet", "meters": False})
+    await next_of(quiet, "snapshot")
     publisher = await nats.connect(api.nc.connected_url.geturl() if api.nc.connected_url else "")
     factories = {"pi-m": EnvelopeFactory("venue-m", "pi-m"), "pi-n": EnvelopeFactory("venue-n", "pi-n")}
     started = time.monotonic()
@@ -186,6 +193,7 @@ async def test_meters_come_batched_per_tick_and_latest_wins(sqlite_api: LiveApi)
         return batches
 
     by_site, by_fleet = await drain(site), await drain(fleet)
+    assert await drain(quiet) == []
     elapsed = time.monotonic() - started
     for batches in (by_site, by_fleet):
         # One message per tick (10 Hz), however many channels moved in it; each channel once.
@@ -212,6 +220,7 @@ async def test_meters_come_batched_per_tick_and_latest_wins(sqlite_api: LiveApi)
     assert feed is not None and feed.stats.meters_bad >= 1 and feed.stats.meters_received >= 181
     await site.close()
     await fleet.close()
+    await quiet.close()
 
 
 async def test_subscribers_of_one_scope_share_one_snapshot(sqlite_api: LiveApi) -> None:

@@ -223,6 +223,8 @@ class _Client:
     ws: web.WebSocketResponse
     limit: int
     scope: _Scope | None = None
+    # Whether live levels are wanted: a view that shows none (the fleet's site cards) says no.
+    meters: bool = True
     slow: bool = False
     gone: bool = False
     # Each queued send: its messages, and whether it must go out as a frame of its own.
@@ -819,14 +821,18 @@ class LiveFeed:
         for site, part in meters.values():
             by_site.setdefault(site, []).append(part)
         self.stats.meters_sent += len(meters)
-        if self._fleet_clients:
+        fleet_clients = [client for client in self._fleet_clients if client.meters]
+        if fleet_clients:
             everything = [part for parts in by_site.values() for part in parts]
-            self._deliver(_meters_message(everything), list(self._fleet_clients))
+            self._deliver(_meters_message(everything), fleet_clients)
         for site, clients in list(self._site_clients.items()):
             parts = by_site.get(site)
-            if parts:
-                self._deliver(_meters_message(parts), list(clients))
+            wanting = [client for client in clients if client.meters]
+            if parts and wanting:
+                self._deliver(_meters_message(parts), wanting)
         for client in list(self._group_clients):
+            if not client.meters:
+                continue
             pairs = client.scope.pairs if client.scope is not None else None
             wanted = [part for key, (_, part) in meters.items() if pairs and key in pairs]
             if wanted:
@@ -897,6 +903,10 @@ class LiveFeed:
     async def _subscribe(self, client: _Client, request: dict[str, Any]) -> str | None:
         """Apply a subscribe request; returns an error text, or ``None`` once the snapshot is queued."""
         kind = request.get("scope")
+        meters = request.get("meters", True)
+        if not isinstance(meters, bool):
+            return "meters must be true or false"
+        client.meters = meters
         if kind == "fleet":
             scope = _Scope("fleet")
         elif kind == "site" and isinstance(request.get("site"), str) and 0 < len(request["site"]) <= 64:
