@@ -148,6 +148,11 @@ async def test_groups_persist_in_order(api: LiveApi) -> None:
     assert (await api.call("DELETE", f"/api/v1/groups/{vox['id']}", role="operator"))[0] == 204
     _, listing = await api.get("/api/v1/groups")
     assert [g["id"] for g in listing["items"]] == [band["id"]]
+    # A name of blanks alone, or a channel twice, is refused.
+    for bad in ({"name": "   "}, {"name": "Twice", "channels": [body["channels"][0]] * 2}):
+        status, problem, _ = await api.call("POST", "/api/v1/groups", role="operator", json=bad)
+        assert status == 400 and problem["code"] == "request.invalid_body", problem
+    assert "in the group twice" in problem["detail"]
 
 
 async def test_channel_history(api: LiveApi) -> None:

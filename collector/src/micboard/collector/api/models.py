@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Bounds that keep every value inside what both databases store: ids are 32-bit, times 53-bit.
 MAX_ID = 2**31 - 1
@@ -15,7 +15,8 @@ SiteName = Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,64}$", description="a si
 AgentName = Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,64}$", description="an agent token")]
 # No NUL: PostgreSQL text cannot hold it, and it is never meaningful here.
 SearchText = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00]+$")]
-Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00]+$")]
+# At least one character that is not a blank: a name of spaces alone names nothing.
+Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00]*[^\x00\s][^\x00]*$")]
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]
 EpochMs = Annotated[int, Field(ge=0, le=MAX_MS)]
 DeviceStatus = Literal["online", "offline", "stale"]
@@ -402,6 +403,18 @@ class GroupBody(_Request):
     site: SiteName | None = None
     channels: list[GroupChannel] = Field(default_factory=list, max_length=1000)
     position: int = Field(default=0, ge=-1_000_000, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _each_channel_once(self) -> GroupBody:
+        seen: set[tuple[int, int]] = set()
+        for channel in self.channels:
+            key = (channel.device_id, channel.index)
+            if key in seen:
+                raise ValueError(
+                    f"channel {channel.index} of device {channel.device_id} is in the group twice"
+                )
+            seen.add(key)
+        return self
 
 
 class GroupItem(_Response):
