@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import nats
 from nats.aio.msg import Msg
@@ -149,7 +149,9 @@ async def test_groups_persist_in_order(api: LiveApi) -> None:
     _, listing = await api.get("/api/v1/groups")
     assert [g["id"] for g in listing["items"]] == [band["id"]]
     # A name of blanks alone, or a channel twice, is refused.
-    for bad in ({"name": "   "}, {"name": "Twice", "channels": [body["channels"][0]] * 2}):
+    channels: list[dict[str, int]] = [{"device_id": 1, "index": 2}]
+    bad_bodies: list[dict[str, Any]] = [{"name": "   "}, {"name": "Twice", "channels": channels * 2}]
+    for bad in bad_bodies:
         status, problem, _ = await api.call("POST", "/api/v1/groups", role="operator", json=bad)
         assert status == 400 and problem["code"] == "request.invalid_body", problem
     assert "in the group twice" in problem["detail"]

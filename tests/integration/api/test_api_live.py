@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -138,6 +139,9 @@ async def test_snapshots_by_scope(sqlite_api: LiveApi) -> None:
     await ws.send_json({"type": "subscribe", "scope": "fleet", "meters": "no"})
     error = await next_of(ws, "error")
     assert error["code"] == "live.invalid_subscription" and "meters must be true or false" in error["detail"]
+    await ws.send_json({"type": "subscribe", "scope": "site", "site": "venue-a", "channels": False})
+    error = await next_of(ws, "error")
+    assert "false only for scope 'fleet'" in error["detail"]
     await ws.send_str("not json")
     assert (await next_of(ws, "error"))["code"] == "live.invalid_message"
     await ws.close()
@@ -320,6 +324,40 @@ async def test_deltas_of_one_flush_reach_a_client_as_one_batch_frame(sqlite_api:
     assert {item["type"] for item in batch["items"]} <= {"channel", "site"}
     assert feed.stats.frames == frames + 1
     await ws.close()
+
+
+async def test_a_fleet_of_site_cards_gets_its_sites_without_every_channel(sqlite_api: LiveApi) -> None:
+    api = sqlite_api
+    await api.seed.devices("venue-c", "pi-c", [api.receiver("rx1", bars=(5, 4))])
+    cards = await connect(api)
+    await cards.send_json({"type": "subscribe", "scope": "fleet", "channels": False, "meters": False})
+    snapshot = await next_of(cards, "snapshot")
+    assert snapshot["channels"] == [] and [s["site"] for s in snapshot["sites"]] == ["venue-c"]
+    tiles = await connect(api)
+    await tiles.send_json({"type": "subscribe", "scope": "fleet"})
+    assert len((await next_of(tiles, "snapshot"))["channels"]) == 2
+
+    async def types(ws: aiohttp.ClientWebSocketResponse) -> list[str]:
+        seen: list[str] = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                message = json.loads((await ws.receive(timeout=1.5)).data)
+                parts = message["items"] if message["type"] == "batch" else [message]
+                seen += [part["type"] for part in parts]
+        return seen
+
+    # The receiver's batteries drop: its tiles change, not its site's card.
+    await api.seed.devices("venue-c", "pi-c", [api.receiver("rx1", bars=(1, 2))])
+    api.hub.publish_device("venue-c", "pi-c", "rx1", {"kind": "device", "seq": 100})
+    seen_by_cards, seen_by_tiles = await types(cards), await types(tiles)
+    assert "channel" in seen_by_tiles and "channel" not in seen_by_cards, seen_by_cards
+    # It goes offline: the card's counts change, and the cards client hears of it.
+    await api.seed.offline("venue-c", "pi-c", "rx1")
+    api.hub.publish_device("venue-c", "pi-c", "rx1", {"kind": "offline", "seq": 101})
+    seen_by_cards = await types(cards)
+    assert "site" in seen_by_cards and "channel" not in seen_by_cards, seen_by_cards
+    await cards.close()
+    await tiles.close()
 
 
 async def test_what_is_queued_at_one_wake_up_goes_out_in_bounded_batches(

@@ -113,15 +113,17 @@ class _Scope:
     site: str | None = None
     pairs: frozenset[ChannelKey] | None = None
     sites: frozenset[str] = frozenset()
+    # False: the fleet's sites only (a view of site cards), without its every channel.
+    channels: bool = True
 
     @property
     def key(self) -> Hashable:
         """What makes two subscriptions see the same thing (and so share a snapshot)."""
-        return (self.kind, self.site, self.pairs)
+        return (self.kind, self.site, self.pairs, self.channels)
 
     def wants_channel(self, site: str, key: ChannelKey) -> bool:
         if self.kind == "fleet":
-            return True
+            return self.channels
         if self.kind == "site":
             return site == self.site
         return self.pairs is not None and key in self.pairs
@@ -465,17 +467,6 @@ class LiveFeed:
         self.stats.clients = self._subscribed
         return found
 
-    def _audience(self, site: str, channel: ChannelKey | None = None) -> list[_Client]:
-        """The clients that want a message about ``site`` (about its ``channel``, if given)."""
-        audience = [*self._fleet_clients, *self._site_clients.get(site, ())]
-        for client in self._group_clients:
-            scope = client.scope
-            if scope is None:
-                continue
-            if scope.wants_channel(site, channel) if channel is not None else scope.wants_site(site):
-                audience.append(client)
-        return audience
-
     def _deliver(self, data: bytes, clients: Iterable[_Client]) -> None:
         if self._burst is not None:
             for client in clients:
@@ -678,6 +669,20 @@ class LiveFeed:
         if audience:
             self._deliver(_message("channel", item), audience)
 
+    def _audience(self, site: str, channel: ChannelKey | None = None) -> list[_Client]:
+        """The clients that want a message about ``site`` (about its ``channel``, if given)."""
+        fleet: Iterable[_Client] = self._fleet_clients
+        if channel is not None:
+            fleet = [c for c in self._fleet_clients if c.scope is None or c.scope.channels]
+        audience = [*fleet, *self._site_clients.get(site, ())]
+        for client in self._group_clients:
+            scope = client.scope
+            if scope is None:
+                continue
+            if scope.wants_channel(site, channel) if channel is not None else scope.wants_site(site):
+                audience.append(client)
+        return audience
+
     def _send_site(self, item: dict[str, Any]) -> None:
         site = str(item["site"])
         self._site_shows += 1
@@ -843,7 +848,7 @@ class LiveFeed:
     async def _snapshot(self, scope: _Scope) -> _Snapshot:
         """The serialized snapshot of ``scope``, read now; under the lock."""
         if scope.kind == "fleet":
-            channels = await self.fleet.channels_where()
+            channels = await self.fleet.channels_where() if scope.channels else []
             sites = (await self.fleet.list_sites(PageRequest(_SNAPSHOT_SITES, 0))).items
         elif scope.kind == "site":
             channels = await self.fleet.channels_where(site=scope.site)
@@ -907,8 +912,11 @@ class LiveFeed:
         if not isinstance(meters, bool):
             return "meters must be true or false"
         client.meters = meters
+        channels = request.get("channels", True)
+        if not isinstance(channels, bool) or (not channels and kind != "fleet"):
+            return "channels must be true or false, and false only for scope 'fleet'"
         if kind == "fleet":
-            scope = _Scope("fleet")
+            scope = _Scope("fleet", channels=channels)
         elif kind == "site" and isinstance(request.get("site"), str) and 0 < len(request["site"]) <= 64:
             scope = _Scope("site", site=request["site"])
         elif kind == "group" and type(request.get("group_id")) is int and 0 < request["group_id"] < 2**31:

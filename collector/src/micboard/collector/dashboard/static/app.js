@@ -235,7 +235,7 @@ handleUnauthorized(() => {
 
 async function enterFleet() {
   showView("fleet");
-  live.start({ scope: "fleet", meters: false }); // shows no live levels
+  live.start({ scope: "fleet", channels: false, meters: false }); // site cards: no channels
   const body = await api(`/sites${query({ limit: 1000 })}`);
   state.sites.clear();
   for (const item of body.items ?? []) state.sites.set(item.site, item);
@@ -724,7 +724,7 @@ function onTileSubmit(event) {
 
 async function enterAlerts() {
   showView("alerts");
-  live.start({ scope: "fleet", meters: false }); // shows no live levels
+  live.start({ scope: "fleet", channels: false, meters: false }); // site cards: no channels
   await loadAlerts();
 }
 
@@ -1022,7 +1022,7 @@ const agentRows = new Map(); // agent -> { row, signature }
 
 async function enterAgents() {
   showView("agents");
-  live.start({ scope: "fleet", meters: false }); // shows no live levels
+  live.start({ scope: "fleet", channels: false, meters: false }); // site cards: no channels
   await loadAgents();
 }
 
