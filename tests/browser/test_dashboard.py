@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
+from sqlalchemy import insert
+
+from micboard.collector.store.schema_alerts import alerts
 
 if TYPE_CHECKING:
     from tests.browser.conftest import BrowserPage, LiveFleet
@@ -585,6 +588,38 @@ async def test_acknowledging_an_alert(fleet: LiveFleet, browser_page: BrowserPag
     box = await resolve.bounding_box()
     assert box is not None and box["x"] + box["width"] <= 400
     await browser_page.shot("alerts-400px")
+    # A list cut at its 500 newest says so, with how many there are.
+    assert await page.locator("#alerts-more").is_hidden()
+    running = fleet.collector.running
+    assert running is not None
+    now = int(time.time() * 1000)
+    rows = [
+        {
+            "site": fleet.site,
+            "agent": fleet.agent,
+            "device_key": "old-rx",
+            "channel": 1,
+            "target": f"old/{n}",
+            "rule": "battery_low",
+            "severity": "warning",
+            "state": "resolved",
+            "message": "an old one",
+            "opened_ms": now - 86_400_000 - n,
+            "observed_ms": now,
+            "updated_ms": now,
+            "resolved_by": "system",
+            "resolved_ms": now,
+        }
+        for n in range(510)
+    ]
+    async with running.engine.begin() as conn:
+        await conn.execute(insert(alerts), rows)
+    _, listed = await fleet.api("GET", "/alerts?state=resolved&limit=1")
+    await page.select_option("#alert-state", "resolved")
+    more = page.locator("#alerts-more")
+    await more.wait_for(state="visible")
+    assert await more.inner_text() == f"The newest 500 of {listed['total']} alerts are shown."
+    assert await page.locator("#alert-rows tr").count() == 500
 
 
 async def test_tv_mode_toggles_and_persists(fleet: LiveFleet, browser_page: BrowserPage) -> None:

@@ -728,14 +728,21 @@ async function enterAlerts() {
   await loadAlerts();
 }
 
+const ALERTS_SHOWN = 500;
+
 async function loadAlerts() {
   const wanted = $("#alert-state").value;
-  const body = await api(`/alerts${query({ state: wanted, limit: 500 })}`);
+  const body = await api(`/alerts${query({ state: wanted, limit: ALERTS_SHOWN })}`);
   state.alerts.clear();
   for (const item of body.items ?? []) {
     state.alerts.set(item.id, item);
     rememberAlertLabels(item);
   }
+  // Say so when the list is cut: the newest are shown, the older ones are in the API.
+  const total = body.total ?? 0;
+  const more = $("#alerts-more");
+  more.hidden = total <= (body.items ?? []).length;
+  more.textContent = `The newest ${ALERTS_SHOWN} of ${total} alerts are shown.`;
   renderAlerts();
 }
 
