@@ -911,7 +911,6 @@ class LiveFeed:
         meters = request.get("meters", True)
         if not isinstance(meters, bool):
             return "meters must be true or false"
-        client.meters = meters
         channels = request.get("channels", True)
         if not isinstance(channels, bool) or (not channels and kind != "fleet"):
             return "channels must be true or false, and false only for scope 'fleet'"
@@ -926,6 +925,7 @@ class LiveFeed:
             scope = _Scope("group", pairs=frozenset((c["device_id"], c["index"]) for c in group.channels))
         else:
             return "subscribe needs scope 'fleet', 'site' with 'site', or 'group' with an integer 'group_id'"
+        client.meters = meters  # once the request is known good: a refused one changes nothing
         # Wait in line with whoever else wants this scope: the first of them to get the lock
         # builds one snapshot for all. Snapshot first, then join the fan-out, both under the lock
         # deltas are computed under: nothing reaches a client before its snapshot, and no delta
