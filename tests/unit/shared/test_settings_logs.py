@@ -7,11 +7,13 @@ import logging
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from micboard.agent.settings import AgentSettings, load_agent_settings
 from micboard.shared.errors import ConfigError
 from micboard.shared.logs import JsonFormatter, KeyValueFormatter, configure_logging
-from micboard.shared.settings import MicboardSettings, load_settings
+from micboard.shared.settings import MicboardSettings, _listed, load_settings
 
 
 def test_environment_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -84,3 +86,26 @@ def test_configure_logging_installs_one_handler(capsys: pytest.CaptureFixture[st
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+_ITEM = st.text(
+    alphabet=st.characters(exclude_characters=",[", exclude_categories=["Cs"]), min_size=1, max_size=20
+).filter(lambda s: s.strip() != "")
+
+
+@given(st.lists(_ITEM, max_size=6))
+def test_a_list_setting_reads_commas_and_json_alike(items: list[str]) -> None:
+    # What an environment variable holds: "a, b" or the JSON form; never an exception but ValueError.
+    assert _listed(", ".join(items)) == [item.strip() for item in items]
+    assert _listed(json.dumps(items)) == items
+    assert _listed(items) is items  # a list from a config file is left to validation
+
+
+@given(st.text(max_size=40))
+def test_any_text_is_a_list_or_a_clear_error(text: str) -> None:
+    try:
+        value = _listed(text)
+    except ValueError as exc:
+        assert "not a JSON list" in str(exc)
+    else:
+        assert isinstance(value, list)  # "[..." is a JSON array or an error; the rest splits
