@@ -25,7 +25,7 @@ from micboard.agent.daemon import AgentDaemon, driver_options
 from micboard.agent.demo_source import demo_device
 from micboard.agent.discovery import DiscoveryConfig, DiscoveryService, FoundDevice
 from micboard.agent.discovery.dcid import default_port
-from micboard.agent.drivers.base import DeviceTarget
+from micboard.agent.drivers.base import DeviceTarget, split_reason
 from micboard.agent.natsauth import DEFAULT_NATS_URL, agent_connect_options
 from micboard.agent.runner import AgentRunner
 from micboard.agent.settings import AgentSettings, StaticDeviceSetting, load_agent_settings
@@ -237,7 +237,7 @@ async def probe_device(
         )
     if listener.failure is not None:
         # A reason with what the driver saw ("connect_failed: ...") says it better than its code.
-        code, _, said = listener.failure.partition(": ")
+        code, said = split_reason(listener.failure)
         return False, said or f"no answer ({code.replace('_', ' ')})"
     return False, f"no answer within {timeout_s:g} s"
 

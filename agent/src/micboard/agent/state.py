@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from micboard.agent.drivers.base import split_reason
 from micboard.shared.envelope import DeviceBody, MeterBody, OfflineBody, OfflineReason
 from micboard.shared.model import ChannelMeter, Device, device_changes
 
@@ -201,10 +202,9 @@ class StateTracker:
             return
         tracked.state = DeviceState.OFFLINE
         self.stats.offline += 1
-        # A driver's reason is a known one, optionally followed by ": " and what it saw.
-        head, _, said = reason.partition(": ")
-        known = _OFFLINE_REASONS.get(head)
-        detail = (said if known is not None else reason) or None
+        code, said = split_reason(reason)
+        known = _OFFLINE_REASONS.get(code)
+        detail = said if known is not None else reason
         self._emit(
             OfflineBody(
                 device_key=device_key,

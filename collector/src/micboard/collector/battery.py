@@ -98,5 +98,4 @@ def classify_battery(
         return current
     if last_reading_ms is None or now_ms - last_reading_ms > PREVIOUS_READING_WINDOW_MS:
         return BatteryState.UNKNOWN
-    previous = state_of_bars(last_bars, bands)
-    return _PREVIOUSLY.get(previous, BatteryState.UNKNOWN)
+    return previously(state_of_bars(last_bars, bands))

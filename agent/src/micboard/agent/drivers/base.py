@@ -90,6 +90,12 @@ class DeviceListener(Protocol):
         """
 
 
+def split_reason(reason: str) -> tuple[str, str | None]:
+    """A :meth:`DeviceListener.link_changed` reason as its code and what the driver saw (or ``None``)."""
+    code, _, said = reason.partition(": ")
+    return code, said or None
+
+
 class ReceiverDriver(abc.ABC):
     """One connection to one receiver, kept alive until :meth:`stop`."""
 

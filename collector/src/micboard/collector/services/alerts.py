@@ -55,11 +55,12 @@ from micboard.shared.model import Device, ReceiverChannel, Transmitter
 log = logging.getLogger(__name__)
 
 SYSTEM = "system"
+"""Who resolves an alert whose condition cleared."""
+
 # How old a process's copy of a site's thresholds may be: a change made through another
 # collector process or the CLI reaches this one's alert rules (and its listings, and its live
 # tiles) within this time. One small query per refresh.
 THRESHOLDS_REFRESH_S = 5.0
-"""Who resolves an alert whose condition cleared."""
 
 
 class AlertRule(StrEnum):

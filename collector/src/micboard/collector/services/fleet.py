@@ -203,7 +203,7 @@ def _battery_state(
     )
     # The stored reading of a receiver that is offline or stale is what it last said, not what
     # the battery holds now: shown as such, as for a transmitter that went off.
-    return (previously(state) if not current else state).value
+    return (state if current else previously(state)).value
 
 
 class FleetView:

@@ -233,9 +233,12 @@ handleUnauthorized(() => {
 // ---------------------------------------------------------------------------------------
 // Fleet view
 
+// The fleet, agents and alerts views show sites and lists: no channel and no live level.
+const FLEET_SUMMARY = { scope: "fleet", channels: false, meters: false };
+
 async function enterFleet() {
   showView("fleet");
-  live.start({ scope: "fleet", channels: false, meters: false }); // site cards: no channels
+  live.start(FLEET_SUMMARY);
   const body = await api(`/sites${query({ limit: 1000 })}`);
   state.sites.clear();
   for (const item of body.items ?? []) state.sites.set(item.site, item);
@@ -724,7 +727,7 @@ function onTileSubmit(event) {
 
 async function enterAlerts() {
   showView("alerts");
-  live.start({ scope: "fleet", channels: false, meters: false }); // site cards: no channels
+  live.start(FLEET_SUMMARY);
   await loadAlerts();
 }
 
@@ -1029,7 +1032,7 @@ const agentRows = new Map(); // agent -> { row, signature }
 
 async function enterAgents() {
   showView("agents");
-  live.start({ scope: "fleet", channels: false, meters: false }); // site cards: no channels
+  live.start(FLEET_SUMMARY);
   await loadAgents();
 }
 
