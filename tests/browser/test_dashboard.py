@@ -756,6 +756,48 @@ async def committed_at(
     raise AssertionError("the live hub closed")
 
 
+async def test_an_axient_tile_shows_the_receivers_own_antenna_states(
+    tmp_path: Path, browser_page: BrowserPage
+) -> None:
+    from tests.browser.conftest import start_fleet, stop_fleet, wait_for_channels
+
+    live = await start_fleet(tmp_path / "fleet", kind="ad4q")
+    try:
+        await wait_for_channels(live, 4, timeout_s=30)
+        sim = live.simulators[0]
+        # Quadversity at a marginal level: the strongest antenna and the next one stay above the
+        # receiver's red line (-85 dBm in the simulator, as the hardware's blue/red LED), the
+        # farthest falls under it. None of them is at the noise floor, so red can only come from
+        # the receiver's own antenna states, and more than one antenna lit only from them too.
+        sim.set_rf(1, -78.0)
+        await sign_in(browser_page, live)
+        await open_site(browser_page, live)
+        page = browser_page.page
+        tile = TILE.format(index=1)
+        await page.wait_for_function(
+            """(tile) => {
+                const states = [...document.querySelectorAll(tile + " .ant")]
+                    .map((a) => a.dataset.antennaState);
+                return states.length === 4
+                    && states.includes("red")
+                    && states.filter((s) => s === "active").length >= 2;
+            }""",
+            arg=tile,
+            timeout=20_000,
+        )
+        await browser_page.shot("axient-antennas")
+        # A strong signal: every antenna receiving well, none red.
+        sim.set_rf(1, -50.0)
+        await page.wait_for_function(
+            """(tile) => [...document.querySelectorAll(tile + " .ant")]
+                .every((a) => a.dataset.antennaState === "active")""",
+            arg=tile,
+            timeout=20_000,
+        )
+    finally:
+        await stop_fleet(live)
+
+
 @pytest.mark.load
 async def test_two_hundred_channels_stay_smooth(tmp_path: Path, browser_page: BrowserPage) -> None:
     from tests.browser.conftest import start_fleet, stop_fleet, wait_for_channels

@@ -19,7 +19,7 @@ from micboard.agent.drivers.shure.protocol import (
     encode,
     parse_message,
 )
-from micboard.shared.model import Antenna, ChannelMeter, Family
+from micboard.shared.model import Antenna, AntennaState, ChannelMeter, Family
 
 
 def feed_one(data: bytes) -> Message:
@@ -40,7 +40,13 @@ def meter_of(dialect: Dialect, line: bytes) -> ChannelMeter | None:
 
 def test_ulxd_sample_rf_on_antenna_a_and_audio() -> None:
     meter = meter_of(ULXD, b"< SAMPLE 1 ALL AX 078 032 >")
-    assert meter == ChannelMeter(index=1, rf_dbm=(-50.0, None), active_antenna=Antenna.A, audio_dbfs=-18.0)
+    assert meter == ChannelMeter(
+        index=1,
+        rf_dbm=(-50.0, None),
+        active_antenna=Antenna.A,
+        antenna_states=(AntennaState.ACTIVE, AntennaState.INACTIVE),
+        audio_dbfs=-18.0,
+    )
 
 
 def test_ulxd_sample_antenna_b_and_none_active() -> None:
@@ -48,11 +54,13 @@ def test_ulxd_sample_antenna_b_and_none_active() -> None:
     assert meter_b is not None
     assert meter_b.rf_dbm == (None, -28.0)
     assert meter_b.active_antenna is Antenna.B
+    assert meter_b.antenna_states == (AntennaState.INACTIVE, AntennaState.ACTIVE)
     assert meter_b.audio_dbfs == 0.0
     meter_x = meter_of(ULXD, b"< SAMPLE 1 ALL XX 020 000 >")
     assert meter_x is not None
     assert meter_x.rf_dbm == (None, None)
     assert meter_x.active_antenna is None
+    assert meter_x.antenna_states == (AntennaState.INACTIVE, AntennaState.INACTIVE)
     assert meter_x.audio_dbfs == -50.0
 
 
@@ -62,6 +70,7 @@ def test_axient_sample_diversity() -> None:
         index=1,
         rf_dbm=(-34.0, -55.0),
         active_antenna=Antenna.A,
+        antenna_states=(AntennaState.ACTIVE, AntennaState.ACTIVE),
         audio_dbfs=-18.0,
         audio_peak_dbfs=-18.0,
         link_quality_percent=100,
@@ -73,6 +82,7 @@ def test_axient_sample_transmitter_off() -> None:
     assert meter is not None
     assert meter.link_quality_percent is None
     assert meter.active_antenna is None
+    assert meter.antenna_states == (AntennaState.INACTIVE, AntennaState.INACTIVE)
     assert meter.rf_dbm == (-109.0, -108.0)
     assert meter.audio_peak_dbfs == -115.0
     assert meter.audio_dbfs == -87.0
@@ -83,12 +93,27 @@ def test_axient_sample_quadversity() -> None:
     assert meter is not None
     assert meter.rf_dbm == (-40.0, -90.0, -110.0, -30.0)
     assert meter.active_antenna is Antenna.D
+    # The receiver's own verdict per antenna, red included, as its front panel shows it.
+    assert meter.antenna_states == (
+        AntennaState.ACTIVE,
+        AntennaState.RED,
+        AntennaState.INACTIVE,
+        AntennaState.ACTIVE,
+    )
     assert meter.link_quality_percent == 80
+
+
+def test_axient_sample_unknown_antenna_state_is_left_unknown() -> None:
+    meter = meter_of(AXIENT, b"< SAMPLE 1 ALL 005 031 102 102 BQ 31 086 31 065 >")
+    assert meter is not None
+    assert meter.rf_dbm == (-34.0, -55.0)  # the levels still count
+    assert meter.antenna_states == ()
 
 
 def test_slxd_sample() -> None:
     meter = meter_of(SLXD, b"< SAMPLE 1 ALL 102 102 086 >")
     assert meter == ChannelMeter(index=1, rf_dbm=(-34.0,), audio_dbfs=-18.0, audio_peak_dbfs=-18.0)
+    assert meter.antenna_states == ()  # SLX-D says nothing of its antennas
 
 
 @pytest.mark.parametrize(

@@ -82,7 +82,15 @@ def every_kind() -> list[AnyEvent]:
             **{**BASE, "seq": 0},
             body=MeterBody(
                 device_key="shure-a1",
-                channels=(ChannelMeter(index=1, rf_dbm=(-50.0, None), active_antenna="A", audio_dbfs=-18.0),),
+                channels=(
+                    ChannelMeter(
+                        index=1,
+                        rf_dbm=(-50.0, -95.0),
+                        active_antenna="A",
+                        antenna_states=("active", "red"),
+                        audio_dbfs=-18.0,
+                    ),
+                ),
             ),
         ),
         CommandEvent(
@@ -169,6 +177,20 @@ def test_invalid_envelopes_raise_wire_error(mutate: Any, code: ErrorCode) -> Non
 def test_invalid_deltas_are_refused(changes: dict[str, Any]) -> None:
     raw = msgpack.unpackb(encode(every_kind()[3]), strict_map_key=False)
     raw["body"]["changes"] = changes
+    with pytest.raises(WireError) as info:
+        decode(msgpack.packb(raw))
+    assert info.value.code is ErrorCode.WIRE_INVALID
+
+
+@pytest.mark.parametrize(
+    "states",
+    [["active", "purple"], ["active"] * 5, "active", [1]],
+    ids=["unknown-state", "more-than-four", "not-a-list", "not-text"],
+)
+def test_invalid_antenna_states_are_refused(states: Any) -> None:
+    meter = next(e for e in every_kind() if isinstance(e, MeterEvent))
+    raw = msgpack.unpackb(encode(meter), strict_map_key=False)
+    raw["body"]["channels"][0]["antenna_states"] = states
     with pytest.raises(WireError) as info:
         decode(msgpack.packb(raw))
     assert info.value.code is ErrorCode.WIRE_INVALID

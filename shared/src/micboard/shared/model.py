@@ -49,6 +49,18 @@ class Antenna(StrEnum):
     D = "D"
 
 
+class AntennaState(StrEnum):
+    """What a receiver says of one of its antennas, where it says it (ULX-D, QLX-D, Axient Digital).
+
+    ``red`` is Axient Digital's own warning (its antenna LED turns red): the receiver judges the
+    signal on that antenna poor, so it is shown as the receiver shows it, not guessed from a level.
+    """
+
+    ACTIVE = "active"
+    INACTIVE = "inactive"
+    RED = "red"
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -104,6 +116,9 @@ class ChannelMeter(_Frozen):
     index: Annotated[int, Strict(), Field(ge=1, le=64)]
     rf_dbm: tuple[Float | None, ...] = ()
     active_antenna: Antenna | None = None
+    #: Per antenna, in the order of ``rf_dbm``, as the receiver reports them; empty where the
+    #: family reports no such thing (SLX-D, SSC), and then readers judge from the levels.
+    antenna_states: tuple[AntennaState, ...] = Field(default=(), max_length=4)
     audio_dbfs: Float | None = None
     audio_peak_dbfs: Float | None = None
     link_quality_percent: Percent | None = None

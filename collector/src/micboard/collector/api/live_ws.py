@@ -806,6 +806,7 @@ class LiveFeed:
                         "index": meter.index,
                         "rf_dbm": list(meter.rf_dbm),
                         "active_antenna": meter.active_antenna.value if meter.active_antenna else None,
+                        "antenna_states": [state.value for state in meter.antenna_states],
                         "audio_dbfs": meter.audio_dbfs,
                         "audio_peak_dbfs": meter.audio_peak_dbfs,
                         "link_quality_percent": meter.link_quality_percent,

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
-from micboard.shared.model import Antenna, ChannelMeter, Family, ReceiverChannel, Transmitter
+from micboard.shared.model import Antenna, AntennaState, ChannelMeter, Family, ReceiverChannel, Transmitter
 
 from .protocol import brace
 
 _ANTENNAS = (Antenna.A, Antenna.B, Antenna.C, Antenna.D)
+# ULX-D/QLX-D ``ant``: a letter where the antenna is active, ``X`` where it is not.
+_ACTIVE_OR_NOT = {True: AntennaState.ACTIVE, False: AntennaState.INACTIVE}
+# Axient Digital ``antStats``: B blue (receiving), R red (receiving poorly), X off.
+_AD_ANTENNA_STATES = {"B": AntennaState.ACTIVE, "R": AntennaState.RED, "X": AntennaState.INACTIVE}
 _UNKNOWN_WORDS = frozenset({"UNKN", "UNKNOWN", "", "NONE", "N/A"})
 RUN_TIME_COMMUNICATION_WARNING = 65533
 RUN_TIME_CALCULATING = 65534
@@ -217,6 +221,7 @@ class UlxdDialect(Dialect):
             index=index,
             rf_dbm=(level if a_on else None, level if b_on else None),
             active_antenna=active,
+            antenna_states=(_ACTIVE_OR_NOT[a_on], _ACTIVE_OR_NOT[b_on]),
             audio_dbfs=float(audio - 50),
         )
 
@@ -263,6 +268,9 @@ class AxientDialect(Dialect):
         if not (0 <= peak <= 255 and 0 <= rms <= 255) or any(not 0 <= r <= 255 for r in rssi):
             return None
         levels = tuple(float(r - 120) for r in rssi)
+        # A character this parser does not know leaves every state unknown rather than guessed.
+        states = tuple(_AD_ANTENNA_STATES.get(c) for c in stats)
+        known = () if None in states else cast("tuple[AntennaState, ...]", states)
         # The antenna carrying the transmitter best is the one the operator cares about.
         active = None
         best = -1
@@ -274,6 +282,7 @@ class AxientDialect(Dialect):
             index=index,
             rf_dbm=levels,
             active_antenna=active,
+            antenna_states=known,
             audio_dbfs=float(rms - 120),
             audio_peak_dbfs=float(peak - 120),
             link_quality_percent=quality * 20 if 0 <= quality <= 5 else None,

@@ -123,8 +123,17 @@ export function fraction(value, floor, top) {
  * An antenna's look: the active one bright, others dim; red when the antenna carrying the
  * transmitter (or, with none marked active, any antenna) sits at the noise floor. An idle
  * diversity antenna reading low is normal, so it stays dim rather than alarming.
+ *
+ * `reported` is the receiver's own word for this antenna (a live meter's `antenna_states`, from
+ * ULX-D, QLX-D and Axient Digital): it says which antennas are active (an Axient lights every
+ * antenna receiving well, not only the strongest), and an Axient's red is its own verdict.
  */
-export function antennaState(dbm, isActive, txOn, anyActive = true) {
+export function antennaState(dbm, isActive, txOn, anyActive = true, reported = null) {
+  if (reported === "red") return "red";
+  if (reported === "active" || reported === "inactive") {
+    isActive = reported === "active";
+    anyActive = true;
+  }
   const lost = txOn && dbm !== null && dbm !== undefined && dbm < -90;
   if (lost && (isActive || !anyActive)) return "red";
   return isActive ? "active" : "inactive";

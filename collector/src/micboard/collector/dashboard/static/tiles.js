@@ -117,12 +117,13 @@ export class TileView {
   /** Apply one live meter message; called from the animation frame only. */
   meter(message, now) {
     const levels = Array.isArray(message.rf_dbm) ? message.rf_dbm : [];
-    this.#ensureAntennas(Math.max(levels.length, 2));
+    const reported = Array.isArray(message.antenna_states) ? message.antenna_states : [];
+    this.#ensureAntennas(Math.max(levels.length, reported.length, 2));
     const txOn = Boolean(this.channel?.tx) && this.channel?.status === "online";
     this.antennas.forEach((antenna, i) => {
       const dbm = levels[i] ?? null;
       const active = message.active_antenna === antenna.row.dataset.antenna;
-      const state = antennaState(dbm, active, txOn, Boolean(message.active_antenna));
+      const state = antennaState(dbm, active, txOn, Boolean(message.active_antenna), reported[i] ?? null);
       if (antenna.state !== state) {
         antenna.state = state;
         antenna.row.dataset.antennaState = state;
