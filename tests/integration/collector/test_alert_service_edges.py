@@ -208,6 +208,53 @@ async def test_agent_stale_and_back_through_agents_changed(engine: AsyncEngine) 
     assert kinds(back) == [("resolved", "agent_stale")] and back[0].alert.resolved_by == "system"
 
 
+async def test_a_site_waiting_longer_for_stale_agents_gets_one_alert_not_three(engine: AsyncEngine) -> None:
+    service = AlertService(engine)
+    await service.change_site_thresholds(SITE, {"agent_stale_intervals": 10})
+    async with engine.begin() as conn:
+        # The store marks the agent stale after 3 intervals: the site asked for 10, so no alert
+        # yet (it would be resolved by the next sweep as "not stale yet" and opened again).
+        assert await service.agents_changed(conn, stale=[(SITE, AGENT)], now_ms=T0) == []
+        # Another site on the defaults gets its alert with the store's stale mark.
+        opened = await service.agents_changed(conn, stale=[("hall", "pi-9")], now_ms=T0)
+    assert kinds(opened) == [("opened", "agent_stale")] and opened[0].alert.site == "hall"
+    assert [a.site for a in await service.list_alerts()] == ["hall"]
+
+
+async def test_moved_battery_thresholds_are_judged_on_the_stored_readings(engine: AsyncEngine) -> None:
+    # A transmitter reporting 35 %, which stays put (a bars-only receiver may not move for hours).
+    stored = Device(
+        device_key=KEY,
+        vendor=Vendor.SHURE,
+        family=Family.ULXD,
+        channels=(ReceiverChannel(index=1, name="HH01", transmitter=Transmitter(battery_percent=35)),),
+    )
+    async with engine.begin() as conn:
+        await SynchronizationService().apply(
+            conn,
+            DeviceEvent(
+                site=SITE,
+                agent=AGENT,
+                boot="b1",
+                seq=1,
+                ts=T0,
+                body=DeviceBody(device_key=KEY, snapshot=stored),
+            ),
+        )
+    service = AlertService(engine, rules_cache_s=0)
+    assert await service.sweep(now_ms=T0) == []  # 35 % is clear of the default 25 % (and its margin)
+    # The dashboard's process (or the CLI) raises "replace" to 40 %: the tile says "replace"
+    # within seconds, and so does an alert, at the next sweep of the ingesting collector.
+    await AlertService(engine).change_site_thresholds(SITE, {"battery_replace_percent": 40}, by="ada")
+    assert kinds(await service.sweep(now_ms=T0 + 1_000)) == [("opened", "battery_low")]
+    assert await service.sweep(now_ms=T0 + 2_000) == []  # judged once, not on every sweep
+    # Back to the default: clear, and resolved once the hold is over, as for a reading.
+    await service.change_site_thresholds(SITE, {}, reset=["battery_replace_percent"])
+    assert await service.sweep(now_ms=T0 + 3_000) == []
+    resolved = await service.sweep(now_ms=T0 + 3_000 + 3_600_000)
+    assert kinds(resolved) == [("resolved", "battery_low")] and resolved[0].alert.resolved_by == "system"
+
+
 async def test_meter_races_between_two_collectors_and_manual_resolution(engine: AsyncEngine) -> None:
     # No threshold cache: every meter goes through the store, as just after a restart.
     first = AlertService(engine, rules_cache_s=0)

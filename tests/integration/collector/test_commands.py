@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import nats
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from micboard.collector.errors import (
@@ -15,7 +18,12 @@ from micboard.collector.errors import (
     DeviceNotFoundError,
     InvalidCommandError,
 )
-from micboard.collector.services.commands import COLLECTOR_BOOT, CommandService, CommandStatus
+from micboard.collector.services.commands import (
+    ABANDONED_AFTER_MS,
+    COLLECTOR_BOOT,
+    CommandService,
+    CommandStatus,
+)
 from micboard.collector.services.sync import SynchronizationService
 from micboard.collector.store.schema import devices
 from micboard.collector.store.schema_alerts import command_log
@@ -155,6 +163,53 @@ async def test_no_responder_timeout_and_bad_reply(
             (await conn.execute(select(command_log.c.outcome).order_by(command_log.c.id))).scalars().all()
         )
     assert outcomes == ["agent_unreachable", "timeout", "bad_reply", "bad_reply"]
+
+
+async def test_a_request_nats_cannot_carry_is_recorded_not_left_pending(
+    engine: AsyncEngine, stored_device: Device, tmp_path: Path
+) -> None:
+    # A server whose payload limit is below a command's size: nats-py refuses the publish
+    # itself (MaxPayloadError), one of the NATS errors besides timeouts and closed links.
+    config = tmp_path / "nats.conf"
+    config.write_text("max_payload: 64\n")
+    server = EmbeddedNats(store_dir=tmp_path / "nats", config_file=config)
+    await asyncio.to_thread(server.start)
+    client = await nats.connect(servers=[server.url])
+    try:
+        receipt = await CommandService(engine, client, timeout_s=0.5).identify("pi-1", "dev-1", 1)
+    finally:
+        await client.close()
+        await asyncio.to_thread(server.stop)
+    assert receipt.status is CommandStatus.AGENT_UNREACHABLE
+    assert "MaxPayloadError" in (receipt.detail or "")
+    async with engine.connect() as conn:
+        outcome = (await conn.execute(select(command_log.c.outcome))).scalar_one()
+    assert outcome == "agent_unreachable"
+
+
+async def test_commands_left_pending_by_a_stopped_collector_are_settled(
+    engine: AsyncEngine, nc: Client, stored_device: Device
+) -> None:
+    service = CommandService(engine, nc, timeout_s=5)
+    now = 10_000_000
+    async with engine.begin() as conn:
+        for request_id, requested_ms in (
+            ("old", now - 5_000 - ABANDONED_AFTER_MS - 1),
+            ("recent", now - 1_000),
+        ):
+            await conn.execute(
+                insert(command_log).values(
+                    request_id=request_id, site="venue", agent="pi-1", device_key="dev-1", channel=1,
+                    action="identify", value=None, requested_by="t", outcome="pending",
+                    requested_ms=requested_ms,
+                )
+            )  # fmt: skip
+    assert await service.settle_abandoned(now) == 1
+    async with engine.connect() as conn:
+        rows = dict((await conn.execute(select(command_log.c.request_id, command_log.c.outcome))).all())
+    # The recent one may still be answered by its collector: it is left alone.
+    assert rows == {"old": "timeout", "recent": "pending"}
+    assert await service.settle_abandoned(now) == 0
 
 
 async def test_invalid_input_is_refused_before_sending(

@@ -237,6 +237,27 @@ async def test_poison_is_terminated_kept_and_counted_without_blocking_the_batch(
     assert await ingest.run_once() == 0
 
 
+async def test_the_configured_message_size_is_the_one_ingest_accepts(
+    nats_private: EmbeddedNats, nc: Client, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    factory = EnvelopeFactory("venue", "pi-1")
+    # Over the 256 KiB default, under the configured 512 KiB: the stream stores it, so ingest
+    # must apply it rather than dead-letter it as too large.
+    large = factory.make(HelloBody(version="1", config={"note": "x" * 300_000}))
+    larger = factory.make(HelloBody(version="1", config={"note": "x" * 600_000}))
+    settings = settings_for(nats_private, tmp_path, max_message_bytes=512 * 1024)
+    ingest = IngestConsumer(nc, engine, settings)
+    await ingest.start()
+    js = nc.jetstream()
+    await js.publish("micboard.v1.venue.pi-1.hello", encode(large, max_bytes=1024 * 1024))
+    # The stream refuses what is over its own limit, the same setting: nothing to dead-letter.
+    with pytest.raises(nats.js.errors.APIError):
+        await js.publish("micboard.v1.venue.pi-1.hello", encode(larger, max_bytes=1024 * 1024))
+    await drain(ingest, lambda: ingest.stats.events >= 1)
+    assert ingest.stats.outcomes == {"applied": 1}
+    assert ingest.stats.poison_by_code == {}
+
+
 async def _refuse_device(engine: AsyncEngine, key: str) -> None:
     """A real database trigger that fails any insert of device ``key``: a stand-in for a bad row."""
     async with engine.begin() as conn:

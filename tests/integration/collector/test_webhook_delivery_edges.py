@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
+from tests.waiting import until
 
 from micboard.collector.services.webhooks import WebhookDispatcher, _Job
 from micboard.collector.store.database import create_engine
@@ -62,7 +63,7 @@ async def test_a_broken_job_is_logged_and_the_worker_goes_on(
         await broken.dispose()
 
 
-async def test_a_crashed_delivery_is_logged_and_frees_its_slot(
+async def test_a_delivery_whose_log_cannot_be_written_still_counts_and_frees_its_slot(
     sqlite_url: str,
     endpoint: tuple[str, list[bytes], list[int]],
     caplog: pytest.LogCaptureFixture,
@@ -77,20 +78,44 @@ async def test_a_crashed_delivery_is_logged_and_frees_its_slot(
         async with engine.begin() as conn:
             await conn.execute(text("DROP TABLE webhook_deliveries"))
         await hooks.start()
-        with caplog.at_level(logging.ERROR, logger=LOGGER):
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
             hooks.submit("alert.opened", {"n": 1})
             await hooks.drain()
-            # The one slot was released: a second job is delivered (and crashes) too.
+            # The one slot was released: a second job is delivered too.
             hooks.submit("alert.opened", {"n": 2})
             await hooks.drain()
         assert len(received) == 2
-        crashed = [r for r in caplog.records if r.getMessage() == "webhook delivery crashed"]
-        assert len(crashed) == 2 and "webhook_deliveries" in crashed[0].__dict__["error"]
-        assert hooks.stats.attempts == 0 and hooks.stats.delivered == 0
+        unlogged = [r for r in caplog.records if r.getMessage() == "webhook delivery not logged"]
+        assert len(unlogged) == 2 and "webhook_deliveries" in unlogged[0].__dict__["error"]
+        assert hooks.stats.attempts == 2 and hooks.stats.delivered == 2
         assert not hooks._slots.locked()
     finally:
         await hooks.close()
         await engine.dispose()
+
+
+async def test_a_crashed_delivery_is_logged_and_frees_its_slot(
+    engine: AsyncEngine, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hooks = WebhookDispatcher(engine, max_concurrent=1, max_attempts=1, timeout_s=5)
+
+    async def broken_post(*_args: object) -> int:
+        raise RuntimeError("a bug in the delivery path")
+
+    # Fault injection: an error no delivery path expects, to prove the worker survives it.
+    monkeypatch.setattr(hooks, "_post", broken_post)
+    await hooks.add_webhook("http://127.0.0.1:9/never", SECRET)
+    await hooks.start()
+    try:
+        with caplog.at_level(logging.ERROR, logger=LOGGER):
+            for n in (1, 2):  # the one slot is released after each crash
+                hooks.submit("alert.opened", {"n": n})
+                await hooks.drain()
+        crashed = [r for r in caplog.records if r.getMessage() == "webhook delivery crashed"]
+        assert len(crashed) == 2 and "a bug in the delivery path" in crashed[0].__dict__["error"]
+        assert not hooks._slots.locked()
+    finally:
+        await hooks.close()
 
 
 async def test_temporary_statuses_are_retried_and_the_log_lists_every_webhook(
@@ -160,3 +185,48 @@ async def test_a_slow_endpoint_times_out_and_is_retried(engine: AsyncEngine) -> 
         release.set()
         await hooks.close()
         await runner.cleanup()
+
+
+async def test_retries_stop_when_the_webhook_is_disabled_or_removed(
+    engine: AsyncEngine, endpoint: tuple[str, list[bytes], list[int]]
+) -> None:
+    url, received, statuses = endpoint
+    statuses.extend([503] * 20)
+    hooks = WebhookDispatcher(engine, max_attempts=8, backoff_initial_s=0.3, backoff_max_s=0.3, timeout_s=5)
+    await hooks.start()
+    try:
+        disabled = await hooks.add_webhook(url, SECRET)
+        removed = await hooks.add_webhook(url + "?removed", SECRET)
+        hooks.submit("alert.opened", {"n": 1})
+        await until(lambda: len(received) >= 2)  # each webhook's first attempt, answered 503
+        # An operator turns one off and deletes the other while their retries wait.
+        await hooks.set_enabled(disabled.id, False)
+        await hooks.remove_webhook(removed.id)
+        await hooks.drain()
+        assert len(received) == 2, "a retry went to a webhook that was turned off or removed"
+        assert [a.attempt for a in await hooks.deliveries(disabled.id)] == [1]
+        assert await hooks.deliveries(removed.id) == []
+    finally:
+        await hooks.close()
+
+
+async def test_a_stop_lets_queued_deliveries_go_out_and_counts_what_it_abandons(
+    engine: AsyncEngine, endpoint: tuple[str, list[bytes], list[int]], caplog: pytest.LogCaptureFixture
+) -> None:
+    url, received, statuses = endpoint
+    hooks = WebhookDispatcher(engine, backoff_initial_s=30, timeout_s=5)
+    await hooks.start()
+    await hooks.add_webhook(url, SECRET)
+    # Submitted just before the stop (the last batch's alerts): delivered within the grace.
+    hooks.submit("alert.opened", {"n": 1})
+    await hooks.close(grace_s=5)
+    assert len(received) == 1 and hooks.stats.delivered == 1 and hooks.stats.abandoned == 0
+    # An endpoint in trouble: its retry waits 30 s, past the grace, so it is given up and said so.
+    hooks = WebhookDispatcher(engine, backoff_initial_s=30, timeout_s=5)
+    await hooks.start()
+    statuses.append(503)
+    hooks.submit("alert.opened", {"n": 2})
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        await hooks.close(grace_s=0.5)
+    assert len(received) == 2 and hooks.stats.abandoned == 1
+    assert "webhook deliveries abandoned at shutdown" in caplog.text

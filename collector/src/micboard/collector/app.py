@@ -84,6 +84,8 @@ class NatsLog:
 _WAL_BACKSTOP_PAGES = 16_384
 # How long stop() lets a periodic job finish the run in hand before cancelling it.
 _PERIODIC_GRACE_S = 5.0
+# How long queued webhook deliveries may take to go out at a stop (within TimeoutStopSec=30).
+_WEBHOOK_GRACE_S = 5.0
 
 
 @dataclass(slots=True)
@@ -190,6 +192,16 @@ class Collector:
         ingest = await self._start_ingest(nc, engine, background_checkpoints) if settings.ingest else None
         if ingest is None:
             log.info("ingest disabled: serving the API, dashboard and live views only")
+        commands = CommandService(engine, nc)
+        try:
+            settled = await commands.settle_abandoned()
+        except (SQLAlchemyError, OSError) as exc:
+            log.warning("could not settle abandoned commands", extra={"error": str(exc)})
+        else:
+            if settled:
+                log.info(
+                    "commands left pending by an earlier run recorded as timed out", extra={"count": settled}
+                )
         api = create_app(
             DeviceService(engine),
             settings=settings,
@@ -198,7 +210,7 @@ class Collector:
             hub=self.hub,
             alerts=self.alerts,
             history=self.history,
-            commands=CommandService(engine, nc),
+            commands=commands,
             meter_listeners=[] if self.meters is None else [self.meters.submit],
             meters=self.meters,
             bridge=self.bridge,
@@ -360,7 +372,8 @@ class Collector:
             await self.meters.close()
             self.meters = None
         if self.webhooks is not None:
-            await self.webhooks.close()
+            # Ingest has stopped: the alerts of its last batches get a few seconds to go out.
+            await self.webhooks.close(grace_s=_WEBHOOK_GRACE_S)
             self.webhooks = None
         if self.bridge is not None:
             await self.bridge.close()

@@ -55,7 +55,7 @@ from micboard.collector.services.sync import (
 from micboard.collector.settings import CollectorSettings
 from micboard.collector.store.database import write_turn
 from micboard.collector.store.schema import poison_events
-from micboard.shared.codec import decode
+from micboard.shared.codec import DEFAULT_MAX_BYTES, decode
 from micboard.shared.envelope import AnyEvent
 from micboard.shared.errors import ErrorCode, SubjectError, WireError
 from micboard.shared.model import Device, ReceiverChannel
@@ -170,9 +170,12 @@ async def ensure_stream(js: JetStreamContext, settings: CollectorSettings) -> No
 _parse_subject = functools.lru_cache(maxsize=65_536)(parse_subject)
 
 
-def check_event(msg: Msg) -> AnyEvent:
-    """Decode ``msg`` and check that its envelope agrees with the subject it arrived on."""
-    event = decode(msg.data)
+def check_event(msg: Msg, max_bytes: int = DEFAULT_MAX_BYTES) -> AnyEvent:
+    """Decode ``msg`` and check that its envelope agrees with the subject it arrived on.
+
+    ``max_bytes``: the largest event accepted (``MICBOARD_MAX_MESSAGE_BYTES``, as the stream's).
+    """
+    event = decode(msg.data, max_bytes=max_bytes)
     try:
         subject = _parse_subject(msg.subject)
     except SubjectError as exc:
@@ -437,13 +440,14 @@ class IngestConsumer:
                 await asyncio.wait_for(self._stopping.wait(), timeout=self.settings.retry_delay_s)
             return []
 
-    @staticmethod
-    def _decode(msgs: list[Msg]) -> _Decoded:
+    def _decode(self, msgs: list[Msg]) -> _Decoded:
         good: list[tuple[Msg, AnyEvent]] = []
         poison: list[_SetAside] = []
+        # The stream takes events up to this size: one the stream stored is not refused here.
+        max_bytes = self.settings.max_message_bytes
         for msg in msgs:
             try:
-                good.append((msg, check_event(msg)))
+                good.append((msg, check_event(msg, max_bytes)))
             except WireError as exc:
                 poison.append(_SetAside(msg, exc.code.value, exc.message))
         return _Decoded(msgs, good, poison)

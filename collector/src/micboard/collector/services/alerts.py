@@ -44,6 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from micboard.collector.battery import BatteryBands
 from micboard.collector.errors import AlertNotFoundError, InvalidAlertRulesError, InvalidTransitionError
 from micboard.collector.live import LiveHub
+from micboard.collector.services.sync import STALE_AFTER_INTERVALS
 from micboard.collector.services.webhooks import WebhookDispatcher
 from micboard.collector.store.keys import values_in
 from micboard.collector.store.schema import agents, channels, devices
@@ -400,6 +401,9 @@ class AlertService:
         self.defaults = defaults or AlertThresholds()
         self._default_values = self.defaults.model_dump(exclude_defaults=True)
         self._rules: dict[str, tuple[AlertThresholds, float]] = {}
+        # Sites whose battery thresholds moved (here, another collector or the CLI) since the
+        # last sweep: their stored readings are judged again, so alerts follow as tiles do.
+        self._battery_moved: set[str] = set()
         # Meter-driven state kept in memory because meters are never persisted: since when each
         # channel has had no usable RF, whether each channel has a transmitter, and which meter
         # alerts are in force (alert id, clear-since) so that most meters touch no database.
@@ -417,6 +421,18 @@ class AlertService:
         await self._load_thresholds(conn, [site])
         return self._rules[site][0]
 
+    def _keep(self, site: str, thresholds: AlertThresholds | None, moment: float) -> None:
+        """Cache ``site``'s thresholds in force (``None``: the defaults, uncached), noting a battery move."""
+        old = self._rules.get(site)
+        was = old[0] if old is not None else self.defaults
+        now = thresholds if thresholds is not None else self.defaults
+        if (was.bands, was.battery_margin_percent) != (now.bands, now.battery_margin_percent):
+            self._battery_moved.add(site)
+        if thresholds is None:
+            self._rules.pop(site, None)
+        else:
+            self._rules[site] = (thresholds, moment)
+
     async def _load_thresholds(self, conn: AsyncConnection, sites: Sequence[str]) -> None:
         """Load the thresholds of ``sites`` not cached (or cached too long) in one query."""
         moment = time.monotonic()
@@ -430,7 +446,7 @@ class AlertService:
         )
         stored = {row[0]: row[1] for row in rows.all()}
         for site in stale:
-            self._rules[site] = (self._merged(site, stored.get(site) or {}), moment)
+            self._keep(site, self._merged(site, stored.get(site) or {}), moment)
 
     def _merged(self, site: str, overrides: Mapping[str, Any]) -> AlertThresholds:
         try:
@@ -465,7 +481,7 @@ class AlertService:
                 .values(site=site, **values)
                 .on_conflict_do_update(index_elements=[alert_rules.c.site], set_=values)
             )
-        self._rules[site] = (thresholds, time.monotonic())
+        self._keep(site, thresholds, time.monotonic())
         return thresholds
 
     async def site_thresholds(self, site: str) -> tuple[dict[str, Any], AlertThresholds]:
@@ -522,10 +538,7 @@ class AlertService:
                     .where(alert_rules.c.site == site)
                     .values(thresholds=stored, updated_by=by, updated_ms=now)
                 )
-        if stored:
-            self._rules[site] = (in_force, time.monotonic())
-        else:
-            self._rules.pop(site, None)
+        self._keep(site, in_force if stored else None, time.monotonic())
         return stored, in_force
 
     async def site_overrides(self) -> dict[str, dict[str, Any]]:
@@ -538,7 +551,7 @@ class AlertService:
         """Drop ``site``'s overrides (the defaults apply again); returns whether it had any."""
         async with self.engine.begin() as conn:
             result = await conn.execute(delete(alert_rules).where(alert_rules.c.site == site))
-        self._rules.pop(site, None)
+        self._keep(site, None, time.monotonic())
         return bool(result.rowcount)
 
     # -- evaluation ---------------------------------------------------------------------------
@@ -748,6 +761,15 @@ class AlertService:
             .all()
         )
         active = {(row["target"], AlertRule(row["rule"])): row for row in rows}
+        await self._load_thresholds(conn, sorted({site for site, _agent in stale}))
+        # The store marks an agent stale after STALE_AFTER_INTERVALS; a site that set a longer
+        # wait gets its alert from the sweep when that wait is over, not now (opened now, the
+        # next sweep would find it "not stale yet" and resolve it, then open it again later).
+        stale = [
+            (site, agent)
+            for site, agent in stale
+            if self._rules[site][0].agent_stale_intervals <= STALE_AFTER_INTERVALS
+        ]
         results: list[AlertChange] = []
         for (site, agent), breached in [*((s, True) for s in stale), *((b, False) for b in back)]:
             condition = _Condition(
@@ -873,7 +895,40 @@ class AlertService:
             changes += await self._sweep_holds(conn, now)
             changes += await self._sweep_unknown_batteries(conn, now)
             await self._load_meter_alerts(conn)
+        changes += await self._judge_moved_batteries(now)
         self.notify(changes)
+        return changes
+
+    async def _judge_moved_batteries(self, now: int) -> list[AlertChange]:
+        """Battery rules of the sites whose thresholds moved, on their online receivers' readings.
+
+        A battery alert is otherwise judged when its reading changes, which a bars-only receiver
+        may not do for hours: a tile would turn "replace" at once under new thresholds while its
+        alert waited. One transaction per site, so a large fleet's sites do not hold the store
+        together.
+        """
+        changes: list[AlertChange] = []
+        while self._battery_moved:
+            site = min(self._battery_moved)
+            self._battery_moved.discard(site)
+            async with self.engine.begin() as conn:
+                rows = (
+                    await conn.execute(
+                        select(devices.c.agent, devices.c.device_key, devices.c.state).where(
+                            devices.c.site == site, devices.c.status == "online"
+                        )
+                    )
+                ).all()
+                transitions = []
+                for agent, device_key, state in rows:
+                    try:
+                        device = Device.model_validate(state)
+                    except ValidationError:
+                        continue  # a row no reading of which can be trusted: left as it is
+                    transitions.append(
+                        DeviceTransition(site, agent, device_key, None, device, "online", "online")
+                    )
+                changes += await self.evaluate_devices(conn, transitions, now_ms=now)
         return changes
 
     async def _sweep_agents(self, conn: AsyncConnection, now: int) -> list[AlertChange]:

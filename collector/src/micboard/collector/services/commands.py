@@ -17,6 +17,7 @@ from enum import StrEnum
 
 from nats.aio.client import Client
 from nats.errors import ConnectionClosedError, NoRespondersError
+from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -36,6 +37,8 @@ MAX_NAME_LENGTH = 31
 """The longest channel or device name receivers accept."""
 
 COLLECTOR_BOOT = "collector"
+#: How long past the request timeout a pending command is taken as abandoned (see settle_abandoned).
+ABANDONED_AFTER_MS = 60_000
 """The ``boot`` of envelopes the collector sends (commands are not part of any agent's sequence)."""
 
 
@@ -234,6 +237,10 @@ class CommandService:
             return CommandStatus.TIMEOUT, f"agent {agent!r} did not answer within {self.timeout_s:g} s"
         except ConnectionClosedError:
             return CommandStatus.AGENT_UNREACHABLE, "the collector is not connected to NATS"
+        except NatsError as exc:
+            # Draining at shutdown, the outbound buffer full while reconnecting, ...: the request
+            # was not sent, and the log must say so rather than stay "pending".
+            return CommandStatus.AGENT_UNREACHABLE, f"NATS could not carry the request ({type(exc).__name__})"
         try:
             result = decode_command_result(reply.data)
         except WireError as exc:
@@ -241,6 +248,27 @@ class CommandService:
         if result.request_id != request_id:
             return CommandStatus.BAD_REPLY, f"reply is for request {result.request_id!r}"
         return CommandStatus(result.outcome.value), result.detail
+
+    async def settle_abandoned(self, now_ms: int | None = None) -> int:
+        """Record as timed out the commands still pending long after any answer could have come.
+
+        A collector stopped (or its database write failed) between sending a command and
+        recording the answer leaves its row ``pending``; waiting a minute past the request
+        timeout leaves every command still in flight elsewhere alone. Returns how many.
+        """
+        now = _now_ms() if now_ms is None else now_ms
+        cutoff = now - int(self.timeout_s * 1000) - ABANDONED_AFTER_MS
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(command_log)
+                .where(command_log.c.outcome == "pending", command_log.c.requested_ms < cutoff)
+                .values(
+                    outcome=CommandStatus.TIMEOUT.value,
+                    detail="no answer was recorded: the collector stopped before it came",
+                    completed_ms=now,
+                )
+            )
+        return int(result.rowcount or 0)
 
     async def log_for(self, agent: str, device_key: str, *, limit: int = 50) -> list[CommandReceipt]:
         """The newest completed commands sent to a device, newest first (pending ones are left out)."""

@@ -3,8 +3,11 @@
 Guarantee: :meth:`WebhookDispatcher.submit` never blocks. Jobs wait in a bounded queue
 (``queue_size``); when it is full the new job is dropped and counted (``stats.dropped``).
 Each delivery is tried at most ``max_attempts`` times with exponential backoff
-(``backoff_initial_s`` doubling up to ``backoff_max_s``); every attempt writes a
-``webhook_deliveries`` row. At most ``max_concurrent`` deliveries run at once.
+(``backoff_initial_s`` doubling up to ``backoff_max_s``: by default 8 attempts over about two
+minutes), while the webhook exists and is enabled; every attempt writes a
+``webhook_deliveries`` row. At most ``max_concurrent`` deliveries run at once. Delivery is held
+in memory only: at a shutdown :meth:`WebhookDispatcher.close` gives what is queued a grace
+period, and what is left after it is counted and logged, not kept.
 
 Receivers verify ``X-Micboard-Signature: sha256=<hex>``, the HMAC-SHA256 of the raw body under
 the webhook's secret. The body carries ``delivery_id`` (stable across retries, to deduplicate)
@@ -15,6 +18,7 @@ of the attempt.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -28,6 +32,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from sqlalchemy import delete, insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from micboard.collector.errors import InvalidWebhookError, WebhookNotFoundError
@@ -96,6 +101,7 @@ class WebhookStats:
     attempts: int = 0
     delivered: int = 0
     failed: int = 0
+    abandoned: int = 0  # queued or retrying when the dispatcher closed
     by_status: dict[str, int] = field(default_factory=dict)
 
 
@@ -115,7 +121,7 @@ class WebhookDispatcher:
         engine: AsyncEngine,
         *,
         queue_size: int = 1000,
-        max_attempts: int = 5,
+        max_attempts: int = 8,
         backoff_initial_s: float = 1.0,
         backoff_max_s: float = 60.0,
         timeout_s: float = 10.0,
@@ -223,8 +229,19 @@ class WebhookDispatcher:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
         self._worker = asyncio.create_task(self._run(), name="webhook-worker")
 
-    async def close(self) -> None:
-        """Cancel the worker and every delivery in flight, then close the HTTP session."""
+    async def close(self, grace_s: float = 0.0) -> None:
+        """Stop: give queued and running deliveries up to ``grace_s``, cancel the rest, close the session.
+
+        The grace lets the alerts of the last batches before a shutdown go out; what is still
+        queued or retrying after it is cancelled, counted (``stats.abandoned``) and logged.
+        """
+        if grace_s > 0 and self._worker is not None:
+            with contextlib.suppress(TimeoutError):
+                await self.drain(grace_s)
+        left = self._queue.qsize() + len(self._deliveries)
+        if left:
+            self.stats.abandoned += left
+            log.warning("webhook deliveries abandoned at shutdown", extra={"count": left})
         await cancel_all(t for t in (self._worker, *self._deliveries) if t is not None)
         self._worker = None
         self._deliveries.clear()
@@ -313,7 +330,15 @@ class WebhookDispatcher:
                 retry = True
             ok = error is None
             duration_ms = int((time.monotonic() - started) * 1000)
-            await self._log_attempt(webhook_id, delivery_id, job, attempt, status, error, ok, duration_ms)
+            try:
+                await self._log_attempt(webhook_id, delivery_id, job, attempt, status, error, ok, duration_ms)
+            except (SQLAlchemyError, OSError) as exc:
+                # The log is a record of the delivery, not the delivery: a store that cannot
+                # write it (busy, or the webhook just removed) must not stop the retries.
+                log.warning(
+                    "webhook delivery not logged",
+                    extra={"webhook_id": webhook_id, "delivery_id": delivery_id, "error": str(exc)},
+                )
             self.stats.attempts += 1
             key = str(status) if status is not None else "error"
             self.stats.by_status[key] = self.stats.by_status.get(key, 0) + 1
@@ -323,11 +348,28 @@ class WebhookDispatcher:
             if not retry or attempt == self.max_attempts:
                 break
             await asyncio.sleep(min(self.backoff_max_s, self.backoff_initial_s * 2 ** (attempt - 1)))
+            if not await self._still_wanted(webhook_id):
+                log.info(
+                    "webhook removed or disabled, retries stopped",
+                    extra={"webhook_id": webhook_id, "delivery_id": delivery_id, "event": job.event},
+                )
+                return
         self.stats.failed += 1
         log.warning(
             "webhook delivery failed",
             extra={"webhook_id": webhook_id, "delivery_id": delivery_id, "event": job.event, "error": error},
         )
+
+    async def _still_wanted(self, webhook_id: int) -> bool:
+        """Whether webhook ``webhook_id`` still exists and is enabled (checked before each retry)."""
+        try:
+            async with self.engine.connect() as conn:
+                enabled = (
+                    await conn.execute(select(webhooks.c.enabled).where(webhooks.c.id == webhook_id))
+                ).scalar_one_or_none()
+        except (SQLAlchemyError, OSError):
+            return True  # the store is unsure, the endpoint may not be: keep trying
+        return bool(enabled)
 
     async def _post(self, url: str, body: bytes, event: str, delivery_id: str, signature: str) -> int:
         if self._session is None:
