@@ -22,7 +22,7 @@ from micboard.collector.services.alerts import (
 )
 from micboard.collector.services.sync import SynchronizationService
 from micboard.collector.store.schema_alerts import alert_rules
-from micboard.shared.envelope import DeviceBody, DeviceEvent, MeterBody
+from micboard.shared.envelope import DeviceBody, DeviceEvent, MeterBody, OfflineBody, OfflineEvent
 from micboard.shared.model import ChannelMeter, Device, Family, ReceiverChannel, Transmitter, Vendor
 
 T0 = 1_700_000_000_000
@@ -253,6 +253,48 @@ async def test_moved_battery_thresholds_are_judged_on_the_stored_readings(engine
     assert await service.sweep(now_ms=T0 + 3_000) == []
     resolved = await service.sweep(now_ms=T0 + 3_000 + 3_600_000)
     assert kinds(resolved) == [("resolved", "battery_low")] and resolved[0].alert.resolved_by == "system"
+
+
+async def test_an_alert_resolved_by_hand_while_its_condition_holds_opens_again_at_the_sweep(
+    engine: AsyncEngine,
+) -> None:
+    sync = SynchronizationService()
+    low = Device(
+        device_key=KEY,
+        vendor=Vendor.SHURE,
+        family=Family.ULXD,
+        channels=(ReceiverChannel(index=1, name="HH01", transmitter=Transmitter(battery_percent=20)),),
+    )
+    service = AlertService(engine)
+    async with engine.begin() as conn:
+        await sync.apply(
+            conn,
+            DeviceEvent(
+                site=SITE, agent=AGENT, boot="b1", seq=1, ts=T0, body=DeviceBody(device_key=KEY, snapshot=low)
+            ),
+        )
+    opened = await transition(service, engine, None, low, None, "online", T0)
+    [battery] = [c.alert for c in opened if c.alert.rule is AlertRule.BATTERY_LOW]
+    # Resolved by hand; the battery still reads 20 % and will not report again for a while.
+    await service.resolve(battery.id, "ada", now_ms=T0 + 1_000)
+    again = await service.sweep(now_ms=T0 + 2_000)
+    assert kinds(again) == [("opened", "battery_low")] and again[0].alert.id != battery.id
+    assert await service.sweep(now_ms=T0 + 3_000) == []
+    # The receiver goes offline and stays so: its alert resolved by hand comes back too.
+    async with engine.begin() as conn:
+        await sync.apply(
+            conn,
+            OfflineEvent(
+                site=SITE, agent=AGENT, boot="b1", seq=2, ts=T0 + 4_000, body=OfflineBody(device_key=KEY)
+            ),
+        )
+    [offline] = [
+        c.alert
+        for c in await transition(service, engine, low, low, "online", "offline", T0 + 4_000)
+        if c.alert.rule is AlertRule.DEVICE_OFFLINE
+    ]
+    await service.resolve(offline.id, "ada", now_ms=T0 + 5_000)
+    assert kinds(await service.sweep(now_ms=T0 + 6_000)) == [("opened", "device_offline")]
 
 
 async def test_meter_races_between_two_collectors_and_manual_resolution(engine: AsyncEngine) -> None:

@@ -401,9 +401,10 @@ class AlertService:
         self.defaults = defaults or AlertThresholds()
         self._default_values = self.defaults.model_dump(exclude_defaults=True)
         self._rules: dict[str, tuple[AlertThresholds, float]] = {}
-        # Sites whose battery thresholds moved (here, another collector or the CLI) since the
-        # last sweep: their stored readings are judged again, so alerts follow as tiles do.
-        self._battery_moved: set[str] = set()
+        # Sites whose receivers' alerts the next sweep judges again on the stored state: their
+        # battery thresholds moved (here, another collector or the CLI), so alerts follow as
+        # tiles do, or one of their alerts was resolved by hand while its condition may hold.
+        self._rejudge: set[str] = set()
         # Meter-driven state kept in memory because meters are never persisted: since when each
         # channel has had no usable RF, whether each channel has a transmitter, and which meter
         # alerts are in force (alert id, clear-since) so that most meters touch no database.
@@ -427,7 +428,7 @@ class AlertService:
         was = old[0] if old is not None else self.defaults
         now = thresholds if thresholds is not None else self.defaults
         if (was.bands, was.battery_margin_percent) != (now.bands, now.battery_margin_percent):
-            self._battery_moved.add(site)
+            self._rejudge.add(site)
         if thresholds is None:
             self._rules.pop(site, None)
         else:
@@ -895,38 +896,39 @@ class AlertService:
             changes += await self._sweep_holds(conn, now)
             changes += await self._sweep_unknown_batteries(conn, now)
             await self._load_meter_alerts(conn)
-        changes += await self._judge_moved_batteries(now)
+        changes += await self._judge_again(now)
         self.notify(changes)
         return changes
 
-    async def _judge_moved_batteries(self, now: int) -> list[AlertChange]:
-        """Battery rules of the sites whose thresholds moved, on their online receivers' readings.
+    async def _judge_again(self, now: int) -> list[AlertChange]:
+        """Device and battery rules of the sites in :attr:`_rejudge`, on their receivers' stored state.
 
         A battery alert is otherwise judged when its reading changes, which a bars-only receiver
         may not do for hours: a tile would turn "replace" at once under new thresholds while its
-        alert waited. One transaction per site, so a large fleet's sites do not hold the store
+        alert waited, and an alert resolved by hand while the battery is still low would stay
+        resolved. One transaction per site, so a large fleet's sites do not hold the store
         together.
         """
         changes: list[AlertChange] = []
-        while self._battery_moved:
-            site = min(self._battery_moved)
-            self._battery_moved.discard(site)
+        while self._rejudge:
+            site = min(self._rejudge)
+            self._rejudge.discard(site)
             async with self.engine.begin() as conn:
                 rows = (
                     await conn.execute(
-                        select(devices.c.agent, devices.c.device_key, devices.c.state).where(
-                            devices.c.site == site, devices.c.status == "online"
-                        )
+                        select(
+                            devices.c.agent, devices.c.device_key, devices.c.state, devices.c.status
+                        ).where(devices.c.site == site, devices.c.status.in_(("online", "offline")))
                     )
                 ).all()
                 transitions = []
-                for agent, device_key, state in rows:
+                for agent, device_key, state, status in rows:
                     try:
                         device = Device.model_validate(state)
                     except ValidationError:
                         continue  # a row no reading of which can be trusted: left as it is
                     transitions.append(
-                        DeviceTransition(site, agent, device_key, None, device, "online", "online")
+                        DeviceTransition(site, agent, device_key, None, device, status, status)
                     )
                 changes += await self.evaluate_devices(conn, transitions, now_ms=now)
         return changes
@@ -1301,7 +1303,11 @@ class AlertService:
         return alert
 
     async def resolve(self, alert_id: int, by: str, *, now_ms: int | None = None) -> Alert:
-        """Resolve an open or acknowledged alert by hand; a condition still true opens a new alert."""
+        """Resolve an open or acknowledged alert by hand; a condition still true opens a new alert.
+
+        A new alert comes with the next reading for meter rules, and at the next sweep for the
+        others (acknowledge an alert to keep it quiet instead).
+        """
         if not by:
             raise ValueError("who resolves must be named")
         now = _now_ms() if now_ms is None else now_ms
@@ -1319,6 +1325,11 @@ class AlertService:
         alert = Alert.from_row(row)
         if self._meter_alerts is not None:
             self._meter_alerts.pop((row["target"], alert.rule), None)
+        if alert.rule in (*_BATTERY_RULES, AlertRule.DEVICE_OFFLINE):
+            # Judged on events that may not come again (a battery that holds its reading, a
+            # receiver that stays offline): the next sweep looks at the stored state instead.
+            # Meter rules see the next meter, agent rules the sweep's ages.
+            self._rejudge.add(alert.site)
         self.notify([AlertChange(ChangeKind.RESOLVED, alert)])
         return alert
 
