@@ -720,6 +720,8 @@ async def test_history_chart_opens_from_a_tile(fleet: LiveFleet, browser_page: B
     # The current minute is charted at once: a reading's dot, not "no readings".
     await page.wait_for_selector("#history-dialog[open] svg.battery-chart circle.series-dot")
     await page.wait_for_selector("#history-dialog[open] svg.rf-chart circle.series-dot")
+    # RF's weakest reading of each point is drawn too, where a dropout inside a minute shows.
+    await page.wait_for_selector("#history-dialog[open] svg.rf-chart path.series-low", state="attached")
     assert await page.locator("#history-dialog .chart-empty").count() == 0
     await browser_page.shot("history")
     await page.keyboard.press("Escape")

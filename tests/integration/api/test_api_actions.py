@@ -168,12 +168,19 @@ async def test_channel_history(api: LiveApi) -> None:
             device_key="rx1", channels=(ChannelMeter(index=1, rf_dbm=(-60.0, -70.0), audio_dbfs=-20.0),)
         )
         history.record_meter("venue-a", "pi-a", meter, now_ms=at)
+        # A dropout and a peak within the same minute: the bucket keeps both extremes.
+        dip = MeterBody(
+            device_key="rx1",
+            channels=(ChannelMeter(index=1, rf_dbm=(-95.0, None), audio_dbfs=-30.0, audio_peak_dbfs=-1.5),),
+        )
+        history.record_meter("venue-a", "pi-a", dip, now_ms=at + 1_000)
     await history.flush()
     status, body = await api.get("/api/v1/devices/1/channels/1/history", from_ms=start - 60_000)
     assert status == 200
     points = body["items"]
     assert [p["battery_bars"] for p in points] == [4, 4, 3, 2]
     assert points[0]["rf_dbm"] == -60.0 and points[0]["audio_dbfs"] == -20.0
+    assert points[0]["rf_dbm_min"] == -95.0 and points[0]["audio_peak_dbfs"] == -1.5
     assert points == sorted(points, key=lambda p: p["ts_ms"])
     _, coarse = await api.get(
         "/api/v1/devices/1/channels/1/history", from_ms=start - 600_000, resolution_s=3600

@@ -358,8 +358,10 @@ class HistoryPoint(_Response):
     ts_ms: int
     battery_percent: int | None
     battery_bars: int | None
-    rf_dbm: float | None
-    audio_dbfs: float | None
+    rf_dbm: float | None = Field(description="the best RF of the bucket (dBm)")
+    rf_dbm_min: float | None = Field(description="the weakest RF of the bucket: where a dropout shows (dBm)")
+    audio_dbfs: float | None = Field(description="the loudest audio level of the bucket (dBFS)")
+    audio_peak_dbfs: float | None = Field(description="the highest audio peak of the bucket (dBFS)")
 
 
 class HistoryResponse(_Response):

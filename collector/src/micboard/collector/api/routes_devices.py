@@ -79,7 +79,9 @@ async def channel_history(call: Call[HistoryQuery, NoBody]) -> HistoryResponse:
                 battery_percent=p.battery_percent,
                 battery_bars=p.battery_bars,
                 rf_dbm=p.rf_dbm,
+                rf_dbm_min=p.rf_dbm_min,
                 audio_dbfs=p.audio_dbfs,
+                audio_peak_dbfs=p.audio_peak_dbfs,
             )
             for p in points
         ]

@@ -664,10 +664,13 @@ async function openHistory(view, hours = 1) {
     if (historyView !== view) return;
     const items = body.items ?? [];
     const battery = items.map((p) => ({ t: p.ts_ms, v: p.battery_percent ?? null }));
-    const rf = items.map((p) => ({ t: p.ts_ms, v: p.rf_dbm ?? null }));
+    const rf = items.map((p) => ({ t: p.ts_ms, v: p.rf_dbm ?? null, lo: p.rf_dbm_min ?? null }));
     charts.replaceChildren(
       lineChart(battery, { title: "Battery %", unit: "%", yMin: 0, yMax: 100, fromMs, toMs, cssClass: "battery-chart" }),
-      lineChart(rf, { title: "RF dBm", unit: "", yMin: -100, yMax: -20, fromMs, toMs, cssClass: "rf-chart" }),
+      lineChart(rf, {
+        title: "RF dBm (thin line: the weakest reading)", unit: "", yMin: -100, yMax: -20, fromMs, toMs,
+        cssClass: "rf-chart",
+      }),
     );
   } catch (error) {
     charts.replaceChildren(el("p", { class: "error", text: `History unavailable: ${explain(error)}` }));

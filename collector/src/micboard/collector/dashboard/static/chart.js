@@ -1,4 +1,5 @@
-// A small line chart drawn as inline SVG: one series, time on x, a fixed or fitted y range.
+// A small line chart drawn as inline SVG: one series (and, optionally, its low edge), time on
+// x, a fixed or fitted y range.
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 
@@ -18,7 +19,9 @@ function clockLabel(ms, spanMs) {
 }
 
 /**
- * Draw `points` ([{t, v}], v may be null for a gap) into a new <svg>.
+ * Draw `points` ([{t, v, lo}], v may be null for a gap) into a new <svg>. Where points carry
+ * `lo` (the lowest value of their bucket, as RF's weakest reading), it is drawn as a thinner
+ * line under the series, so a short dip inside a bucket stays visible.
  * @param {object} options title, unit, yMin, yMax (fitted when absent), fromMs, toMs, cssClass
  */
 export function lineChart(points, options) {
@@ -41,7 +44,9 @@ export function lineChart(points, options) {
   const fromMs = options.fromMs;
   const toMs = Math.max(options.toMs, fromMs + 1);
   const x = (t) => pad.left + ((t - fromMs) / (toMs - fromMs)) * (width - pad.left - pad.right);
-  const y = (v) => pad.top + (1 - (v - yMin) / (yMax - yMin)) * (height - pad.top - pad.bottom);
+  // Values beyond a fixed range are drawn at its edge (an RF dropout at the noise floor).
+  const y = (v) => pad.top
+    + (1 - (Math.min(yMax, Math.max(yMin, v)) - yMin) / (yMax - yMin)) * (height - pad.top - pad.bottom);
 
   root.append(svg("text", { x: pad.left, y: 15, class: "chart-title" }, options.title));
   // Four horizontal grid lines with their values.
@@ -65,17 +70,23 @@ export function lineChart(points, options) {
     return root;
   }
   // Gaps (null values) break the line into segments, so a switched-off transmitter shows as a gap.
-  let path = "";
-  let pen = false;
-  for (const point of points) {
-    if (point.v === null || point.v === undefined) {
-      pen = false;
-      continue;
+  const line = (key) => {
+    let path = "";
+    let pen = false;
+    for (const point of points) {
+      const value = point[key];
+      if (value === null || value === undefined) {
+        pen = false;
+        continue;
+      }
+      path += `${pen ? "L" : "M"}${x(point.t).toFixed(1)},${y(value).toFixed(1)}`;
+      pen = true;
     }
-    path += `${pen ? "L" : "M"}${x(point.t).toFixed(1)},${y(point.v).toFixed(1)}`;
-    pen = true;
-  }
-  root.append(svg("path", { d: path, class: "series" }));
+    return path;
+  };
+  const low = line("lo");
+  if (low) root.append(svg("path", { d: low, class: "series-low" }));
+  root.append(svg("path", { d: line("v"), class: "series" }));
   const last = [...points].reverse().find((p) => p.v !== null && p.v !== undefined);
   if (last) root.append(svg("circle", { cx: x(last.t), cy: y(last.v), r: 3, class: "series-dot" }));
   return root;
