@@ -18,7 +18,7 @@ from micboard.shared.natsd import EmbeddedNats
 
 FAILURES = (
     "stale check failed; retrying next interval",
-    "dedup prune failed; retrying next interval",
+    "prune failed; retrying next interval",
     "alert sweep failed; retrying next interval",
 )
 

@@ -31,6 +31,7 @@ from micboard.collector.services.webhooks import WebhookDispatcher
 from micboard.collector.settings import CollectorSettings
 from micboard.collector.store.database import checkpoint_wal, create_engine, write_turn
 from micboard.collector.store.migrate import prepare
+from micboard.collector.store.retention import prune_records
 from micboard.shared.natsd import EmbeddedNats
 from micboard.shared.sdnotify import SystemdNotifier
 
@@ -301,8 +302,20 @@ class Collector:
                     )
                 if pruned:
                     log.info("pruned dedup records", extra={"count": pruned})
+                cutoff = now - int(self.settings.records_retention_days * 86_400_000)
+                async with write_turn(ingest.engine), ingest.engine.begin() as conn:
+                    records = await prune_records(conn, cutoff)
+                if records.total:
+                    log.info(
+                        "pruned old records",
+                        extra={
+                            "alerts": records.alerts,
+                            "webhook_deliveries": records.webhook_deliveries,
+                            "commands": records.commands,
+                        },
+                    )
             except (SQLAlchemyError, OSError) as exc:
-                log.warning("dedup prune failed; retrying next interval", extra={"error": str(exc)})
+                log.warning("prune failed; retrying next interval", extra={"error": str(exc)})
             if not await pause(self._quit, self.settings.dedup_prune_interval_s):
                 return
 

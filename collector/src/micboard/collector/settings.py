@@ -57,7 +57,14 @@ class CollectorSettings(MicboardSettings):
         description="how long (agent, boot, seq) records are kept; must exceed the stream max age and "
         "the agents' outbox max age, after which no copy of an event can arrive again",
     )
-    dedup_prune_interval_s: float = Field(default=3600.0, gt=0)
+    dedup_prune_interval_s: float = Field(
+        default=3600.0, gt=0, description="how often dedup records and old records (below) are pruned"
+    )
+    records_retention_days: float = Field(
+        default=90.0,
+        gt=0,
+        description="resolved alerts, webhook deliveries and command outcomes older than this are deleted",
+    )
     auto_migrate: Literal["empty-sqlite", "always", "never"] = Field(
         default="empty-sqlite",
         description="migrate at start: only an empty SQLite database (the zero-step default), always, never",
