@@ -26,5 +26,5 @@ install_template agent.toml "edit site, agent and the interface address"
 install_template agent.env "NATS URL and credentials"
 reload_systemd
 say "done. Check the settings with:"
-say "  sudo sh -c 'set -a; . $CONFIG_DIR/agent.env; $PREFIX/bin/micboard-agent check --config $CONFIG_DIR/agent.toml'"
+say "  sudo sh -c 'set -a; . $CONFIG_DIR/agent.env; [ -f $CONFIG_DIR/nats.nk ] && MICBOARD_NATS_NKEY_SEED_FILE=$CONFIG_DIR/nats.nk; [ -f $CONFIG_DIR/nats-ca.pem ] && MICBOARD_NATS_TLS_CA=$CONFIG_DIR/nats-ca.pem; $PREFIX/bin/micboard-agent check --config $CONFIG_DIR/agent.toml'"
 say "then start it with: sudo systemctl enable --now micboard-agent"

@@ -426,6 +426,46 @@ async def test_a_device_with_rep_err_to_one_identity_question_still_comes_online
         await server.wait_closed()
 
 
+async def test_values_longer_than_the_model_holds_are_cut_and_the_device_still_reports() -> None:
+    # A receiver reporting a model, transmitter model, group or battery type over 128
+    # characters: the driver shows them cut, and keeps reporting the device.
+    channel_params = ("TX_MODEL", "GROUP_CHANNEL", "TX_BATT_TYPE")
+    long = {param: (param + " ").ljust(300, "x") for param in ("MODEL", *channel_params)}
+
+    async def device(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(4096)
+        writer.write(
+            b"< REP 1 CHAN_NAME {Lead Vox} >"
+            + b"".join(f"< REP 1 {p} {{{long[p]}}} >".encode() for p in channel_params)
+            + f"< REP MODEL {{{long['MODEL']}}} >".encode()
+            + b"< REP FW_VER {2.4.6} >< REP DEVICE_ID {RACK-LONG} >< REP RF_BAND {G57} >"
+            + b"< REP ENCRYPTION_MODE OFF >"
+        )
+        with contextlib.suppress(OSError):
+            for _ in range(100):
+                writer.write(b"< SAMPLE 1 ALL 005 031 102 102 BB 31 086 31 065 >")
+                await asyncio.sleep(0.05)
+        writer.close()
+
+    server = await asyncio.start_server(device, "127.0.0.1", 0)
+    sim = ShureSimulator("ad4d", port=server.sockets[0].getsockname()[1])
+    try:
+        async with running_driver(sim) as (driver, seen, _task):
+            await until(lambda: driver.online and bool(seen.devices))
+            reported = seen.devices[-1]
+            assert reported.model == long["MODEL"][:128]
+            assert reported.device_id == "RACK-LONG"
+            channel = reported.channels[0]
+            assert channel.name == "Lead Vox"
+            assert channel.group_channel == long["GROUP_CHANNEL"][:128]
+            assert channel.transmitter is not None
+            assert channel.transmitter.model == long["TX_MODEL"][:128]
+            assert channel.transmitter.battery_type == long["TX_BATT_TYPE"][:128]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_two_controllers_both_receive_pushed_changes() -> None:
     async with rig("ulxd4d") as r, running_driver(r.sim) as (other, other_seen, _task):
         await until(lambda: other.online)

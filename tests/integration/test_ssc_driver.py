@@ -151,6 +151,25 @@ async def test_identity_state_and_meters_of_every_kind(kind: str) -> None:
     assert simulator.subscription_count == 0
 
 
+async def test_the_name_configured_for_a_static_device_wins_over_the_one_it_reports() -> None:
+    # As with Shure: the operator listed the receiver under a name, and that is what they see.
+    simulator = SscSimulator("ewdx-em4", port=0, seed=1)
+    await simulator.start()
+    recorder = Recorder()
+    target = DeviceTarget("127.0.0.1", simulator.port, simulator.family, "ssc-test", "Rack 3 EM4")
+    driver = SscDriver(target, recorder, FAST, subscription_lifetime_s=1.0)
+    task = asyncio.create_task(driver.run())
+    try:
+        device = await online(driver, recorder)
+        assert simulator.device_name != "Rack 3 EM4"
+        assert device.name == "Rack 3 EM4"
+        assert all(reported.name == "Rack 3 EM4" for reported in recorder.devices)
+    finally:
+        await driver.stop()
+        await asyncio.wait_for(task, 2.0)
+        await simulator.stop()
+
+
 async def test_subscription_is_renewed_before_its_lifetime_ends_and_cancelled_on_stop() -> None:
     async with rig(subscription_lifetime_s=0.3) as (simulator, driver, recorder):
         await online(driver, recorder)

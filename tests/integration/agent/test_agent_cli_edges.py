@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from micboard.agent import cli
-from micboard.shared.natsd import EmbeddedNats
+from micboard.shared.natsd import EmbeddedNats, free_port
 
 
 @pytest.fixture(autouse=True)
@@ -148,3 +148,98 @@ def test_a_timeout_that_is_no_positive_number_is_a_usage_error(
         cli.main(["check", "--timeout", value])
     assert info.value.code == 2
     assert "seconds" in capsys.readouterr().err
+
+
+def _run_config(tmp_path: Path, lines: str) -> Path:
+    """An agent.toml for ``run``: NATS on a port nobody listens on (the agent connects in the background)."""
+    config = tmp_path / "agent.toml"
+    config.write_text(f'site = "hall"\nagent = "pi-1"\nnats_url = "nats://127.0.0.1:{free_port()}"\n{lines}')
+    return config
+
+
+def _start_failure(err: str) -> str:
+    """The one line ``run`` says about a start-up failure (the log lines around it are the journal's)."""
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("micboard-agent run:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_run_that_cannot_take_its_metrics_port_says_so_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = int(taken.getsockname()[1])
+        config = _run_config(
+            tmp_path, f"metrics_port = {port}\ndiscovery_mdns = false\ndiscovery_slp = false\n"
+        )
+        assert cli.main(["run", "--config", str(config)]) == 1
+    line = _start_failure(capsys.readouterr().err)
+    assert line.startswith(f"micboard-agent run: cannot start: metrics endpoint 127.0.0.1:{port}: ")
+    assert "address already in use" in line.lower()
+
+
+@pytest.mark.parametrize("source", ["discovery_slp", "discovery_mdns"])
+def test_run_on_an_interface_address_the_host_lacks_says_so_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], source: str
+) -> None:
+    # TEST-NET-1 is no address of this host: SLP cannot join its group there, zeroconf cannot bind.
+    other = "discovery_mdns" if source == "discovery_slp" else "discovery_slp"
+    config = _run_config(tmp_path, f'interfaces = ["192.0.2.1"]\n{other} = false\n')
+    assert cli.main(["run", "--config", str(config)]) == 1
+    line = _start_failure(capsys.readouterr().err)
+    assert line.startswith("micboard-agent run: cannot start: discovery on 192.0.2.1: ")
+
+
+@pytest.mark.parametrize("demo", [False, True], ids=["daemon", "demo-device"])
+def test_run_with_a_state_directory_it_cannot_create_says_so_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, demo: bool
+) -> None:
+    # A file where the state directory's parent should be: refused whoever runs the test (root too).
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("MICBOARD_STATE_DIR", str(blocker / "state"))
+    config = _run_config(tmp_path, "discovery_mdns = false\ndiscovery_slp = false\n")
+    assert cli.main(["run", "--config", str(config), *(["--demo-device"] if demo else [])]) == 1
+    line = _start_failure(capsys.readouterr().err)
+    assert line.startswith(f"micboard-agent run: cannot start: outbox in {blocker / 'state'}: ")
+    assert "cannot create the state directory" in line
+
+
+def test_run_with_a_dns_sd_type_zeroconf_refuses_is_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _run_config(tmp_path, 'discovery_slp = false\nextra_service_types = ["_ssc._tcp", "ssc-tcp"]\n')
+    assert cli.main(["run", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.startswith("micboard-agent: [config.invalid] invalid settings: extra_service_types: ")
+    assert "'ssc-tcp' is not a DNS-SD service type" in err
+
+
+def test_check_binds_what_run_binds_and_names_what_it_cannot(
+    tmp_path: Path, nats_server: EmbeddedNats, capsys: pytest.CaptureFixture[str]
+) -> None:
+    free = free_port()
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'site = "hall"\nagent = "pi-1"\nnats_url = "{nats_server.url}"\nmetrics_port = {free}\n'
+        'interfaces = ["127.0.0.1"]\n'
+    )
+    assert cli.main(["check", "--config", str(config), "--timeout", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"ok   metrics: 127.0.0.1:{free} free to listen on" in out
+    assert "ok   interface 127.0.0.1: an address of this host" in out and "all checks passed" in out
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = int(taken.getsockname()[1])
+        config.write_text(
+            f'site = "hall"\nagent = "pi-1"\nnats_url = "{nats_server.url}"\nmetrics_port = {port}\n'
+            'interfaces = ["127.0.0.1", "192.0.2.1"]\n'
+        )
+        assert cli.main(["check", "--config", str(config), "--timeout", "2"]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL metrics: cannot listen on 127.0.0.1:{port}: " in out
+    assert "is the agent already running?" in out
+    assert "FAIL interface 192.0.2.1: not usable for discovery: " in out
+    assert "ok   nats: " in out and "2 check(s) failed" in out

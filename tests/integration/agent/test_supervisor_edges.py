@@ -85,3 +85,46 @@ async def test_colliding_keys_removal_and_strangers() -> None:
         await supervisor.close()
         await simulator.stop()
     assert await supervisor.adopt(found(simulator.port, "Y")) is None  # closed: adopts nothing
+
+
+def decreased(before: dict[str, int], after: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """The counters that went down from ``before`` to ``after``: name -> (before, after)."""
+    return {name: (count, after.get(name, 0)) for name, count in before.items() if after.get(name, 0) < count}
+
+
+async def test_driver_counters_never_go_back_when_a_driver_is_replaced_or_removed() -> None:
+    # The sums are exported as Prometheus counters: a driver replaced (the device moved) or
+    # removed must leave its counts in them, or rate() and increase() see a reset.
+    here = ShureSimulator("ulxd4", port=0, seed=4, activity=0.0)
+    there = ShureSimulator("ulxd4", port=0, seed=5, activity=0.0)
+    await here.start()
+    await there.start()
+    supervisor = DeviceSupervisor(Recorder(), FAST, restart_initial_s=0.1)
+
+    def online_at(key: str, port: int) -> bool:
+        driver = supervisor.driver(key)
+        return driver is not None and driver.target.port == port and driver.online
+
+    try:
+        key = await supervisor.adopt(found(here.port, "MOVER"))
+        assert key is not None
+        await eventually(lambda: online_at(key, here.port))
+        await here.drop_connections()
+        await eventually(lambda: supervisor.driver_stats().get("reconnects", 0) >= 1)
+        before_move = supervisor.driver_stats()
+        # Same device, new address (DHCP): a new driver, whose own counters start at zero.
+        await supervisor.adopt(found(there.port, "MOVER"))
+        await eventually(lambda: online_at(key, there.port))
+        after_move = supervisor.driver_stats()
+        assert decreased(before_move, after_move) == {}
+        assert after_move["reconnects"] >= 1
+        assert after_move["connects"] >= before_move["connects"] + 1
+        before_removal = supervisor.driver_stats()
+        assert await supervisor.remove(key) is True
+        after_removal = supervisor.driver_stats()
+        assert decreased(before_removal, after_removal) == {}
+        assert supervisor.driver_stats() == after_removal  # nothing runs any more: the totals stay
+    finally:
+        await supervisor.close()
+        await here.stop()
+        await there.stop()

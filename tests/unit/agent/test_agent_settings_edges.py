@@ -87,3 +87,54 @@ def test_a_misspelt_key_in_the_config_file_is_refused_with_a_suggestion(tmp_path
     config.write_text('site = "hall"\nagent = "pi-1"\nflavour = "x"\n')
     with pytest.raises(ConfigError, match=r"unknown setting 'flavour'$"):
         load_agent_settings(config)
+
+
+def test_the_command_deadline_stays_below_the_collectors_request_timeout() -> None:
+    # The collector waits 5 s for a reply: the agent's "no result within ..." must arrive first.
+    assert AgentSettings.model_validate(BASE).command_timeout_s == 4.0
+    assert AgentSettings.model_validate({**BASE, "command_timeout_s": 4.9}).command_timeout_s == 4.9
+    for late in (5, 5.0, 30):
+        with pytest.raises(ValidationError, match=r"must stay below 5 s, the collector's request timeout"):
+            AgentSettings.model_validate({**BASE, "command_timeout_s": late})
+    with pytest.raises(ValidationError, match="greater than 0"):
+        AgentSettings.model_validate({**BASE, "command_timeout_s": 0})
+
+
+@pytest.mark.parametrize(
+    ("written", "browsed"),
+    [
+        ("_ssc._tcp", "_ssc._tcp.local."),
+        ("_ssc._tcp.", "_ssc._tcp.local."),
+        ("_ssc._tcp.local", "_ssc._tcp.local."),
+        ("_ssc._tcp.local.", "_ssc._tcp.local."),
+        (" _shure._tcp.LOCAL. ", "_shure._tcp.LOCAL."),
+    ],
+)
+def test_dns_sd_types_are_taken_in_the_forms_the_docs_show(written: str, browsed: str) -> None:
+    settings = AgentSettings.model_validate(
+        {**BASE, "extra_service_types": [written], "mdns_service_types": [written, "_ssc._udp"]}
+    )
+    assert settings.extra_service_types == [browsed]
+    assert settings.mdns_service_types == [browsed, "_ssc._udp.local."]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("extra_service_types", "ssc._tcp"),
+        ("extra_service_types", "_ssc._sctp"),
+        ("extra_service_types", "_sennheisercontrol._udp"),
+        ("mdns_service_types", "_ssc"),
+        ("mdns_service_types", ""),
+    ],
+)
+def test_a_bad_dns_sd_type_is_a_config_error_naming_it(
+    monkeypatch: pytest.MonkeyPatch, field: str, value: str
+) -> None:
+    # From agent.env, as an operator writes it: one clear error, not a zeroconf traceback at start.
+    monkeypatch.setenv(f"MICBOARD_{field.upper()}", f"_ssc._udp,{value}" if value else '[""]')
+    with pytest.raises(ConfigError) as info:
+        load_settings(AgentSettings, **BASE)
+    message = str(info.value)
+    assert message.startswith(f"[config.invalid] invalid settings: {field}: ")
+    assert f"{value!r} is not a DNS-SD service type" in message

@@ -66,6 +66,9 @@ class FakeDriver(ReceiverDriver):
         return not self._stop.is_set()
 
     async def run(self) -> None:
+        # One reconnect and one unparseable message per driver run, for the exported sums.
+        self.stats.reconnects += 1
+        self.stats.parse_errors += 1
         self.listener.device_updated(
             Device(device_key=self.target.device_key, vendor=Vendor.SHURE, family=self.target.family)
         )
@@ -161,6 +164,22 @@ async def test_a_crashing_driver_is_restarted_with_backoff_and_counted() -> None
     assert recorder.calls.count(("track", key)) == 3  # each new driver starts with a snapshot
     assert sup.driver(key) is FakeDriver.built[-1]
     await sup.close()
+
+
+async def test_counters_of_crashed_drivers_stay_in_the_sums() -> None:
+    # A driver restarted after a crash starts from zero; the Prometheus counters built from the
+    # sums must not drop back with it.
+    sup = supervisor(Recorder())
+    FakeDriver.crash_first = 2
+    key = await sup.adopt(found())
+    assert key is not None
+    async with asyncio.timeout(3):
+        while len(FakeDriver.built) < 3 or FakeDriver.built[-1].stats.reconnects == 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    totals = sup.driver_stats()
+    assert (totals["reconnects"], totals["parse_errors"]) == (3, 3)
+    await sup.close()
+    assert sup.driver_stats() == totals
 
 
 async def test_unusable_sightings_are_ignored() -> None:

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from micboard.agent.discovery.slp import build_attributes, found_from_attributes, parse_attributes
 from micboard.agent.drivers.shure.dialects import AXIENT, QLXD, SLXD, ULXD, Dialect, dialect_for
 from micboard.agent.drivers.shure.protocol import (
     FrameReader,
@@ -19,7 +20,7 @@ from micboard.agent.drivers.shure.protocol import (
     encode,
     parse_message,
 )
-from micboard.shared.model import Antenna, AntennaState, ChannelMeter, Family
+from micboard.shared.model import Antenna, AntennaState, ChannelMeter, Device, Family, Vendor
 
 
 def feed_one(data: bytes) -> Message:
@@ -373,6 +374,75 @@ def test_garbage_values_read_as_unknown() -> None:
     assert channel.frequency_khz is None
     assert channel.transmitter is not None
     assert channel.transmitter.battery_bars is None
+
+
+# -- values longer than the model holds ---------------------------------------------------
+
+DIALECTS = [ULXD, QLXD, AXIENT, SLXD]
+# What a REP can carry after framing: printable ASCII without the framing characters.
+_WIRE_CHARS = st.characters(min_codepoint=0x20, max_codepoint=0x7E, exclude_characters="<>{}")
+_WIRE_VALUE = st.one_of(st.text(_WIRE_CHARS, max_size=12), st.text(_WIRE_CHARS, min_size=129, max_size=400))
+
+
+def _device_of(dialect: Dialect, raw: dict[str, str], device_raw: dict[str, str]) -> Device:
+    """The device as the driver builds it from a channel's and the device's REP values."""
+    return Device(
+        device_key="rack-1",
+        vendor=Vendor.SHURE,
+        family=dialect.family,
+        model=dialect.device_model(device_raw, 1),
+        channels=(dialect.channel(1, raw, device_raw),),
+    )
+
+
+def _text_params(dialect: Dialect) -> list[str]:
+    tx = dialect.tx
+    return sorted({*dialect.channel_params, dialect.group_param, *(p for p in tx if p is not None)})
+
+
+@pytest.mark.parametrize("dialect", DIALECTS, ids=lambda d: d.family.value)
+def test_values_over_128_characters_are_cut_not_fatal(dialect: Dialect) -> None:
+    # MODEL, TX_MODEL / TX_TYPE, GROUP_CHAN, BATT_TYPE are free text to the model (128 at most).
+    tx = dialect.tx
+    long = {name: name[:2] + "X" * 300 for name in (tx.model, dialect.group_param, tx.battery_type) if name}
+    device = _device_of(dialect, {"CHAN_NAME": "Vox", **long}, {"MODEL": "M" * 300})
+    assert device.model == "M" * 128
+    channel = device.channels[0]
+    assert channel.group_channel == dialect.group_param[:2] + "X" * 126
+    assert channel.transmitter is not None
+    assert channel.transmitter.model == tx.model[:2] + "X" * 126
+    if tx.battery_type is not None:
+        assert channel.transmitter.battery_type == tx.battery_type[:2] + "X" * 126
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(DIALECTS), st.data())
+def test_whatever_a_receiver_reports_the_device_still_builds(dialect: Dialect, data: st.DataObject) -> None:
+    raw = {param: data.draw(_WIRE_VALUE, label=param) for param in _text_params(dialect)}
+    device_raw = {
+        param: data.draw(_WIRE_VALUE, label=f"device {param}")
+        for param in sorted({"MODEL", *dialect.device_params})
+    }
+    device = _device_of(dialect, raw, device_raw)
+    assert device.channel_count == 1
+
+
+def test_a_long_slp_user_name_or_model_is_cut_to_what_the_model_holds() -> None:
+    attributes = parse_attributes(
+        build_attributes(
+            "00000000-0000-0000-0000-000000000000",
+            cid="12345678-1234-1234-1234-123456789012",
+            address="192.0.2.7",
+            model="ULXD4Q " + "Q" * 300,
+            name="Stage left " + "L" * 300,
+        )
+    )
+    found = found_from_attributes(attributes, "192.0.2.7")
+    assert found is not None
+    assert found.name == ("Stage left " + "L" * 300)[:128]
+    assert found.model == ("ULXD4Q " + "Q" * 300)[:128]
+    # Adopted under that name, the device's snapshot (name is 128 characters at most) builds.
+    Device(device_key="k", vendor=Vendor.SHURE, family=Family.ULXD, name=found.name, model=found.model)
 
 
 # -- framing -----------------------------------------------------------------------------

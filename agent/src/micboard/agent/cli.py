@@ -2,7 +2,8 @@
 
 - ``run``: the agent daemon (discovery, drivers, state, publishing, commands) until SIGTERM;
 - ``discover``: a one-shot scan that prints what answers on mDNS and SLP;
-- ``check``: validates the configuration and that NATS and each static device answer;
+- ``check``: validates the configuration, that NATS and each static device answer, and that
+  what ``run`` binds here (the metrics port, the discovery interfaces) can be bound;
 - ``simulate``: a rack of simulated receivers, announced on the listen address.
 """
 
@@ -11,9 +12,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import math
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,10 +29,12 @@ from micboard.agent.demo_source import demo_device
 from micboard.agent.discovery import DiscoveryConfig, DiscoveryService, FoundDevice
 from micboard.agent.discovery.dcid import default_port
 from micboard.agent.drivers.base import DeviceTarget, split_reason
+from micboard.agent.metrics import MetricsServer
 from micboard.agent.natsauth import DEFAULT_NATS_URL, agent_connect_options
 from micboard.agent.runner import AgentRunner
 from micboard.agent.settings import AgentSettings, StaticDeviceSetting, load_agent_settings
 from micboard.agent.simulate import SIMULATOR_KINDS, SimulatorRack, rack_kinds
+from micboard.agent.startup import StartError
 from micboard.agent.supervisor import default_driver
 from micboard.shared import __version__
 from micboard.shared.errors import MicboardError
@@ -81,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     discover.add_argument("--no-mdns", action="store_true", help="do not browse DNS-SD")
     discover.add_argument("--no-slp", action="store_true", help="do not listen for Shure SLP")
 
-    check = sub.add_parser("check", help="validate the configuration, NATS and each static device")
+    check = sub.add_parser(
+        "check", help="validate the configuration, NATS, each static device and what run binds here"
+    )
     check.add_argument("--config", type=Path, help="TOML settings file (MICBOARD_* variables win)")
     check.add_argument(
         "--timeout", type=_seconds, default=5.0, help="seconds to wait for each answer (default 5)"
@@ -126,16 +133,20 @@ async def _run(args: argparse.Namespace) -> int:
     settings = load_agent_settings(args.config)
     configure_logging(settings.log_level, settings.log_format)
     loop = asyncio.get_running_loop()
+    service: AgentRunner | AgentDaemon
     if args.demo_device:
-        runner = AgentRunner(settings, [demo_device()], churn_per_s=args.demo_churn)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, runner.stop)
-        await runner.run()
-        return 0
-    daemon = AgentDaemon(settings)
+        service = AgentRunner(settings, [demo_device()], churn_per_s=args.demo_churn)
+    else:
+        service = AgentDaemon(settings)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, daemon.stop)
-    await daemon.run()
+        loop.add_signal_handler(sig, service.stop)
+    try:
+        await service.run()
+    except StartError as exc:
+        # One line naming the part and the reason: the journal shows it at a glance, and a
+        # traceback would say nothing more about a port in use or a missing address.
+        _out(f"micboard-agent run: cannot start: {exc}", err=True)
+        return 1
     return 0
 
 
@@ -246,6 +257,44 @@ async def _quiet(_exc: Exception) -> None:
     """Connection errors are reported once by ``check`` itself, not logged by nats-py."""
 
 
+def _bind_failure(exc: OSError) -> str:
+    reason = str(exc) or type(exc).__name__
+    if exc.errno == errno.EADDRINUSE:
+        return f"{reason} (another process holds it: is the agent already running?)"
+    return reason
+
+
+async def _local_binds(settings: AgentSettings) -> list[tuple[bool, str]]:
+    """Bind, and let go at once, what ``run`` binds on this host: (passed, what it says) of each.
+
+    The metrics endpoint is opened with the server ``run`` uses; each discovery interface gets
+    a UDP socket bound to its address, as SLP binds one, which fails on an address the host lacks.
+    """
+    results: list[tuple[bool, str]] = []
+    if settings.metrics_port is not None:
+        where = f"{settings.metrics_host}:{settings.metrics_port}"
+        server = MetricsServer(lambda: (), host=settings.metrics_host, port=settings.metrics_port)
+        try:
+            await server.start()
+        except OSError as exc:
+            results.append((False, f"metrics: cannot listen on {where}: {_bind_failure(exc)}"))
+        else:
+            results.append((True, f"metrics: {where} free to listen on"))
+        finally:
+            await server.close()
+    if settings.discovery_mdns or settings.discovery_slp:
+        for address in settings.interfaces:
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    sock.bind((address, 0))
+            except OSError as exc:
+                reason = _bind_failure(exc)
+                results.append((False, f"interface {address}: not usable for discovery: {reason}"))
+            else:
+                results.append((True, f"interface {address}: an address of this host"))
+    return results
+
+
 async def _check(args: argparse.Namespace) -> int:
     configure_logging("ERROR")
     try:
@@ -289,6 +338,9 @@ async def _check(args: argparse.Namespace) -> int:
         finally:
             with contextlib.suppress(NatsError, TimeoutError):
                 await nc.close()
+    for ok, line in await _local_binds(settings):
+        _out(f"{'ok  ' if ok else 'FAIL'} {line}")
+        failures += 0 if ok else 1
     if not settings.static_devices:
         _out("ok   devices: no static devices configured (discovery finds the rest)")
     results = await asyncio.gather(

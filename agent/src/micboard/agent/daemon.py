@@ -40,11 +40,12 @@ from micboard.agent.discovery import (
 from micboard.agent.discovery.mdns import DEFAULT_SERVICE_TYPES
 from micboard.agent.drivers.base import DriverCommand, DriverOptions
 from micboard.agent.metrics import Metric, MetricsServer
-from micboard.agent.natsauth import DEFAULT_NATS_URL, agent_connect_options, command_allowed
-from micboard.agent.outbox import Outbox
+from micboard.agent.natsauth import DEFAULT_NATS_URL, command_allowed
 from micboard.agent.publisher import EnvelopeFactory, round_trip
+from micboard.agent.runner import build_sender
 from micboard.agent.sender import EventSender
 from micboard.agent.settings import AgentSettings
+from micboard.agent.startup import starting
 from micboard.agent.state import DeviceState, StateTracker
 from micboard.agent.supervisor import DeviceSupervisor
 from micboard.shared import __version__
@@ -190,33 +191,22 @@ class AgentDaemon:
         return self.sender.nc
 
     def _build_sender(self) -> EventSink:
-        settings = self.settings
-        outbox = Outbox.in_state_dir(
-            settings.state_dir,
-            max_bytes=settings.outbox_max_bytes,
-            max_age_s=settings.outbox_max_age_s,
-            fsync_interval_s=settings.outbox_fsync_interval_s,
-        )
-        return EventSender(
-            settings.nats_url or DEFAULT_NATS_URL,
-            outbox,
-            name=f"micboard-agent/{settings.site}/{settings.agent}",
-            publish_timeout_s=settings.publish_timeout_s,
-            connect_timeout_s=settings.nats_connect_timeout_s,
-            max_message_bytes=settings.max_message_bytes,
-            max_in_flight=settings.max_in_flight,
-            connect_options=agent_connect_options(settings),
-        )
+        return build_sender(self.settings)
 
     async def start(self) -> None:
-        """Start everything; returns once discovery runs (NATS may still be connecting)."""
+        """Start everything; returns once discovery runs (NATS may still be connecting).
+
+        Raises :class:`~micboard.agent.startup.StartError` naming the part the host refused (the
+        outbox, the metrics endpoint, discovery on the interfaces); what started is closed again.
+        """
         if self._started:
             return
         self._started = True
         self.started_at = time.monotonic()
         self.notifier.status("starting")
         try:
-            await self.sender.start()
+            with starting(f"outbox in {self.settings.state_dir}"):
+                await self.sender.start()
             self._spawn("commands", self._subscribe_commands())
             self._spawn("publish", self._publish_forever())
             self._spawn("meters", self._meters_forever())
@@ -240,8 +230,10 @@ class AgentDaemon:
                 self.metrics = MetricsServer(
                     self.collect_metrics, host=self.settings.metrics_host, port=self.settings.metrics_port
                 )
-                await self.metrics.start()
-            await self.discovery.start()
+                with starting(f"metrics endpoint {self.settings.metrics_host}:{self.settings.metrics_port}"):
+                    await self.metrics.start()
+            with starting(f"discovery on {', '.join(self.settings.interfaces)}"):
+                await self.discovery.start()
             watchdog_s = self.notifier.watchdog_interval_s()
             if watchdog_s is not None:
                 self._spawn("watchdog", self._watchdog_forever(watchdog_s))

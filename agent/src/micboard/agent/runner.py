@@ -13,10 +13,12 @@ import socket
 import time
 from collections.abc import Iterable
 
+from micboard.agent.natsauth import DEFAULT_NATS_URL, agent_connect_options
 from micboard.agent.outbox import Outbox
 from micboard.agent.publisher import EnvelopeFactory
 from micboard.agent.sender import EventSender
 from micboard.agent.settings import AgentSettings
+from micboard.agent.startup import starting
 from micboard.shared import __version__
 from micboard.shared.envelope import DeviceBody, HeartbeatBody, HelloBody
 from micboard.shared.model import Device
@@ -25,7 +27,12 @@ log = logging.getLogger(__name__)
 
 
 def build_sender(settings: AgentSettings) -> EventSender:
-    """The store-and-forward sender configured by ``settings`` (outbox in ``state_dir``)."""
+    """The store-and-forward sender configured by ``settings`` (outbox in ``state_dir``).
+
+    It connects with the agent's NATS identity: credentials, TLS and inbox prefix. The daemon and
+    ``run --demo-device`` both build their sender here, so that neither can connect without them.
+    Raises :class:`~micboard.shared.errors.ConfigError` when those settings are unusable.
+    """
     outbox = Outbox.in_state_dir(
         settings.state_dir,
         max_bytes=settings.outbox_max_bytes,
@@ -33,13 +40,14 @@ def build_sender(settings: AgentSettings) -> EventSender:
         fsync_interval_s=settings.outbox_fsync_interval_s,
     )
     return EventSender(
-        settings.nats_url or "nats://127.0.0.1:4222",
+        settings.nats_url or DEFAULT_NATS_URL,
         outbox,
         name=f"micboard-agent/{settings.site}/{settings.agent}",
         publish_timeout_s=settings.publish_timeout_s,
         connect_timeout_s=settings.nats_connect_timeout_s,
         max_in_flight=settings.max_in_flight,
         max_message_bytes=settings.max_message_bytes,
+        connect_options=agent_connect_options(settings),
     )
 
 
@@ -76,8 +84,12 @@ class AgentRunner:
         self._stop.set()
 
     async def run(self) -> None:
-        """Publish until :meth:`stop`, then keep what is not acked in the outbox (shutdown budget)."""
-        await self.sender.start()
+        """Publish until :meth:`stop`, then keep what is not acked in the outbox (shutdown budget).
+
+        Raises :class:`~micboard.agent.startup.StartError` when the outbox cannot be opened.
+        """
+        with starting(f"outbox in {self.settings.state_dir}"):
+            await self.sender.start()
         log.info(
             "agent started",
             extra={

@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -68,6 +69,36 @@ _MIN_BACKOFF_S = 0.25
 _MAX_BACKOFF_S = 5.0
 _EXPIRE_EVERY_S = 10.0
 _NATS_CLOSE_RESERVE_S = 0.5
+
+
+#: How often one and the same permissions violation is logged again while it keeps happening.
+PERMISSIONS_LOG_EVERY_S = 30.0
+# nats-py lower-cases the server's -ERR text ("Permissions Violation for Publish to ...").
+_PERMISSIONS_VIOLATION = "permissions violation"
+
+
+class _Throttle:
+    """Says when a recurring message is due to be logged again: once per ``every_s`` for each text."""
+
+    __slots__ = ("_last", "_repeated", "every_s")
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._repeated: dict[str, int] = {}
+
+    def due(self, text: str) -> int | None:
+        """``None`` when ``text`` was logged less than ``every_s`` ago, else how often it recurred since."""
+        now = time.monotonic()
+        last = self._last.get(text)
+        if last is not None and now - last < self.every_s:
+            self._repeated[text] = self._repeated.get(text, 0) + 1
+            return None
+        if len(self._last) > 100:  # distinct texts without end (a subject each): forget the old
+            self._last.clear()
+            self._repeated.clear()
+        self._last[text] = now
+        return self._repeated.pop(text, 0)
 
 
 @dataclass(slots=True)
@@ -207,6 +238,7 @@ class EventSender:
         self._backoff_s = 0.0
         self._failing = False
         self._unreachable_warned = False
+        self._refusals = _Throttle(PERMISSIONS_LOG_EVERY_S)
 
     # -- public face -------------------------------------------------------------------------
 
@@ -516,6 +548,19 @@ class EventSender:
     async def _on_error(self, exc: Exception) -> None:
         # nats-py retries the first connect too (reconnects forever) and reports each try here.
         error = f"{type(exc).__name__}: {exc}"
+        if _PERMISSIONS_VIOLATION in str(exc).lower():
+            # The server refused a publish or a subscription of this agent's NATS user: a
+            # configuration mismatch (site or agent name, an outdated server configuration) that
+            # lasts until someone fixes it, while refused meters are lost and refused events wait
+            # in the outbox. Said loudly, and in the heartbeat.
+            self._counters.last_publish_error = str(exc)[:500]
+            repeated = self._refusals.due(str(exc))
+            if repeated is not None:
+                log.error(
+                    "NATS refused this agent's publish or subscription (permissions violation)",
+                    extra={"error": str(exc), **({"repeated": repeated} if repeated else {})},
+                )
+            return
         if self._counters.connected:
             log.debug("NATS client error", extra={"error": error})
             return

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from micboard.agent.discovery.mdns import full_service_type
 from micboard.shared.envelope import Token
 from micboard.shared.errors import ConfigError
 from micboard.shared.model import Family
@@ -17,6 +18,9 @@ from micboard.shared.secret_files import check_config_file
 from micboard.shared.settings import MicboardSettings, StrList, load_settings
 
 Port = Annotated[int, Field(ge=1, le=65535)]
+
+COLLECTOR_REQUEST_TIMEOUT_S = 5.0
+"""How long the collector waits for an agent's reply to a command (not configurable there)."""
 
 
 class StaticDeviceSetting(BaseModel):
@@ -60,9 +64,12 @@ class AgentSettings(MicboardSettings):
     allow_cidrs: StrList = Field(default_factory=list, description="adopt only devices inside these")
     deny_cidrs: StrList = Field(default_factory=list, description="never adopt devices inside these")
     mdns_service_types: StrList | None = Field(
-        default=None, description="DNS-SD types to browse instead of the standard ones"
+        default=None,
+        description="DNS-SD types to browse instead of the standard ones (_ssc._udp or _ssc._udp.local.)",
     )
-    extra_service_types: StrList = Field(default_factory=list, description="DNS-SD types browsed as well")
+    extra_service_types: StrList = Field(
+        default_factory=list, description="DNS-SD types browsed as well (_ssc._tcp or _ssc._tcp.local.)"
+    )
 
     # State and meters.
     snapshot_interval_s: float = Field(default=60.0, gt=0, le=86_400)
@@ -78,7 +85,13 @@ class AgentSettings(MicboardSettings):
     reconnect_backoff_max_s: float = Field(default=20.0, gt=0, le=600)
 
     # Commands, metrics, shutdown.
-    command_timeout_s: float = Field(default=5.0, gt=0, le=60, description="deadline of a command reply")
+    command_timeout_s: float = Field(
+        default=4.0, gt=0, description="deadline of a command reply; must stay below 5 s (see below)"
+    )
+    """Deadline of a command reply. It must stay below the collector's request timeout (5 s): past
+    it the agent answers "no result within ...", and that answer is only of use if the collector
+    is still waiting for it. At 5 s or more the collector has given up first and shows a bare
+    timeout instead of what the agent knew."""
     metrics_port: Port | None = Field(default=None, description="Prometheus text on loopback; unset = off")
     metrics_host: str = Field(default="127.0.0.1", description="address the metrics endpoint binds")
     shutdown_timeout_s: float = Field(default=4.0, gt=0, le=30, description="budget for a clean stop")
@@ -109,6 +122,23 @@ class AgentSettings(MicboardSettings):
                 raise ValueError(f"interface {address!r} is not an IPv4 address") from None
         if not value:
             raise ValueError("at least one interface address is needed")
+        return value
+
+    @field_validator("mdns_service_types", "extra_service_types")
+    @classmethod
+    def _check_service_types(cls, value: list[str] | None) -> list[str] | None:
+        # Checked here, not when discovery starts: a bad type is a configuration error with
+        # its value named, not a zeroconf exception out of a running agent.
+        return None if value is None else [full_service_type(t) for t in value]
+
+    @field_validator("command_timeout_s")
+    @classmethod
+    def _check_command_timeout(cls, value: float) -> float:
+        if value >= COLLECTOR_REQUEST_TIMEOUT_S:
+            raise ValueError(
+                f"{value:g} s must stay below {COLLECTOR_REQUEST_TIMEOUT_S:g} s, the "
+                "collector's request timeout, or the agent's answer arrives after the collector gave up"
+            )
         return value
 
     @field_validator("allow_cidrs", "deny_cidrs")

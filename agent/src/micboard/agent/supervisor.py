@@ -53,6 +53,11 @@ def default_driver(target: DeviceTarget, listener: DeviceListener, options: Driv
     return ShureDriver(target, listener, options)
 
 
+def _add_stats(totals: dict[str, int], driver: ReceiverDriver) -> None:
+    for name in type(driver.stats).__dataclass_fields__:
+        totals[name] = totals.get(name, 0) + int(getattr(driver.stats, name))
+
+
 def device_key_for(found: FoundDevice) -> str:
     """A stable key for a found device: vendor and id when known, else family, address and port."""
     if found.device_id:
@@ -110,6 +115,8 @@ class DeviceSupervisor:
         self.stats = SupervisorStats()
         self._devices: dict[str, Supervised] = {}
         self._by_identity: dict[str, str] = {}
+        # Counters of the drivers that are gone, so that the exported sums never decrease.
+        self._retired: dict[str, int] = {}
         self._closed = False
         self._lock = asyncio.Lock()
 
@@ -132,14 +139,22 @@ class DeviceSupervisor:
         return None if supervised is None else supervised.driver
 
     def driver_stats(self) -> dict[str, int]:
-        """The drivers' counters summed over every device (parse errors, reconnects, ...)."""
-        totals: dict[str, int] = {}
+        """The drivers' counters summed over every driver this supervisor ran (parse errors, reconnects, ...).
+
+        Drivers replaced (a crash restart, a device that moved) or removed still count: the sums
+        are exported as Prometheus counters, which must never go down.
+        """
+        totals = dict(self._retired)
         for supervised in self._devices.values():
-            if supervised.driver is None:
-                continue
-            for name in type(supervised.driver.stats).__dataclass_fields__:
-                totals[name] = totals.get(name, 0) + int(getattr(supervised.driver.stats, name))
+            if supervised.driver is not None:
+                _add_stats(totals, supervised.driver)
         return totals
+
+    def _retire(self, supervised: Supervised) -> None:
+        """Fold the counters of ``supervised``'s driver into the running totals and let it go."""
+        driver, supervised.driver = supervised.driver, None
+        if driver is not None:
+            _add_stats(self._retired, driver)
 
     # -- adopting -----------------------------------------------------------------------
 
@@ -215,6 +230,7 @@ class DeviceSupervisor:
                 self._by_identity.pop(identity, None)
             self.stats.removed += 1
             await self._stop_driver(supervised)
+            self._retire(supervised)
             self.listener.forget(device_key)
             return True
 
@@ -236,6 +252,7 @@ class DeviceSupervisor:
         loop = asyncio.get_running_loop()
         delay = self.restart_initial_s
         while True:
+            self._retire(supervised)
             driver = self._factory(supervised.target, self, self.options)
             supervised.driver = driver
             started = loop.time()

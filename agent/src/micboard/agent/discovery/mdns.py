@@ -15,8 +15,17 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+import zeroconf
+from zeroconf import BadTypeInNameException, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+# zeroconf's own check of a service type, the one its browser applies. The package re-exports
+# it only for compatibility (not in __all__), so it is taken from where it is defined, and from
+# the re-export should a later release move it.
+try:
+    from zeroconf._utils.name import service_type_name
+except ImportError:  # pragma: no cover - depends on the zeroconf release
+    service_type_name = zeroconf.service_type_name  # type: ignore[attr-defined]
 
 from micboard.agent.discovery.dcid import family_for_model, vendor_for_model
 from micboard.agent.discovery.found import FoundDevice
@@ -44,6 +53,27 @@ _MODEL_KEYS: Mapping[str, tuple[str, ...]] = {
 }
 _ANY_MODEL_KEYS = ("model", "product")
 _ID_KEYS = ("serial", "device_id", "deviceid")
+
+
+def full_service_type(text: str) -> str:
+    """``text`` as the full DNS-SD type zeroconf browses: ``_ssc._tcp``, ``_ssc._tcp.local`` and
+    ``_ssc._tcp.local.`` all become ``_ssc._tcp.local.``.
+
+    Raises ``ValueError`` naming ``text`` when it is no DNS-SD service type (no leading
+    underscore, a protocol other than ``_tcp`` or ``_udp``, a name over 15 characters, ...).
+    """
+    name = text.strip().rstrip(".")
+    if not name.lower().endswith(".local"):
+        name += ".local"
+    full = name + "."
+    try:
+        # zeroconf's own check: what passes here, zeroconf browses.
+        service_type_name(full)
+    except BadTypeInNameException as exc:
+        raise ValueError(
+            f"{text!r} is not a DNS-SD service type such as _ssc._udp or _shure._tcp.local. ({exc})"
+        ) from None
+    return full
 
 
 def _text(properties: Mapping[bytes, bytes | None], keys: Sequence[str]) -> str | None:
@@ -118,7 +148,9 @@ class MdnsBrowser:
     """Browses DNS-SD service types and reports every resolved service as a :class:`FoundDevice`.
 
     ``on_found`` is called in the event loop. Pass ``zeroconf`` to share an instance (it is
-    then not closed here); otherwise one is created bound to ``interfaces``.
+    then not closed here); otherwise one is created bound to ``interfaces``. A service type may
+    leave out ``.local.`` (see :func:`full_service_type`); one that is no DNS-SD type raises
+    ``ValueError``.
     """
 
     def __init__(
@@ -132,7 +164,7 @@ class MdnsBrowser:
     ) -> None:
         self._on_found = on_found
         self.interfaces = tuple(interfaces)
-        self.service_types = tuple(dict.fromkeys(t if t.endswith(".") else t + "." for t in service_types))
+        self.service_types = tuple(dict.fromkeys(full_service_type(t) for t in service_types))
         self.resolve_timeout_s = resolve_timeout_s
         self.stats = MdnsStats()
         self._shared = zeroconf

@@ -55,6 +55,9 @@ CONTROL_PORT_TAG = "x-micboard-control-port"
 """Attribute a simulator adds when its control port is not the standard 2202."""
 
 _VERSION = 2
+# What the device model's text fields hold: a longer user name would fail the snapshot of a
+# device adopted with it (the driver reports the name it was found under).
+_MAX_TEXT = 128
 _HEADER = struct.Struct(">BB3sH3sHH")  # version, function, length, flags, next ext, xid, lang len
 _MAX_DATAGRAM = 65_535
 _DCID_IN_DMP = re.compile(
@@ -319,9 +322,9 @@ def found_from_attributes(attributes: dict[str, str], address: str) -> FoundDevi
         port=port,
         vendor=vendor,
         family=family,
-        model=model,
+        model=None if model is None else model[:_MAX_TEXT],
         device_id=cid,
-        name=attributes.get("acn-uacn") or None,
+        name=attributes.get("acn-uacn", "")[:_MAX_TEXT] or None,
         supported=family is not None,
     )
 

@@ -398,7 +398,9 @@ class SscDriver(ReceiverDriver):
             address=self.target.address,
             port=self.target.port,
             identity=self._identity,
-            name=self._device_name,
+            # The name configured for a static device wins over the one the device reports,
+            # as with Shure: it is what the operator chose to see.
+            name=self.target.name or self._device_name,
             channels=channels,
         )
         if force or device != self._device:

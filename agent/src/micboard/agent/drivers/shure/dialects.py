@@ -25,6 +25,8 @@ _UNKNOWN_WORDS = frozenset({"UNKN", "UNKNOWN", "", "NONE", "N/A"})
 RUN_TIME_COMMUNICATION_WARNING = 65533
 RUN_TIME_CALCULATING = 65534
 _NO_TRANSMITTER = Transmitter()
+MAX_TEXT = 128
+"""Characters a text value of the model (``ShortText``) may hold."""
 
 
 class TxParams(NamedTuple):
@@ -59,7 +61,9 @@ def _word(raw: str | None) -> str | None:
     if raw is None:
         return None
     text = raw.strip()
-    return None if text.upper() in _UNKNOWN_WORDS else text
+    # The model's text fields hold 128 characters: a longer value (odd firmware, a hostile
+    # device) is cut, as the SSC mapping cuts it, rather than failing the whole snapshot.
+    return None if text.upper() in _UNKNOWN_WORDS else text[:MAX_TEXT]
 
 
 def _on_off(raw: str | None) -> bool | None:
