@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 
+import pytest
+
 from micboard.agent.discovery import FoundDevice
 from micboard.agent.drivers.base import DriverOptions
+from micboard.agent.drivers.sennheiser import SscSimulator
 from micboard.agent.drivers.shure import ShureSimulator
 from micboard.agent.supervisor import DeviceSupervisor
 from micboard.shared.model import ChannelMeter, Device, Family, Vendor
@@ -128,3 +132,76 @@ async def test_driver_counters_never_go_back_when_a_driver_is_replaced_or_remove
         await supervisor.close()
         await here.stop()
         await there.stop()
+
+
+SSC_FAST = DriverOptions(
+    connect_timeout_s=0.5,
+    backoff_initial_s=0.1,
+    backoff_max_s=0.2,
+    poll_interval_s=0.3,
+    silence_timeout_s=1.0,
+)
+
+
+def found_ssc(port: int) -> FoundDevice:
+    """An SSC receiver as its DNS-SD announcement gives it: an address, no id."""
+    return FoundDevice(
+        source="mdns", address="127.0.0.1", port=port, vendor=Vendor.SENNHEISER, family=Family.EWDX
+    )
+
+
+async def test_a_receiver_found_at_a_new_address_is_recognised_by_its_serial_not_duplicated() -> None:
+    first = SscSimulator("ewdx-em2", port=0, seed=7)
+    await first.start()
+    moved: SscSimulator | None = None
+    recorder = Recorder()
+    supervisor = DeviceSupervisor(recorder, SSC_FAST, restart_initial_s=0.1)
+    try:
+        old_key = await supervisor.adopt(found_ssc(first.port))
+        assert old_key is not None
+        await eventually(lambda: ("device", old_key) in recorder.calls)
+        # DHCP gives the receiver another address: the old one goes quiet, it answers at the new one.
+        await first.stop()
+        moved = SscSimulator("ewdx-em2", port=0, seed=7)
+        await moved.start()
+        assert moved.serial == first.serial and moved.port != first.port
+        new_key = await supervisor.adopt(found_ssc(moved.port))
+        assert new_key is not None and new_key != old_key  # no id in the announcement: its address
+        await eventually(lambda: supervisor.keys() == [old_key], timeout_s=15)
+        known = supervisor.get(old_key)
+        assert known is not None and known.target.port == moved.port
+        assert supervisor.stats.moved == 1
+        # Reported again under the key the fleet knows; nothing was ever reported under the new one.
+        merged_at = recorder.calls.index(("forget", new_key))
+        await eventually(lambda: ("device", old_key) in recorder.calls[merged_at:])
+        assert ("device", new_key) not in recorder.calls and ("meters", new_key) not in recorder.calls
+        # The announcement seen again is that same device.
+        assert await supervisor.adopt(found_ssc(moved.port)) == old_key
+    finally:
+        await supervisor.close()
+        await first.stop()
+        if moved is not None:
+            await moved.stop()
+
+
+async def test_two_receivers_answering_under_one_id_are_both_kept(caplog: pytest.LogCaptureFixture) -> None:
+    # Two receivers that report the same id (as two Shure receivers left with one device id
+    # would), both answering: told apart once the first one's link stays up, and both reported.
+    one = SscSimulator("ewdx-em2", port=0, seed=9)
+    two = SscSimulator("ewdx-em2", port=0, seed=9)
+    await one.start()
+    await two.start()
+    recorder = Recorder()
+    supervisor = DeviceSupervisor(recorder, SSC_FAST, restart_initial_s=0.1)
+    try:
+        first = await supervisor.adopt(found_ssc(one.port))
+        await eventually(lambda: ("device", first) in recorder.calls)
+        with caplog.at_level(logging.WARNING, logger="micboard.agent.supervisor"):
+            second = await supervisor.adopt(found_ssc(two.port))
+            await eventually(lambda: ("device", second) in recorder.calls, timeout_s=10)
+        assert sorted(supervisor.keys()) == sorted([first, second]) and supervisor.stats.moved == 0
+        assert "two devices report the same id; both are kept" in caplog.text
+    finally:
+        await supervisor.close()
+        await one.stop()
+        await two.stop()

@@ -5,6 +5,14 @@ when discovery or the static list adopts a device, restarts it with capped, jitt
 when its task crashes (logged and counted), re-targets it when the same device shows up at a
 new address, and stops every driver cleanly on close. It is the drivers'
 :class:`~micboard.agent.drivers.base.DeviceListener` and hands what they report on.
+
+A device found without an id (an SSC receiver's DNS-SD announcement carries none) is known by
+its address until its driver reads its serial. If that serial belongs to a device already
+supervised whose link is down, the device moved (DHCP): the known device is re-targeted to the
+new address and the new entry dropped before anything of it was reported, so the fleet sees
+one receiver, not a second one. While the known device's link is still up (its dead-link
+timeout not over yet), the new entry's reports wait; two devices answering at once under one
+id are two devices, and both are reported.
 """
 
 from __future__ import annotations
@@ -91,6 +99,12 @@ class Supervised:
     task: asyncio.Task[None] | None = None
     crashes: int = 0
     last_error: str | None = None
+    online: bool = False
+    link_down: asyncio.Event = field(default_factory=asyncio.Event)
+    # The latest state of a device being told apart from a known one with its id (see module doc).
+    held: Device | None = None
+    holding: asyncio.Task[None] | None = None
+    distinct: bool = False
 
 
 class DeviceSupervisor:
@@ -229,6 +243,8 @@ class DeviceSupervisor:
             for identity in supervised.identities:
                 self._by_identity.pop(identity, None)
             self.stats.removed += 1
+            if supervised.holding is not None:
+                supervised.holding.cancel()
             await self._stop_driver(supervised)
             self._retire(supervised)
             self.listener.forget(device_key)
@@ -238,6 +254,9 @@ class DeviceSupervisor:
         """Stop every driver (politely, then by cancelling); safe to call twice."""
         self._closed = True
         devices = list(self._devices.values())
+        for supervised in devices:
+            if supervised.holding is not None:
+                supervised.holding.cancel()
         await asyncio.gather(*(self._stop_driver(s) for s in devices))
 
     # -- one device's task --------------------------------------------------------------
@@ -295,16 +314,109 @@ class DeviceSupervisor:
     # -- DeviceListener: forward what the drivers say ----------------------------------
 
     def device_updated(self, device: Device) -> None:
-        """Forward a driver's state to the listener."""
-        if device.device_key in self._devices:
-            self.listener.device_updated(device)
+        """Forward a driver's state to the listener (unless it is a known device that moved)."""
+        supervised = self._devices.get(device.device_key)
+        if supervised is None or self._held(supervised, device):
+            return
+        self.listener.device_updated(device)
 
     def meters_updated(self, device_key: str, meters: Sequence[ChannelMeter]) -> None:
         """Forward a driver's meters to the listener."""
-        if device_key in self._devices:
+        supervised = self._devices.get(device_key)
+        if supervised is not None and supervised.held is None:
             self.listener.meters_updated(device_key, meters)
 
     def link_changed(self, device_key: str, online: bool, reason: str) -> None:
         """Forward a driver's link change to the listener."""
-        if device_key in self._devices:
+        supervised = self._devices.get(device_key)
+        if supervised is None:
+            return
+        supervised.online = online
+        if online:
+            supervised.link_down.clear()
+        else:
+            supervised.link_down.set()
+        if supervised.held is None:
             self.listener.link_changed(device_key, online, reason)
+
+    # -- a device found again under a new address ---------------------------------------
+
+    def _held(self, supervised: Supervised, device: Device) -> bool:
+        """Whether ``device``'s report is kept back: it is (or may be) a known device that moved."""
+        if supervised.held is not None:
+            supervised.held = device  # still being told apart: the latest state waits
+            return True
+        if supervised.distinct or not device.device_id:
+            return False
+        identity = f"id:{device.vendor.value}:{device.device_id}"
+        owner_key = self._by_identity.get(identity)
+        owner = self._devices.get(owner_key) if owner_key is not None else None
+        if owner is None or owner is supervised or owner.target.family is not supervised.target.family:
+            if owner is None:
+                supervised.identities.add(identity)
+                self._by_identity[identity] = supervised.key
+            return False
+        supervised.held = device
+        supervised.holding = asyncio.get_running_loop().create_task(
+            self._tell_apart(supervised, owner), name=f"tell-apart-{supervised.key}"
+        )
+        return True
+
+    async def _tell_apart(self, new: Supervised, owner: Supervised) -> None:
+        """Merge ``new`` into ``owner`` once ``owner``'s link is down, or report ``new`` as its own device."""
+        # The owner's driver notices a dead link within its silence timeout; a little more for
+        # its report to arrive.
+        if owner.online:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.options.silence_timeout_s + 1.0):
+                    await owner.link_down.wait()
+        async with self._lock:
+            if self._devices.get(new.key) is not new:
+                return  # removed meanwhile
+            if self._devices.get(owner.key) is owner and not owner.online:
+                await self._merge(new, owner)
+                return
+            if self._devices.get(owner.key) is owner:
+                # Both answer: two devices that share an id (a Shure device id is a name users set).
+                log.warning(
+                    "two devices report the same id; both are kept",
+                    extra={"device_key": new.key, "other": owner.key},
+                )
+            # Told apart (or the known device was removed meanwhile): reported from now on.
+            new.distinct = True
+            held, new.held, new.holding = new.held, None, None
+            if held is not None:
+                self.listener.link_changed(new.key, True, "connected")
+                self.listener.device_updated(held)
+
+    async def _merge(self, new: Supervised, owner: Supervised) -> None:
+        """``new`` is ``owner`` at another address: re-target ``owner`` there and drop ``new``."""
+        self._devices.pop(new.key, None)
+        new.holding = None
+        await self._stop_driver(new)
+        self._retire(new)
+        self.listener.forget(new.key)
+        old = owner.target
+        # The old address is no longer this device's: a device given it later is another one.
+        for identity in [i for i in owner.identities if i.startswith("at:")]:
+            owner.identities.discard(identity)
+            if self._by_identity.get(identity) == owner.key:
+                del self._by_identity[identity]
+        for identity in new.identities:
+            owner.identities.add(identity)
+            self._by_identity[identity] = owner.key
+        owner.target = DeviceTarget(
+            new.target.address, new.target.port, new.target.family, owner.key, old.name or new.target.name
+        )
+        self.stats.moved += 1
+        log.info(
+            "device moved",
+            extra={
+                "device_key": owner.key,
+                "from": f"{old.address}:{old.port}",
+                "to": f"{new.target.address}:{new.target.port}",
+                "recognised_by": "its id, read from the device",
+            },
+        )
+        await self._stop_driver(owner)
+        self._start(owner)
