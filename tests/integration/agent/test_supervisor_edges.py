@@ -199,6 +199,7 @@ async def test_two_receivers_answering_under_one_id_are_both_kept(caplog: pytest
         with caplog.at_level(logging.WARNING, logger="micboard.agent.supervisor"):
             second = await supervisor.adopt(found_ssc(two.port))
             await eventually(lambda: ("device", second) in recorder.calls, timeout_s=10)
+        assert first is not None and second is not None
         assert sorted(supervisor.keys()) == sorted([first, second]) and supervisor.stats.moved == 0
         assert "two devices report the same id; both are kept" in caplog.text
     finally:

@@ -40,6 +40,7 @@ from micboard.shared import __version__
 from micboard.shared.errors import MicboardError
 from micboard.shared.logs import configure_logging
 from micboard.shared.model import ChannelMeter, Device
+from micboard.shared.settings import unknown_variables
 
 log = logging.getLogger("micboard.agent")
 
@@ -304,6 +305,10 @@ async def _check(args: argparse.Namespace) -> int:
         return 2
     source = str(args.config) if args.config else "environment"
     _out(f"ok   config: {source} (site {settings.site}, agent {settings.agent})")
+    # Logged at warning level by the load, below this command's ERROR: said here, where a
+    # misspelt variable is looked for. A warning, not a failure: another program may read it.
+    for name, meant in unknown_variables(AgentSettings):
+        _out(f"warn config: unknown setting {name} ignored" + (f"; did you mean {meant}?" if meant else ""))
     failures = 0
     url = settings.nats_url or DEFAULT_NATS_URL
     try:

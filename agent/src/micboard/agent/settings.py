@@ -15,7 +15,7 @@ from micboard.shared.envelope import Token
 from micboard.shared.errors import ConfigError
 from micboard.shared.model import Family
 from micboard.shared.secret_files import check_config_file
-from micboard.shared.settings import MicboardSettings, StrList, load_settings
+from micboard.shared.settings import MicboardSettings, StrList, build_settings, load_settings
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 
@@ -187,4 +187,5 @@ def load_agent_settings(config_file: Path | None = None, **overrides: Any) -> Ag
     # Environment beats file: only take file values for fields the environment left unset.
     explicit = settings.model_fields_set
     merged = {k: v for k, v in file_values.items() if k not in explicit}
-    return load_settings(AgentSettings, **{**merged, **overrides})
+    # The environment is the same as above: its unknown variables were reported then.
+    return build_settings(AgentSettings, **{**merged, **overrides})

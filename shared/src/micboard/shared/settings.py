@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BeforeValidator, Field, ValidationError
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, DotEnvSettingsSource, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
 from micboard.shared.errors import ConfigError
 from micboard.shared.secret_files import check_config_file
 
+log = logging.getLogger(__name__)
+
 _SettingsT = TypeVar("_SettingsT", bound="MicboardSettings")
+
+NOT_SETTINGS: frozenset[str] = frozenset(
+    {
+        # Options of deploy/pi/install.sh and deploy/collector/install.sh.
+        "MICBOARD_PREFIX",
+        "MICBOARD_CONFIG_DIR",
+        "MICBOARD_UNIT_DIR",
+        # The test suite's services and tools (tests/conftest.py, tests/browser/conftest.py, CI).
+        "MICBOARD_TEST_PG_DSN",
+        "MICBOARD_TEST_NATS_URL",
+        "MICBOARD_TEST_CHROMIUM",
+    }
+)
+"""``MICBOARD_*`` variables that are not settings but are read by scripts and the test suite.
+
+They may sit in the environment of a program on purpose, so loading settings never calls them unknown.
+"""
 
 
 def _listed(value: Any) -> Any:
@@ -56,10 +79,102 @@ class MicboardSettings(BaseSettings):
     max_message_bytes: int = Field(default=256 * 1024, ge=1024, le=64 * 1024 * 1024)
 
 
+def _variable_names(cls: type[MicboardSettings]) -> set[str]:
+    """Names of the environment variables and of the variables in ``cls``'s ``.env`` file(s)."""
+    # The .env is read the way pydantic-settings reads it (same files, same parser), keeping the
+    # case of each name so that the warning names the variable as it is written.
+    in_env_file = DotEnvSettingsSource(cls, case_sensitive=True).env_vars
+    return {*os.environ, *in_env_file}
+
+
+def _other_programs_fields() -> set[str]:
+    """The settings of the agent and the collector, those of them installed here.
+
+    One environment (the demo, a ``.env`` made from ``.env.example``) may hold both programs'
+    settings: a variable the other program reads is not unknown.
+    """
+    fields: set[str] = set()
+    for module, name in (
+        ("micboard.agent.settings", "AgentSettings"),
+        ("micboard.collector.settings", "CollectorSettings"),
+    ):
+        try:
+            found = getattr(importlib.import_module(module), name)
+        except ImportError:
+            continue  # that program is not installed here
+        fields.update(found.model_fields)
+    return fields
+
+
+def unknown_variables(cls: type[MicboardSettings]) -> list[tuple[str, str | None]]:
+    """The ``MICBOARD_*`` variables (environment, ``.env``) naming no setting, with the likeliest one meant.
+
+    No setting of ``cls``, nor of the other micboard program if it is installed, nor one of
+    :data:`NOT_SETTINGS`.
+    """
+    return _unknown_variables(cls, _variable_names(cls))
+
+
+def _unknown_variables(cls: type[MicboardSettings], names: set[str]) -> list[tuple[str, str | None]]:
+    """Each of ``names`` that has ``cls``'s prefix but names no field of it, with the likeliest one meant."""
+    prefix = cls.model_config.get("env_prefix", "").upper()
+    delimiter = cls.model_config.get("env_nested_delimiter") or None
+    elsewhere = _other_programs_fields()
+    # The setting meant may be the other program's: a misspelling there is as easy to make.
+    fields = sorted(set(cls.model_fields) | elsewhere)
+    unknown = []
+    for name in sorted(names):
+        # pydantic-settings matches names without regard to case (case_sensitive is not set).
+        upper = name.upper()
+        if not prefix or not upper.startswith(prefix) or upper in NOT_SETTINGS:
+            continue
+        # MICBOARD_<FIELD>__<KEY> sets a key of a nested setting: the field part is what must exist.
+        rest = upper[len(prefix) :]
+        field = (rest.split(delimiter, 1)[0] if delimiter else rest).lower()
+        if field in cls.model_fields or field in elsewhere:
+            continue
+        # Matched without the prefix, which every name shares and which would make any two alike.
+        close = difflib.get_close_matches(field, fields, n=1)
+        unknown.append((name, f"{prefix}{close[0].upper()}" if close else None))
+    return unknown
+
+
+def _warn_unknown_variables(cls: type[MicboardSettings]) -> None:
+    # extra="ignore" lets a variable meant for the other program share an environment file with
+    # this one's, but it also drops a misspelt name without a word (MICBOARD_NATS_ULR left the
+    # agent on 127.0.0.1). Each such name gets a warning; refusing would stop a process over a
+    # variable that another program reads.
+    for name, suggestion in unknown_variables(cls):
+        if suggestion:
+            log.warning("unknown setting %s ignored; did you mean %s?", name, suggestion)
+        else:
+            log.warning("unknown setting %s ignored", name)
+
+
 def load_settings(cls: type[_SettingsT], **overrides: Any) -> _SettingsT:
-    """Build settings from the environment and ``overrides``, turning errors into :class:`ConfigError`."""
+    """Build settings from the environment and ``overrides``, turning errors into :class:`ConfigError`.
+
+    Every ``MICBOARD_*`` variable (environment or ``.env``) that names no setting of ``cls``, and
+    is not one of :data:`NOT_SETTINGS`, is logged as a warning, once per call.
+    """
+    _check_env_file()
+    # Before building: a misspelt name is worth knowing about when the settings are refused too.
+    _warn_unknown_variables(cls)
+    return _build(cls, overrides)
+
+
+def build_settings(cls: type[_SettingsT], **overrides: Any) -> _SettingsT:
+    """:func:`load_settings` without the warnings, for a second build from the same environment."""
+    _check_env_file()
+    return _build(cls, overrides)
+
+
+def _check_env_file() -> None:
     # A .env may hold passwords or tokens: refuse it when world-readable.
     check_config_file(Path(".env"), what=".env file")
+
+
+def _build(cls: type[_SettingsT], overrides: dict[str, Any]) -> _SettingsT:
     try:
         return cls(**overrides)
     except SettingsError as exc:
