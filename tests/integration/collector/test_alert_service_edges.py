@@ -297,6 +297,45 @@ async def test_an_alert_resolved_by_hand_while_its_condition_holds_opens_again_a
     assert kinds(await service.sweep(now_ms=T0 + 6_000)) == [("opened", "device_offline")]
 
 
+async def test_a_receiver_gone_offline_lets_its_battery_alerts_age_out_as_unknown(
+    engine: AsyncEngine,
+) -> None:
+    sync = SynchronizationService()
+    low = Device(
+        device_key=KEY,
+        vendor=Vendor.SHURE,
+        family=Family.ULXD,
+        channels=(ReceiverChannel(index=1, name="HH01", transmitter=Transmitter(battery_percent=20)),),
+    )
+    service = AlertService(engine)
+    async with engine.begin() as conn:
+        await sync.apply(
+            conn,
+            DeviceEvent(
+                site=SITE, agent=AGENT, boot="b1", seq=1, ts=T0, body=DeviceBody(device_key=KEY, snapshot=low)
+            ),
+        )
+    opened = await transition(service, engine, None, low, None, "online", T0)
+    assert ("opened", "battery_low") in kinds(opened)
+    # Packed away after the show: the receiver goes offline an hour after its last reading.
+    gone_at = T0 + 3_600_000
+    async with engine.begin() as conn:
+        await sync.apply(
+            conn,
+            OfflineEvent(
+                site=SITE, agent=AGENT, boot="b1", seq=2, ts=gone_at, body=OfflineBody(device_key=KEY)
+            ),
+        )
+    await transition(service, engine, low, low, "online", "offline", gone_at)
+    # "Previously low" for battery_unknown_keep_s (30 min) from when it went offline, not from
+    # its last reading an hour before; then the battery is no longer known and the alert goes.
+    assert await service.sweep(now_ms=gone_at + 1_000) == []
+    aged = await service.sweep(now_ms=gone_at + 1_800_000 + 1)
+    assert kinds(aged) == [("resolved", "battery_low")] and aged[0].alert.resolved_by == "system"
+    # The receiver's own offline alert stays: it is still offline.
+    assert [a.rule for a in await service.list_alerts(states=[AlertState.OPEN])] == [AlertRule.DEVICE_OFFLINE]
+
+
 async def test_meter_races_between_two_collectors_and_manual_resolution(engine: AsyncEngine) -> None:
     # No threshold cache: every meter goes through the store, as just after a restart.
     first = AlertService(engine, rules_cache_s=0)

@@ -16,7 +16,8 @@ Hysteresis: a value-based alert opens at its threshold but clears only beyond th
 margin, and only after the value stayed clear for a hold time (``resolve_hold_s``, 10 s for
 clipping since peaks are held that long); readings inside the margin change nothing. Status rules
 (offline, stale) follow discrete events and clear at once. A battery that turns unknown keeps its
-alert ("previously critical") until ``battery_unknown_keep_s`` after its last valid reading.
+alert ("previously critical") until ``battery_unknown_keep_s`` after its last valid reading;
+the batteries of a receiver that goes offline turn unknown then.
 
 Lifecycle: open -> acknowledged -> resolved, each step with who and when; the system resolves
 open or acknowledged alerts whose condition cleared (``resolved_by="system"``).
@@ -637,6 +638,18 @@ class AlertService:
             results += await self._resolve_gone(conn, active, gone, now)
         # Value, hold and "last seen" writes to alerts in force run together at the end of the batch.
         deferred = _DeferredUpdates()
+        for change in changes:
+            if change.status_after == "offline" and change.status_before != "offline":
+                # A receiver gone offline says nothing of its batteries any more: as for a
+                # transmitter switched off, its battery alerts are "previously ..." from now and
+                # age out after battery_unknown_keep_s unless it comes back.
+                for (_target, rule), row in active.items():
+                    if (
+                        rule in _BATTERY_RULES
+                        and row["agent"] == change.agent
+                        and row["device_key"] == change.device_key
+                    ):
+                        deferred.add(row["id"], {"observed_ms": now})
         for _change, conditions, unknown_now in planned:
             if gone:
                 conditions = [c for c in conditions if c.target not in gone]
@@ -1006,7 +1019,13 @@ class AlertService:
 
     async def _sweep_unknown_batteries(self, conn: AsyncConnection, now: int) -> list[AlertChange]:
         query = (
-            select(alerts, channels.c.tx_present, channels.c.battery_bars, channels.c.battery_percent)
+            select(
+                alerts,
+                channels.c.tx_present,
+                channels.c.battery_bars,
+                channels.c.battery_percent,
+                devices.c.status.label("device_status"),
+            )
             .select_from(
                 alerts.outerjoin(
                     devices,
@@ -1025,14 +1044,17 @@ class AlertService:
                     channels.c.tx_present.is_(None),
                     channels.c.tx_present.is_(false()),
                     and_(channels.c.battery_bars.is_(None), channels.c.battery_percent.is_(None)),
+                    devices.c.status == "offline",
                 ),
             )
         )
         rows = (await conn.execute(query)).mappings().all()
         changes: list[AlertChange] = []
         for row in rows:
-            unknown = not row["tx_present"] or (
-                row["battery_bars"] is None and row["battery_percent"] is None
+            unknown = (
+                not row["tx_present"]
+                or (row["battery_bars"] is None and row["battery_percent"] is None)
+                or row["device_status"] == "offline"
             )
             if not unknown:
                 continue
