@@ -643,13 +643,13 @@ class AlertService:
                 # A receiver gone offline says nothing of its batteries any more: as for a
                 # transmitter switched off, its battery alerts are "previously ..." from now and
                 # age out after battery_unknown_keep_s unless it comes back.
-                for (_target, rule), row in active.items():
+                for (_target, rule), alert_row in active.items():
                     if (
                         rule in _BATTERY_RULES
-                        and row["agent"] == change.agent
-                        and row["device_key"] == change.device_key
+                        and alert_row["agent"] == change.agent
+                        and alert_row["device_key"] == change.device_key
                     ):
-                        deferred.add(row["id"], {"observed_ms": now})
+                        deferred.add(alert_row["id"], {"observed_ms": now})
         for _change, conditions, unknown_now in planned:
             if gone:
                 conditions = [c for c in conditions if c.target not in gone]
