@@ -19,6 +19,7 @@ from tests import live_messages
 
 from micboard.agent.publisher import EnvelopeFactory, JetStreamPublisher
 from micboard.collector.api import live_ws
+from micboard.collector.api.auth import Role, TokenStore
 from micboard.collector.api.context import context_of
 from micboard.collector.app import Collector
 from micboard.collector.services.alerts import AlertService
@@ -104,6 +105,37 @@ async def test_auth_is_required(sqlite_api: LiveApi, monkeypatch: pytest.MonkeyP
     started = time.monotonic()
     await ws.receive(timeout=3)
     assert ws.close_code == 4401 and time.monotonic() - started < 2
+
+
+async def test_a_revoked_tokens_connections_are_closed(sqlite_api: LiveApi) -> None:
+    api = sqlite_api
+    store = TokenStore(api.engine)
+    here, here_token = await store.create("wall-screen", Role.VIEWER)
+    elsewhere, elsewhere_token = await store.create("laptop", Role.VIEWER)
+    sockets = {}
+    for name, token in (("here", here_token), ("elsewhere", elsewhere_token), ("kept", api.tokens["viewer"])):
+        ws = await connect(api, token=token)
+        await ws.send_json({"type": "subscribe", "scope": "fleet"})
+        await next_of(ws, "snapshot")
+        sockets[name] = ws
+    # Revoked through the API: its connection closes at once.
+    status, _body, _ = await api.call("DELETE", f"/api/v1/tokens/{here.id}", role="admin")
+    assert status == 204
+    msg = await sockets["here"].receive(timeout=3)
+    assert msg.type is aiohttp.WSMsgType.CLOSE and sockets["here"].close_code == 4401
+    assert msg.extra == "auth.revoked"
+    # Revoked by another collector or the CLI (straight in the store): found by the periodic
+    # check, within the time a REST call with it would still pass on a cached verdict.
+    assert await TokenStore(api.engine).revoke(elsewhere.id)
+    msg = await sockets["elsewhere"].receive(timeout=live_ws.TOKEN_CACHE_S + 3)
+    assert msg.type is aiohttp.WSMsgType.CLOSE and sockets["elsewhere"].close_code == 4401
+    # Other tokens' connections go on, through further checks.
+    with pytest.raises(TimeoutError):
+        await sockets["kept"].receive(timeout=1.0)
+    assert not sockets["kept"].closed
+    feed = context_of(api.app).live
+    assert feed is not None and feed.stats.revoked == 2
+    await sockets["kept"].close()
 
 
 async def test_snapshots_by_scope(sqlite_api: LiveApi) -> None:

@@ -14,6 +14,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -96,6 +97,8 @@ class TokenStore:
         self.engine = engine
         self.cache_s = cache_s
         self._cache: dict[str, tuple[Principal, float]] = {}
+        # Told of each token revoked here at once (the live feed closes its connections).
+        self.on_revoke: list[Callable[[int], None]] = []
 
     async def create(self, name: str, role: Role, *, token: str | None = None) -> tuple[TokenRecord, str]:
         """Store a new token (random unless given) and return its record and the token itself."""
@@ -149,7 +152,25 @@ class TokenStore:
                 update(api_tokens).where(api_tokens.c.id == token_id).values(revoked=True)
             )
         self._cache = {k: v for k, v in self._cache.items() if v[0].token_id != token_id}
+        if result.rowcount:
+            for listener in self.on_revoke:
+                listener(token_id)
         return bool(result.rowcount)
+
+    async def gone(self, token_ids: Iterable[int]) -> set[int]:
+        """Those of ``token_ids`` revoked or deleted since (by this process, another or the CLI)."""
+        wanted = set(token_ids)
+        if not wanted:
+            return set()
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(api_tokens.c.id).where(
+                        api_tokens.c.id.in_(wanted), api_tokens.c.revoked.is_(False)
+                    )
+                )
+            ).all()
+        return wanted - {row[0] for row in rows}
 
     async def verify(self, token: str) -> Principal | None:
         """The principal of a valid, unrevoked token, or ``None``."""

@@ -50,8 +50,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
-from micboard.collector.api.auth import Authenticator
+from micboard.collector.api.auth import TOKEN_CACHE_S, Authenticator, Principal
 from micboard.collector.api.errors import ApiError
 from micboard.collector.api.models import AlertItem
 from micboard.collector.live import LiveHub, LiveMessage, Topic
@@ -97,6 +98,7 @@ class LiveStats:
     connections: int = 0
     slow_dropped: int = 0
     auth_failed: int = 0
+    revoked: int = 0  # connections closed because their token was revoked
     messages: int = 0
     snapshots: int = 0
     snapshots_shared: int = 0
@@ -224,6 +226,8 @@ def _meters_message(parts: Sequence[bytes]) -> bytes:
 class _Client:
     ws: web.WebSocketResponse
     limit: int
+    # The API token it authenticated with: a revoked token's connections are closed.
+    token_id: int | None = None
     scope: _Scope | None = None
     # Whether live levels are wanted: a view that shows none (the fleet's site cards) says no.
     meters: bool = True
@@ -379,6 +383,8 @@ class LiveFeed:
         # Every open socket, subscribed or not, so that close() can end each handler: the HTTP
         # runner waits for running handlers at shutdown.
         self._sockets: set[web.WebSocketResponse] = set()
+        # Every authenticated client, subscribed or not, for closing those of a revoked token.
+        self._authenticated: set[_Client] = set()
         self._lock = asyncio.Lock()
         self._pending = _Pending()
         self._wake = asyncio.Event()
@@ -413,7 +419,9 @@ class LiveFeed:
             asyncio.create_task(self._meter_loop(), name="live-meters"),
             asyncio.create_task(self._site_loop(), name="live-sites"),
             asyncio.create_task(self._keepalive_loop(), name="live-keepalive"),
+            asyncio.create_task(self._token_loop(), name="live-tokens"),
         ]
+        self.auth.tokens.on_revoke.append(self.revoked)
 
     async def close(self) -> None:
         """Stop the tasks, unsubscribe and close every client (going away)."""
@@ -422,6 +430,8 @@ class LiveFeed:
                 await self._nats_sub.unsubscribe()
             self._nats_sub = None
         self._hub_sub.close()
+        with contextlib.suppress(ValueError):
+            self.auth.tokens.on_revoke.remove(self.revoked)
         await cancel_all(self._tasks)
         self._tasks = []
         await asyncio.gather(*(_close_going_away(ws) for ws in list(self._sockets)))
@@ -718,6 +728,35 @@ class LiveFeed:
                 for item in items:
                     self._send_channel(item)
 
+    def revoked(self, token_id: int) -> None:
+        """Close, now, every connection that authenticated with ``token_id`` (revoked here)."""
+        for client in [c for c in self._authenticated if c.token_id == token_id]:
+            self._end_revoked(client)
+
+    def _end_revoked(self, client: _Client) -> None:
+        self._authenticated.discard(client)
+        self.stats.revoked += 1
+        log.info("live connection closed: its token was revoked", extra={"token_id": client.token_id})
+        # The close frame ends the client's receive loop, which cleans up as for any close.
+        self._tasks.append(asyncio.create_task(_close_revoked(client.ws), name="live-revoked-close"))
+
+    async def _token_loop(self) -> None:
+        # A token revoked by another collector or the CLI: found within the API's own token
+        # cache time, as a REST call with it would be refused.
+        while True:
+            await asyncio.sleep(TOKEN_CACHE_S)
+            ids = {c.token_id for c in self._authenticated if c.token_id is not None}
+            if not ids:
+                continue
+            try:
+                gone = await self.auth.tokens.gone(ids)
+            except (SQLAlchemyError, OSError) as exc:
+                log.warning("live token check failed; retrying", extra={"error": str(exc)})
+                continue
+            for client in [c for c in self._authenticated if c.token_id in gone]:
+                self._end_revoked(client)
+            self._tasks = [t for t in self._tasks if not t.done()]
+
     async def _keepalive_loop(self) -> None:
         while True:
             await asyncio.sleep(KEEPALIVE_S)
@@ -954,9 +993,11 @@ class LiveFeed:
             self._sockets.discard(ws)
 
     async def _serve(self, request: web.Request, ws: web.WebSocketResponse) -> web.WebSocketResponse:
-        if not await self._authenticate(request, ws):
+        principal = await self._authenticate(request, ws)
+        if principal is None:
             return ws
-        client = _Client(ws, self.queue_messages)
+        client = _Client(ws, self.queue_messages, token_id=principal.token_id)
+        self._authenticated.add(client)
         writer = asyncio.create_task(self._write(client), name="live-writer")
         try:
             async for msg in ws:
@@ -978,6 +1019,7 @@ class LiveFeed:
                     break
         finally:
             client.gone = True
+            self._authenticated.discard(client)
             self._leave(client)
             if client.slow:
                 # Let the writer deliver the close frame (1013) before giving up on the client.
@@ -995,7 +1037,7 @@ class LiveFeed:
         if not client.offer([orjson.dumps({"type": "error", "code": code, "detail": detail})]):
             self._drop(client)
 
-    async def _authenticate(self, request: web.Request, ws: web.WebSocketResponse) -> bool:
+    async def _authenticate(self, request: web.Request, ws: web.WebSocketResponse) -> Principal | None:
         try:
             msg = await asyncio.wait_for(ws.receive(), AUTH_TIMEOUT_S)
         except TimeoutError:
@@ -1009,13 +1051,12 @@ class LiveFeed:
             if isinstance(data, dict) and data.get("type") == "auth" and isinstance(data.get("token"), str):
                 token = data["token"]
         try:
-            await self.auth.check_token(request.remote or "-", token)
+            return await self.auth.check_token(request.remote or "-", token)
         except ApiError as exc:
             self.stats.auth_failed += 1
             code = CLOSE_RATE_LIMITED if exc.status == 429 else CLOSE_AUTH_FAILED
             await ws.close(code=code, message=exc.code.encode())
-            return False
-        return True
+            return None
 
     async def _write(self, client: _Client) -> None:
         # One wake-up per burst, not per message: everything queued meanwhile goes out as one
@@ -1055,6 +1096,11 @@ class LiveFeed:
                         ws.close(code=CLOSE_SLOW, message=b"slow consumer"), SEND_TIMEOUT_S
                     )
                 return
+
+
+async def _close_revoked(ws: web.WebSocketResponse) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(ws.close(code=CLOSE_AUTH_FAILED, message=b"auth.revoked"), SEND_TIMEOUT_S)
 
 
 async def _close_going_away(ws: web.WebSocketResponse) -> None:
