@@ -19,7 +19,7 @@ from tests import live_messages
 
 from micboard.agent.publisher import EnvelopeFactory, JetStreamPublisher
 from micboard.collector.api import live_ws
-from micboard.collector.api.auth import Role, TokenStore
+from micboard.collector.api.auth import TOKEN_CACHE_S, Role, TokenStore
 from micboard.collector.api.context import context_of
 from micboard.collector.app import Collector
 from micboard.collector.services.alerts import AlertService
@@ -127,7 +127,7 @@ async def test_a_revoked_tokens_connections_are_closed(sqlite_api: LiveApi) -> N
     # Revoked by another collector or the CLI (straight in the store): found by the periodic
     # check, within the time a REST call with it would still pass on a cached verdict.
     assert await TokenStore(api.engine).revoke(elsewhere.id)
-    msg = await sockets["elsewhere"].receive(timeout=live_ws.TOKEN_CACHE_S + 3)
+    msg = await sockets["elsewhere"].receive(timeout=TOKEN_CACHE_S + 3)
     assert msg.type is aiohttp.WSMsgType.CLOSE and sockets["elsewhere"].close_code == 4401
     # Other tokens' connections go on, through further checks.
     with pytest.raises(TimeoutError):
