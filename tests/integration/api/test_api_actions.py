@@ -9,6 +9,7 @@ import nats
 from nats.aio.msg import Msg
 from sqlalchemy import insert
 
+from micboard.collector.api.context import context_of
 from micboard.collector.services.alerts import AlertService
 from micboard.collector.services.history import HistoryService
 from micboard.collector.store.schema_alerts import alerts
@@ -188,6 +189,29 @@ async def test_channel_history(api: LiveApi) -> None:
     assert 1 <= len(coarse["items"]) <= 2
     _, empty = await api.get("/api/v1/devices/1/channels/2/history", from_ms=0, to_ms=1000)
     assert empty == {"items": []}
+
+
+async def test_history_of_a_channel_the_device_no_longer_has_is_still_served(api: LiveApi) -> None:
+    await api.seed.devices("venue-a", "pi-a", [api.receiver("rx1", bars=(4, 5, 3, 2))])
+    at = int(time.time_ns() // 1_000_000) - 5 * 60_000
+    # Channel 3's samples are stored; channel 4's still wait in the answering process.
+    stored = HistoryService(api.engine)
+    stored.record_battery("venue-a", "pi-a", "rx1", [(3, 60, 3)], now_ms=at)
+    await stored.flush()
+    answering = context_of(api.app).history
+    assert answering is not None
+    answering.record_battery("venue-a", "pi-a", "rx1", [(4, 40, 2)], now_ms=at)
+    # Swapped for a two-channel receiver at the same address.
+    await api.seed.devices("venue-a", "pi-a", [api.receiver("rx1", bars=(4, 5))])
+    _, listed = await api.get("/api/v1/channels", device_id=1)
+    assert [c["index"] for c in listed["items"]] == [1, 2]
+    for index, percent in ((3, 60), (4, 40)):
+        status, body = await api.get(f"/api/v1/devices/1/channels/{index}/history", from_ms=at - 60_000)
+        assert status == 200, body
+        assert [p["battery_percent"] for p in body["items"]] == [percent]
+    # A channel it never had, with no history, is not found.
+    status, body = await api.get("/api/v1/devices/1/channels/5/history", from_ms=at - 60_000)
+    assert status == 404 and body["code"] == "device.channel_not_found"
 
 
 async def test_commands_reach_the_agent_and_report_its_outcome(api: LiveApi) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from tests.waiting import until
 
 if TYPE_CHECKING:
     from tests.integration.api.conftest import LiveApi
@@ -160,7 +162,84 @@ async def test_history_arguments_are_checked(api: LiveApi) -> None:
     await api.seed.devices("venue-a", "pi-a", [api.receiver("rx1")])
     status, body = await api.get("/api/v1/devices/1/channels/1/history", from_ms=2000, to_ms=1000)
     assert_problem(status, body, 400, "history.invalid_query")
+    # Named as the client gave them, not as the service calls them.
+    assert body["detail"] == "from_ms must be before to_ms"
+    status, body = await api.get("/api/v1/devices/1/channels/1/history", from_ms=api.now_ms() + 86_400_000)
+    assert_problem(status, body, 400, "history.invalid_query")
+    assert body["detail"] == "from_ms must be before to_ms (default: now)"
     status, body = await api.get("/api/v1/devices/1/channels/1/history", resolution_s=7)
     assert_problem(status, body, 400, "history.invalid_query")
     status, body = await api.get("/api/v1/devices/1/channels/65/history")
     assert_problem(status, body, 404, "device.channel_not_found")
+
+
+async def test_history_checks_the_device_before_the_channel(api: LiveApi) -> None:
+    await api.seed.devices("venue-a", "pi-a", [api.receiver("rx1", bars=(4, 5))])
+    # An unknown device is what is wrong, whatever the channel asked for.
+    for index in (1, 65, 9999):
+        status, body = await api.get(f"/api/v1/devices/42/channels/{index}/history")
+        assert_problem(status, body, 404, "device.not_found")
+    # A channel the two-channel receiver does not have, as the command endpoint says it.
+    for index in (3, 5, 65):
+        status, body = await api.get(f"/api/v1/devices/1/channels/{index}/history", from_ms=0)
+        assert_problem(status, body, 404, "device.channel_not_found")
+        assert body["detail"] == f"device 'rx1' on agent 'pi-a' has no channel {index}"
+    status, body = await api.get("/api/v1/devices/1/channels/2/history")
+    assert status == 200 and body == {"items": []}
+
+
+async def test_other_http_errors_have_their_own_code(api: LiveApi) -> None:
+    # A plain GET of the WebSocket endpoint: aiohttp refuses the handshake and says why.
+    status, body, _ = await api.call("GET", "/api/v1/live", role=None)
+    assert_problem(status, body, 400, "request.bad_request")
+    assert body["title"] == "Bad Request"
+    assert body["detail"] == 'No WebSocket UPGRADE hdr: None Can "Upgrade" only to "WebSocket".'
+    status, body, _ = await api.call(
+        "GET", "/api/v1/live", role=None, headers={"Connection": "Upgrade", "Upgrade": "websocket"}
+    )
+    assert_problem(status, body, 400, "request.bad_request")
+    assert body["detail"].startswith("Unsupported version")
+
+
+async def test_every_api_request_is_logged_at_info_without_secrets(
+    api: LiveApi, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="micboard.collector.api.errors")
+    await api.seed.devices("venue-a", "pi-a", [api.receiver("rx1")])
+    secret = "s3cret-in-the-query"
+    calls = [
+        ("/api/v1/devices/1", {"X-Request-Id": "desk-1"}, 200),
+        (f"/api/v1/devices?token={secret}", {"X-Request-Id": "desk-2"}, 400),
+        ("/metrics", {"X-Request-Id": "scrape-1"}, 200),
+        ("/healthz", {"X-Request-Id": "probe-1"}, 200),
+    ]
+    for path, headers, expected in calls:
+        status, _, _ = await api.call("GET", path, headers=headers)
+        assert status == expected
+    ws = await api.http.ws_connect(f"{api.url}/api/v1/live", headers={"X-Request-Id": "live-1"})
+    await ws.send_json({"type": "auth", "token": api.tokens["viewer"]})
+    await ws.close()
+
+    def lines() -> dict[str, logging.LogRecord]:
+        return {r.__dict__["request_id"]: r for r in caplog.records if r.getMessage() == "request"}
+
+    # A WebSocket's line comes once its handler has seen the close.
+    await until(lambda: "live-1" in lines())
+    logged = lines()
+    found = logged["desk-1"]
+    assert found.levelno == logging.INFO
+    assert {k: found.__dict__[k] for k in ("method", "route", "path", "status")} == {
+        "method": "GET",
+        "route": "/api/v1/devices/{id}",
+        "path": "/api/v1/devices/1",
+        "status": 200,
+    }
+    assert found.__dict__["duration_ms"] >= 0
+    assert logged["desk-2"].levelno == logging.INFO and logged["desk-2"].__dict__["status"] == 400
+    # Scrapes, probes and WebSockets stay out of the journal at the default level.
+    for quiet in ("scrape-1", "probe-1", "live-1"):
+        assert logged[quiet].levelno == logging.DEBUG
+    assert logged["live-1"].__dict__["status"] == 101
+    everything = " ".join(str(value) for record in caplog.records for value in vars(record).values())
+    assert secret not in everything
+    assert all(token not in everything for token in api.tokens.values())

@@ -126,7 +126,7 @@ async def fetch(
         ("/conflict", 409, "alert.invalid_transition"),
         ("/gone", 404, "alert.not_found"),
         ("/collector-other", 400, "command.invalid"),
-        ("/teapot", 400, "request.invalid_query"),
+        ("/teapot", 400, "request.bad_request"),
         ("/unavailable", 503, "internal"),
         ("/too-large", 413, "request.body_too_large"),
         ("/nowhere", 404, "request.not_found"),

@@ -9,7 +9,8 @@ Guarantees, as bound / policy / counter:
   the batch.
 - A batch whose transaction fails is retried event by event, so one bad event cannot block the
   others; an event that still fails on its last allowed delivery (``max_deliver``) is
-  dead-lettered into ``poison_events`` (``IngestStats.dead_lettered``). Failed events are nak'ed
+  dead-lettered into ``poison_events`` (``IngestStats.dead_lettered``, and by code
+  ``IngestStats.dead_lettered_by_code``). Failed events are nak'ed
   with a doubling delay.
 - While the database is unreachable nothing is fetched, so an outage does not use up deliveries.
 - Alert rules are evaluated inside the batch's transaction (alert rows commit with the state
@@ -84,6 +85,7 @@ class IngestStats:
     isolated_events: int = 0
     retried_events: int = 0
     dead_lettered: int = 0
+    dead_lettered_by_code: dict[str, int] = field(default_factory=dict)
     database_outages: int = 0
     fetch_errors: int = 0
     alert_failures: int = 0
@@ -625,6 +627,8 @@ class IngestConsumer:
             await self._retry_later(item.msg)
             return
         self.stats.dead_lettered += 1
+        by_code = self.stats.dead_lettered_by_code
+        by_code[item.code] = by_code.get(item.code, 0) + 1
         log.error(
             "event dead-lettered",
             extra={"subject": item.msg.subject, "code": item.code, "reason": item.reason},

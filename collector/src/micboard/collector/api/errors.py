@@ -1,7 +1,12 @@
 """Every API error as ``application/problem+json`` with a stable code, through one middleware.
 
 The middleware also gives each request an id (``X-Request-Id`` in and out, and in every log line
-about the request) and times it for the latency histogram.
+about the request), times it for the metrics and logs one line per request: at INFO, except the
+endpoints polled by machines (:data:`QUIET_ROUTES`), at DEBUG.
+
+A database that cannot be reached answers 503 ``service.unavailable`` with ``Retry-After`` and
+one warning line, not a 500 and a traceback per request: during an outage every request fails
+the same way, and the journal should say so once per request, briefly.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from enum import StrEnum
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from micboard.collector.errors import CollectorError, CollectorErrorCode
 
@@ -25,6 +32,13 @@ PROBLEM_CONTENT_TYPE = "application/problem+json"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 """Where a request's id is kept on the request."""
+
+QUIET_ROUTES = frozenset({"/healthz", "/metrics", "/api/v1/live"})
+"""Routes whose request lines are logged at DEBUG: Prometheus and health probes come every few
+seconds and would fill the journal, and a live WebSocket's line comes only when it closes."""
+
+RETRY_AFTER_S = 5
+"""What ``Retry-After`` asks of a client while the database cannot be reached."""
 
 
 class ApiErrorCode(StrEnum):
@@ -41,6 +55,7 @@ class ApiErrorCode(StrEnum):
     METHOD_NOT_ALLOWED = "request.method_not_allowed"
     UNSUPPORTED_MEDIA_TYPE = "request.unsupported_media_type"
     BODY_TOO_LARGE = "request.body_too_large"
+    BAD_REQUEST = "request.bad_request"
     GROUP_NOT_FOUND = "group.not_found"
     TOKEN_NOT_FOUND = "token.not_found"  # noqa: S105  # nosec B105  # an error code
     SERVICE_UNAVAILABLE = "service.unavailable"
@@ -129,8 +144,65 @@ def _from_http_exception(exc: web.HTTPException) -> ApiError:
         )
     if exc.status == 413:
         return ApiError(413, ApiErrorCode.BODY_TOO_LARGE, "request body too large")
-    code = ApiErrorCode.INTERNAL if exc.status >= 500 else ApiErrorCode.INVALID_QUERY
-    return ApiError(exc.status, code, exc.reason or "request refused")
+    if exc.status >= 500:
+        return ApiError(exc.status, ApiErrorCode.INTERNAL, exc.reason or "internal error")
+    return ApiError(exc.status, ApiErrorCode.BAD_REQUEST, _http_detail(exc))
+
+
+def _http_detail(exc: web.HTTPException) -> str:
+    # aiohttp says what was wrong in the text (a WebSocket handshake names the header it lacks);
+    # an exception raised without a text only has "<status>: <reason>" there, and the reason says it.
+    text = " ".join(exc.text.split()) if exc.text else ""
+    if text and text != f"{exc.status}: {exc.reason}":
+        return text[:300]
+    return exc.reason or "request refused"
+
+
+# SQLite's primary result codes of a database file that cannot be used: busy or locked past
+# the busy timeout, out of memory, I/O error, disk full, cannot open, lock protocol. A wrong
+# statement ("no such table") is SQLITE_ERROR, also raised as an OperationalError.
+_SQLITE_UNAVAILABLE = frozenset({5, 6, 7, 10, 13, 14, 15})
+# PostgreSQL SQLSTATE classes of a server that cannot serve: connection exception, insufficient
+# resources (too many connections, disk full), operator intervention (shutting down, starting
+# up, statement timeout), system error (I/O).
+_PG_UNAVAILABLE = frozenset({"08", "53", "57", "58"})
+
+
+def _store_unreachable(exc: Exception) -> bool:
+    """Whether ``exc`` means the database (or another service the request needs) could not be reached.
+
+    Not a wrong statement nor a refused value: those stay 500 with their traceback. A driver
+    that cannot even connect (asyncpg to a port nobody listens on) raises a bare OSError or
+    TimeoutError, as does any other service that does not answer.
+    """
+    if isinstance(exc, OSError | TimeoutError | PoolTimeoutError):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated or isinstance(exc, InterfaceError):
+        return True  # a connection lost mid-request, or one the driver could not use
+    orig = exc.orig
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if isinstance(sqlstate, str):
+        return sqlstate[:2] in _PG_UNAVAILABLE
+    sqlite_code = getattr(orig, "sqlite_errorcode", None)
+    if isinstance(sqlite_code, int):
+        return sqlite_code & 0xFF in _SQLITE_UNAVAILABLE  # extended codes keep the primary in the low byte
+    # Another driver: the DB-API's OperationalError is "not under the programmer's control".
+    return isinstance(exc, OperationalError)
+
+
+def _describe(exc: Exception) -> str:
+    # The driver's own message: SQLAlchemy's text would add the statement and its parameters
+    # (a token's digest, for one), which have no place in a log line.
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    return f"{type(cause).__name__}: {cause}"[:300]
+
+
+def route_of(request: web.Request) -> str:
+    """The route template ``request`` matched (``/api/v1/devices/{id}``), or ``unmatched``."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
 
 
 def request_id_of(request: web.Request) -> str:
@@ -140,11 +212,17 @@ def request_id_of(request: web.Request) -> str:
 
 
 RequestObserver = Callable[[web.Request, int, float], None]
-"""Called once per finished request with its status and duration in seconds (for metrics)."""
+"""Called once per finished request with its status and duration in seconds (for metrics).
+
+A WebSocket's request finishes when the connection closes; its status is then 101."""
 
 
 def error_middleware(observe: RequestObserver | None = None) -> Any:
-    """The one middleware that turns every failure into problem+json, ids requests and times them."""
+    """The one middleware that turns every failure into problem+json, ids requests, times and logs them.
+
+    The request line (``request``: method, route, path, status, duration, request id) never
+    holds the query string nor a header, so no token or query value reaches the log.
+    """
 
     @web.middleware
     async def middleware(
@@ -166,25 +244,26 @@ def error_middleware(observe: RequestObserver | None = None) -> Any:
             if exc.status < 400:
                 raise
             response = _error_response(request, _from_http_exception(exc))
-        except Exception:
-            log.exception(
-                "unhandled error in request",
-                extra={"request_id": request_id, "method": request.method, "path": request.path},
-            )
-            response = problem_response(500, ApiErrorCode.INTERNAL, f"internal error (request {request_id})")
+        except Exception as exc:  # noqa: BLE001 - every failure gets an answer, and is logged there
+            response = _unexpected_response(request, request_id, exc)
         if not response.prepared:
             response.headers["X-Request-Id"] = request_id
         elapsed = time.perf_counter() - started
         if observe is not None:
             observe(request, response.status, elapsed)
-        level = logging.DEBUG if response.status < 400 else logging.INFO
+        route = route_of(request)
+        # Every request at INFO, so that the request id a client reports can be found in the
+        # journal at the default level; probes, scrapes and WebSockets (whose line comes when
+        # they close) at DEBUG.
+        quiet = route in QUIET_ROUTES or isinstance(response, web.WebSocketResponse)
         log.log(
-            level,
+            logging.DEBUG if quiet else logging.INFO,
             "request",
             extra={
                 "request_id": request_id,
                 "method": request.method,
-                "path": request.path,
+                "route": route,
+                "path": request.path,  # never the query string: it may hold anything
                 "status": response.status,
                 "duration_ms": round(elapsed * 1000, 2),
             },
@@ -192,6 +271,35 @@ def error_middleware(observe: RequestObserver | None = None) -> Any:
         return response
 
     return middleware
+
+
+def _unexpected_response(request: web.Request, request_id: str, exc: Exception) -> web.Response:
+    """The answer to an exception no handler turned into an error: 503 or 500."""
+    if _store_unreachable(exc):
+        # Expected while the database is away, and the same for every request: a line each,
+        # without a traceback that would say nothing new.
+        log.warning(
+            "request failed: database or service unreachable",
+            extra={
+                "request_id": request_id,
+                "method": request.method,
+                "route": route_of(request),
+                "error": _describe(exc),
+            },
+        )
+        return problem_response(
+            503,
+            ApiErrorCode.SERVICE_UNAVAILABLE,
+            f"the database or a service this request needs is not reachable; try again later "
+            f"(request {request_id})",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    log.error(
+        "unhandled error in request",
+        exc_info=exc,
+        extra={"request_id": request_id, "method": request.method, "path": request.path},
+    )
+    return problem_response(500, ApiErrorCode.INTERNAL, f"internal error (request {request_id})")
 
 
 def _error_response(request: web.Request, exc: ApiError) -> web.Response:

@@ -18,6 +18,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 
 from micboard.collector.api.context import ApiContext, context_of
+from micboard.collector.api.errors import route_of
+from micboard.collector.ingest import APPLY_FAILED, DEFERRED_EXPIRED
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +59,14 @@ class ApiMetrics:
         self.registry.register(_StateCollector(self))
 
     def observe(self, request: web.Request, status: int, elapsed_s: float) -> None:
-        """Record one finished request under its route template (not its concrete path)."""
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
-        self.latency.labels(request.method, route).observe(elapsed_s)
+        """Record one finished request under its route template (not its concrete path).
+
+        A WebSocket (101) is counted but not timed: its handler lasts as long as the connection,
+        hours for a dashboard, which would say nothing of latency and swamp the histogram.
+        """
+        route = route_of(request)
+        if status != 101:
+            self.latency.labels(request.method, route).observe(elapsed_s)
         self.requests.labels(request.method, route, str(status)).inc()
 
     async def render(self) -> bytes:
@@ -138,6 +144,26 @@ class _StateCollector(Collector):
             for code, count in sorted(stats.poison_by_code.items()):
                 poison.add_metric([code], count)
             yield poison
+            dead = CounterMetricFamily(
+                "micboard_ingest_dead_lettered",
+                "Events that failed on every delivery, kept in poison_events, by code",
+                labels=["code"],
+            )
+            # Both codes from the start: an alert on increase() needs the series before the first.
+            by_code = stats.dead_lettered_by_code
+            for code in sorted({APPLY_FAILED, DEFERRED_EXPIRED, *by_code}):
+                dead.add_metric([code], by_code.get(code, 0))
+            yield dead
+            yield CounterMetricFamily(
+                "micboard_ingest_alert_failures",
+                "Alert evaluations that failed (the batch was applied without them)",
+                value=stats.alert_failures,
+            )
+            yield CounterMetricFamily(
+                "micboard_ingest_database_outages",
+                "Times ingest found the database unreachable and paused",
+                value=stats.database_outages,
+            )
             yield GaugeMetricFamily(
                 "micboard_ingest_last_batch_ms", "Duration of the last batch", value=stats.last_batch_ms
             )

@@ -3,6 +3,7 @@ and a dependency-free docs page that renders it."""
 
 from __future__ import annotations
 
+import inspect
 from importlib import resources
 from typing import Any
 
@@ -79,7 +80,8 @@ def build_openapi(routes: list[Route], *, server_url: str | None = None) -> dict
             "tags": [route.tag],
             "parameters": _path_parameters(route) + _query_parameters(route.query),
         }
-        doc = (route.handler.__doc__ or "").strip()
+        # Without its indentation: a docstring's later lines would read as a code block.
+        doc = inspect.cleandoc(route.handler.__doc__ or "")
         if doc:
             operation["description"] = doc
         if route.role is not None:
@@ -116,7 +118,10 @@ def build_openapi(routes: list[Route], *, server_url: str | None = None) -> dict
         if route.path == "/api/v1/agents/forget":
             responses["404"] = _problem("no such agent")
             responses["409"] = _problem("the agent is still heard")
-        responses["503"] = _problem("a service this needs is not available")
+        responses["503"] = _problem(
+            "the database cannot be reached (with Retry-After), or a service this needs is not "
+            "available in this process"
+        )
         operation["responses"] = responses
         paths.setdefault(route.path, {})[route.method.lower()] = operation
 

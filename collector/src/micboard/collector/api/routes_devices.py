@@ -17,7 +17,7 @@ from micboard.collector.api.models import (
     NoQuery,
 )
 from micboard.collector.api.routing import Call, RouteTable
-from micboard.collector.errors import CollectorErrorCode
+from micboard.collector.errors import ChannelNotFoundError, CollectorErrorCode, InvalidHistoryQueryError
 from micboard.collector.services.commands import CommandStatus
 from micboard.shared.envelope import CommandAction
 
@@ -25,6 +25,8 @@ routes = RouteTable()
 
 #: The history range when none is given.
 DEFAULT_HISTORY_MS = 3600 * 1000
+#: The highest channel index a device can have (the wire model's bound).
+MAX_CHANNEL = 64
 
 # The API names fewer outcomes than the command service knows: a timeout or an unreadable
 # reply both mean "it did not work as far as we can tell".
@@ -58,17 +60,27 @@ async def _device(ctx: ApiContext, device_id: int) -> tuple[str, str, str]:
     tag="history",
 )
 async def channel_history(call: Call[HistoryQuery, NoBody]) -> HistoryResponse:
-    """Downsampled points of one channel in ``[from_ms, to_ms)`` (default: the last hour)."""
+    """Downsampled points of one channel in ``[from_ms, to_ms)`` (default: the last hour).
+
+    404 ``device.not_found`` for an unknown device, then ``device.channel_not_found`` for a
+    channel the device does not list and has no history of.
+    """
     ctx = context_of(call.app)
     if ctx.history is None:
         raise ApiError(503, ApiErrorCode.SERVICE_UNAVAILABLE, "history is not available in this process")
-    index = call.path["index"]
-    if index > 64:
-        raise ApiError(404, CollectorErrorCode.CHANNEL_NOT_FOUND, f"channel {index} does not exist")
     _site, agent, device_key = await _device(ctx, call.path["id"])
+    index = call.path["index"]
+    # Above the bound no device has the channel; the database is not asked (nor given an
+    # index its integer column could refuse).
+    if index > MAX_CHANNEL or not await ctx.history.knows_channel(agent, device_key, index):
+        raise ChannelNotFoundError(agent, device_key, index)
     q = call.query
     to_ms = q.to_ms if q.to_ms is not None else time.time_ns() // 1_000_000
     from_ms = q.from_ms if q.from_ms is not None else max(0, to_ms - DEFAULT_HISTORY_MS)
+    # Checked here, not only by the service, to name the parameters as the client gave them.
+    if to_ms <= from_ms:
+        default = "" if q.to_ms is not None else " (default: now)"
+        raise InvalidHistoryQueryError(f"from_ms must be before to_ms{default}")
     points = await ctx.history.query(
         agent, device_key, index, start_ms=from_ms, end_ms=to_ms, resolution_s=q.resolution_s
     )

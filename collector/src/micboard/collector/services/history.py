@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BigInteger, bindparam, case, delete, func, literal_column, select
+from sqlalchemy import BigInteger, bindparam, case, delete, func, literal_column, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
@@ -35,6 +35,7 @@ from micboard.collector.errors import InvalidHistoryQueryError
 from micboard.collector.runtime import pause
 from micboard.collector.store.database import write_turn
 from micboard.collector.store.prepared import Prepared, prepare
+from micboard.collector.store.schema import channels, devices
 from micboard.collector.store.schema_alerts import history_samples
 from micboard.shared.envelope import MeterBody
 from micboard.shared.model import Device
@@ -430,6 +431,33 @@ class HistoryService:
                 samples=folded.samples,
             )
         return [points[key] for key in sorted(points)]
+
+    async def knows_channel(self, agent: str, device_key: str, channel: int) -> bool:
+        """Whether the device's stored state lists ``channel``, or history holds samples of it.
+
+        A channel the device no longer reports (a receiver reconfigured, or swapped for a smaller
+        model at the same address) keeps its samples until retention prunes them: they are
+        still worth a chart. The channel rows are the stored state's, kept with it.
+        """
+        key = (agent, device_key, channel)
+        for aggregates, buckets in (
+            (self._pending, self._pending_buckets),
+            (self._flushing, self._flushing_buckets),
+        ):
+            if any((*key, bucket_ms) in aggregates for bucket_ms in buckets):
+                return True
+        listed = (
+            select(channels.c.index)
+            .join_from(channels, devices, devices.c.id == channels.c.device_pk)
+            .where(devices.c.agent == agent, devices.c.device_key == device_key, channels.c.index == channel)
+        )
+        table = history_samples.c
+        sampled = select(table.id).where(
+            table.agent == agent, table.device_key == device_key, table.channel == channel
+        )
+        async with self.engine.connect() as conn:
+            found = (await conn.execute(select(or_(listed.exists(), sampled.exists())))).scalar()
+        return bool(found)
 
     def _unwritten(
         self, agent: str, device_key: str, channel: int, start_ms: int, end_ms: int
