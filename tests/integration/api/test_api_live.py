@@ -16,6 +16,7 @@ import orjson
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from tests import live_messages
+from tests.waiting import until
 
 from micboard.agent.publisher import EnvelopeFactory, JetStreamPublisher
 from micboard.collector.api import live_ws
@@ -135,6 +136,11 @@ async def test_a_revoked_tokens_connections_are_closed(sqlite_api: LiveApi) -> N
     assert not sockets["kept"].closed
     feed = context_of(api.app).live
     assert feed is not None and feed.stats.revoked == 2
+    # Open connections count a client that never subscribes; subscribed clients do not.
+    idle = await connect(api)
+    await until(lambda: feed.open_connections == 2)
+    assert feed.stats.clients == 1
+    await idle.close()
     await sockets["kept"].close()
 
 

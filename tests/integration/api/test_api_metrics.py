@@ -58,6 +58,7 @@ async def test_metrics_without_a_token(api: LiveApi) -> None:
     )
     assert 'micboard_alerts_open{severity="critical"} 0.0' in text
     assert "micboard_live_clients 0.0" in text
+    assert "micboard_live_connections 0.0" in text and "micboard_live_revoked_total 0.0" in text
     assert "micboard_live_frames_total 0.0" in text
 
 

@@ -728,6 +728,11 @@ class LiveFeed:
                 for item in items:
                     self._send_channel(item)
 
+    @property
+    def open_connections(self) -> int:
+        """Open WebSocket connections, whether authenticated and subscribed or not."""
+        return len(self._sockets)
+
     def revoked(self, token_id: int) -> None:
         """Close, now, every connection that authenticated with ``token_id`` (revoked here)."""
         for client in [c for c in self._authenticated if c.token_id == token_id]:

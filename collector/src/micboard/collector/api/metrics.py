@@ -182,7 +182,17 @@ class _StateCollector(Collector):
         if ctx.live is not None:
             live = ctx.live.stats
             yield GaugeMetricFamily(
-                "micboard_live_clients", "Connected WebSocket clients", value=live.clients
+                "micboard_live_clients", "Subscribed WebSocket clients", value=live.clients
+            )
+            yield GaugeMetricFamily(
+                "micboard_live_connections",
+                "Open WebSocket connections, subscribed or not (authenticating, idle)",
+                value=ctx.live.open_connections,
+            )
+            yield CounterMetricFamily(
+                "micboard_live_revoked",
+                "WebSocket connections closed because their token was revoked",
+                value=live.revoked,
             )
             yield CounterMetricFamily(
                 "micboard_live_slow_clients_dropped",
