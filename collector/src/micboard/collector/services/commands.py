@@ -187,7 +187,9 @@ class CommandService:
         log.info(
             "command done",
             extra={
-                "request_id": request_id,
+                # The command's own id (the agent's reply carries it), not the HTTP request's,
+                # which the API's request line holds as request_id.
+                "command_id": request_id,
                 "agent": agent,
                 "device_key": device_key,
                 "action": action.value,
