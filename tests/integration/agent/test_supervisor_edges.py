@@ -136,6 +136,7 @@ async def test_driver_counters_never_go_back_when_a_driver_is_replaced_or_remove
 
 SSC_FAST = DriverOptions(
     connect_timeout_s=0.5,
+    command_timeout_s=0.5,
     backoff_initial_s=0.1,
     backoff_max_s=0.2,
     poll_interval_s=0.3,
@@ -198,7 +199,7 @@ async def test_two_receivers_answering_under_one_id_are_both_kept(caplog: pytest
         await eventually(lambda: ("device", first) in recorder.calls)
         with caplog.at_level(logging.WARNING, logger="micboard.agent.supervisor"):
             second = await supervisor.adopt(found_ssc(two.port))
-            await eventually(lambda: ("device", second) in recorder.calls, timeout_s=10)
+            await eventually(lambda: ("device", second) in recorder.calls, timeout_s=15)
         assert first is not None and second is not None
         assert sorted(supervisor.keys()) == sorted([first, second]) and supervisor.stats.moved == 0
         assert "two devices report the same id; both are kept" in caplog.text

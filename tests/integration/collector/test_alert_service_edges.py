@@ -65,6 +65,26 @@ async def transition(
         return await service.evaluate_device(conn, change, now_ms=at_ms)
 
 
+def reporting(percent: int) -> Device:
+    """A receiver whose one transmitter reports ``percent`` (and no bars)."""
+    return Device(
+        device_key=KEY,
+        vendor=Vendor.SHURE,
+        family=Family.ULXD,
+        channels=(ReceiverChannel(index=1, name="HH01", transmitter=Transmitter(battery_percent=percent)),),
+    )
+
+
+async def store(engine: AsyncEngine, seq: int, ts: int, body: DeviceBody | OfflineBody) -> None:
+    """Apply one event of the test's agent through the synchronization, as ingest does."""
+    where: dict[str, Any] = {"site": SITE, "agent": AGENT, "boot": "b1", "seq": seq, "ts": ts}
+    event = (
+        DeviceEvent(**where, body=body) if isinstance(body, DeviceBody) else OfflineEvent(**where, body=body)
+    )
+    async with engine.begin() as conn:
+        await SynchronizationService().apply(conn, event)
+
+
 async def test_thresholds_are_validated_and_replaced_per_site(engine: AsyncEngine) -> None:
     service = AlertService(engine)
     with pytest.raises(InvalidAlertRulesError, match="battery_critical_percent must not exceed"):
@@ -223,24 +243,7 @@ async def test_a_site_waiting_longer_for_stale_agents_gets_one_alert_not_three(e
 
 async def test_moved_battery_thresholds_are_judged_on_the_stored_readings(engine: AsyncEngine) -> None:
     # A transmitter reporting 35 %, which stays put (a bars-only receiver may not move for hours).
-    stored = Device(
-        device_key=KEY,
-        vendor=Vendor.SHURE,
-        family=Family.ULXD,
-        channels=(ReceiverChannel(index=1, name="HH01", transmitter=Transmitter(battery_percent=35)),),
-    )
-    async with engine.begin() as conn:
-        await SynchronizationService().apply(
-            conn,
-            DeviceEvent(
-                site=SITE,
-                agent=AGENT,
-                boot="b1",
-                seq=1,
-                ts=T0,
-                body=DeviceBody(device_key=KEY, snapshot=stored),
-            ),
-        )
+    await store(engine, 1, T0, DeviceBody(device_key=KEY, snapshot=reporting(35)))
     service = AlertService(engine, rules_cache_s=0)
     assert await service.sweep(now_ms=T0) == []  # 35 % is clear of the default 25 % (and its margin)
     # The dashboard's process (or the CLI) raises "replace" to 40 %: the tile says "replace"
@@ -258,21 +261,9 @@ async def test_moved_battery_thresholds_are_judged_on_the_stored_readings(engine
 async def test_an_alert_resolved_by_hand_while_its_condition_holds_opens_again_at_the_sweep(
     engine: AsyncEngine,
 ) -> None:
-    sync = SynchronizationService()
-    low = Device(
-        device_key=KEY,
-        vendor=Vendor.SHURE,
-        family=Family.ULXD,
-        channels=(ReceiverChannel(index=1, name="HH01", transmitter=Transmitter(battery_percent=20)),),
-    )
+    low = reporting(20)
     service = AlertService(engine)
-    async with engine.begin() as conn:
-        await sync.apply(
-            conn,
-            DeviceEvent(
-                site=SITE, agent=AGENT, boot="b1", seq=1, ts=T0, body=DeviceBody(device_key=KEY, snapshot=low)
-            ),
-        )
+    await store(engine, 1, T0, DeviceBody(device_key=KEY, snapshot=low))
     opened = await transition(service, engine, None, low, None, "online", T0)
     [battery] = [c.alert for c in opened if c.alert.rule is AlertRule.BATTERY_LOW]
     # Resolved by hand; the battery still reads 20 % and will not report again for a while.
@@ -281,13 +272,7 @@ async def test_an_alert_resolved_by_hand_while_its_condition_holds_opens_again_a
     assert kinds(again) == [("opened", "battery_low")] and again[0].alert.id != battery.id
     assert await service.sweep(now_ms=T0 + 3_000) == []
     # The receiver goes offline and stays so: its alert resolved by hand comes back too.
-    async with engine.begin() as conn:
-        await sync.apply(
-            conn,
-            OfflineEvent(
-                site=SITE, agent=AGENT, boot="b1", seq=2, ts=T0 + 4_000, body=OfflineBody(device_key=KEY)
-            ),
-        )
+    await store(engine, 2, T0 + 4_000, OfflineBody(device_key=KEY))
     [offline] = [
         c.alert
         for c in await transition(service, engine, low, low, "online", "offline", T0 + 4_000)
@@ -300,32 +285,14 @@ async def test_an_alert_resolved_by_hand_while_its_condition_holds_opens_again_a
 async def test_a_receiver_gone_offline_lets_its_battery_alerts_age_out_as_unknown(
     engine: AsyncEngine,
 ) -> None:
-    sync = SynchronizationService()
-    low = Device(
-        device_key=KEY,
-        vendor=Vendor.SHURE,
-        family=Family.ULXD,
-        channels=(ReceiverChannel(index=1, name="HH01", transmitter=Transmitter(battery_percent=20)),),
-    )
+    low = reporting(20)
     service = AlertService(engine)
-    async with engine.begin() as conn:
-        await sync.apply(
-            conn,
-            DeviceEvent(
-                site=SITE, agent=AGENT, boot="b1", seq=1, ts=T0, body=DeviceBody(device_key=KEY, snapshot=low)
-            ),
-        )
+    await store(engine, 1, T0, DeviceBody(device_key=KEY, snapshot=low))
     opened = await transition(service, engine, None, low, None, "online", T0)
     assert ("opened", "battery_low") in kinds(opened)
     # Packed away after the show: the receiver goes offline an hour after its last reading.
     gone_at = T0 + 3_600_000
-    async with engine.begin() as conn:
-        await sync.apply(
-            conn,
-            OfflineEvent(
-                site=SITE, agent=AGENT, boot="b1", seq=2, ts=gone_at, body=OfflineBody(device_key=KEY)
-            ),
-        )
+    await store(engine, 2, gone_at, OfflineBody(device_key=KEY))
     await transition(service, engine, low, low, "online", "offline", gone_at)
     # "Previously low" for battery_unknown_keep_s (30 min) from when it went offline, not from
     # its last reading an hour before; then the battery is no longer known and the alert goes.

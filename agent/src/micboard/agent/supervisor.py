@@ -198,21 +198,28 @@ class DeviceSupervisor:
             if (old.address, old.port, old.family) == (found.address, port, found.family):
                 return supervised.key
             # Same device, new address (DHCP) or a corrected family: restart, never duplicate.
-            supervised.target = DeviceTarget(
-                found.address, port, found.family, supervised.key, found.name or old.name
-            )
-            self.stats.moved += 1
-            log.info(
-                "device moved",
-                extra={
-                    "device_key": supervised.key,
-                    "from": f"{old.address}:{old.port}",
-                    "to": f"{found.address}:{port}",
-                },
+            self._moved(
+                supervised,
+                DeviceTarget(found.address, port, found.family, supervised.key, found.name or old.name),
+                "its announcement",
             )
             await self._stop_driver(supervised)
             self._start(supervised)
             return supervised.key
+
+    def _moved(self, supervised: Supervised, target: DeviceTarget, recognised_by: str) -> None:
+        """Point ``supervised`` at ``target``, the same device somewhere else (counted and logged)."""
+        old, supervised.target = supervised.target, target
+        self.stats.moved += 1
+        log.info(
+            "device moved",
+            extra={
+                "device_key": supervised.key,
+                "from": f"{old.address}:{old.port}",
+                "to": f"{target.address}:{target.port}",
+                "recognised_by": recognised_by,
+            },
+        )
 
     def _match(self, found: FoundDevice, port: int) -> Supervised | None:
         key = self._by_identity.get(found.identity)
@@ -364,11 +371,14 @@ class DeviceSupervisor:
 
     async def _tell_apart(self, new: Supervised, owner: Supervised) -> None:
         """Merge ``new`` into ``owner`` once ``owner``'s link is down, or report ``new`` as its own device."""
-        # The owner's driver notices a dead link within its silence timeout; a little more for
-        # its report to arrive.
+        # The owner's driver notices a dead link within its silence timeout, and a request in
+        # flight then may take its own timeout to fail: waited for generously, since the wait
+        # ends the moment the link goes down, and only two devices answering under one id
+        # (rare) wait it out.
         if owner.online:
+            wait_s = 2 * self.options.silence_timeout_s + self.options.command_timeout_s + 1.0
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.options.silence_timeout_s + 1.0):
+                async with asyncio.timeout(wait_s):
                     await owner.link_down.wait()
         async with self._lock:
             if self._devices.get(new.key) is not new:
@@ -405,18 +415,12 @@ class DeviceSupervisor:
         for identity in new.identities:
             owner.identities.add(identity)
             self._by_identity[identity] = owner.key
-        owner.target = DeviceTarget(
-            new.target.address, new.target.port, new.target.family, owner.key, old.name or new.target.name
-        )
-        self.stats.moved += 1
-        log.info(
-            "device moved",
-            extra={
-                "device_key": owner.key,
-                "from": f"{old.address}:{old.port}",
-                "to": f"{new.target.address}:{new.target.port}",
-                "recognised_by": "its id, read from the device",
-            },
+        self._moved(
+            owner,
+            DeviceTarget(
+                new.target.address, new.target.port, new.target.family, owner.key, old.name or new.target.name
+            ),
+            "its id, read from the device",
         )
         await self._stop_driver(owner)
         self._start(owner)
