@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -81,6 +81,26 @@ def tx(driver: ShureDriver, index: int) -> Transmitter:
     transmitter = chan(driver, index).transmitter
     assert transmitter is not None
     return transmitter
+
+
+def scripted_receiver(
+    reply: bytes, sample: bytes
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A TCP receiver that answers the driver's first questions with ``reply``, then meters.
+
+    ``sample`` is sent every 50 ms for about five seconds, so the link stays alive meanwhile.
+    """
+
+    async def device(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(4096)
+        writer.write(reply)
+        with contextlib.suppress(OSError):
+            for _ in range(100):
+                writer.write(sample)
+                await asyncio.sleep(0.05)
+        writer.close()
+
+    return device
 
 
 @dataclass
@@ -404,16 +424,10 @@ async def test_a_receiver_refusing_control_is_offline_with_the_reason_until_allo
 
 async def test_a_device_with_rep_err_to_one_identity_question_still_comes_online() -> None:
     # GET 0 ALL answered in full, one identity GET refused: online, with what the device said.
-    async def device(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read(4096)
-        writer.write(b"< REP 1 CHAN_NAME {Vox     } >< REP MODEL {ULXD4                          } >")
-        writer.write(b"< REP ERR >" * 4)
-        with contextlib.suppress(OSError):
-            for _ in range(100):
-                writer.write(b"< SAMPLE 1 ALL AX 078 032 >")
-                await asyncio.sleep(0.05)
-        writer.close()
-
+    device = scripted_receiver(
+        b"< REP 1 CHAN_NAME {Vox     } >< REP MODEL {ULXD4                          } >" + b"< REP ERR >" * 4,
+        b"< SAMPLE 1 ALL AX 078 032 >",
+    )
     server = await asyncio.start_server(device, "127.0.0.1", 0)
     sim = ShureSimulator("ulxd4", port=server.sockets[0].getsockname()[1])
     try:
@@ -432,20 +446,14 @@ async def test_values_longer_than_the_model_holds_are_cut_and_the_device_still_r
     channel_params = ("TX_MODEL", "GROUP_CHANNEL", "TX_BATT_TYPE")
     long = {param: (param + " ").ljust(300, "x") for param in ("MODEL", *channel_params)}
 
-    async def device(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read(4096)
-        writer.write(
-            b"< REP 1 CHAN_NAME {Lead Vox} >"
-            + b"".join(f"< REP 1 {p} {{{long[p]}}} >".encode() for p in channel_params)
-            + f"< REP MODEL {{{long['MODEL']}}} >".encode()
-            + b"< REP FW_VER {2.4.6} >< REP DEVICE_ID {RACK-LONG} >< REP RF_BAND {G57} >"
-            + b"< REP ENCRYPTION_MODE OFF >"
-        )
-        with contextlib.suppress(OSError):
-            for _ in range(100):
-                writer.write(b"< SAMPLE 1 ALL 005 031 102 102 BB 31 086 31 065 >")
-                await asyncio.sleep(0.05)
-        writer.close()
+    device = scripted_receiver(
+        b"< REP 1 CHAN_NAME {Lead Vox} >"
+        + b"".join(f"< REP 1 {p} {{{long[p]}}} >".encode() for p in channel_params)
+        + f"< REP MODEL {{{long['MODEL']}}} >".encode()
+        + b"< REP FW_VER {2.4.6} >< REP DEVICE_ID {RACK-LONG} >< REP RF_BAND {G57} >"
+        + b"< REP ENCRYPTION_MODE OFF >",
+        b"< SAMPLE 1 ALL 005 031 102 102 BB 31 086 31 065 >",
+    )
 
     server = await asyncio.start_server(device, "127.0.0.1", 0)
     sim = ShureSimulator("ad4d", port=server.sockets[0].getsockname()[1])

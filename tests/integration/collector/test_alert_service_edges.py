@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from micboard.collector.errors import AlertNotFoundError, InvalidAlertRulesError
 from micboard.collector.services.alerts import (
     THRESHOLDS_REFRESH_S,
+    Alert,
     AlertChange,
     AlertRule,
     AlertService,
@@ -83,6 +84,16 @@ async def store(engine: AsyncEngine, seq: int, ts: int, body: DeviceBody | Offli
     )
     async with engine.begin() as conn:
         await SynchronizationService().apply(conn, event)
+
+
+async def low_battery_alert(engine: AsyncEngine) -> tuple[AlertService, Device, Alert]:
+    """A receiver stored online at T0 with its transmitter at 20 %, and the battery_low alert it opened."""
+    low = reporting(20)
+    service = AlertService(engine)
+    await store(engine, 1, T0, DeviceBody(device_key=KEY, snapshot=low))
+    opened = await transition(service, engine, None, low, None, "online", T0)
+    [battery] = [c.alert for c in opened if c.alert.rule is AlertRule.BATTERY_LOW]
+    return service, low, battery
 
 
 async def test_thresholds_are_validated_and_replaced_per_site(engine: AsyncEngine) -> None:
@@ -261,11 +272,7 @@ async def test_moved_battery_thresholds_are_judged_on_the_stored_readings(engine
 async def test_an_alert_resolved_by_hand_while_its_condition_holds_opens_again_at_the_sweep(
     engine: AsyncEngine,
 ) -> None:
-    low = reporting(20)
-    service = AlertService(engine)
-    await store(engine, 1, T0, DeviceBody(device_key=KEY, snapshot=low))
-    opened = await transition(service, engine, None, low, None, "online", T0)
-    [battery] = [c.alert for c in opened if c.alert.rule is AlertRule.BATTERY_LOW]
+    service, low, battery = await low_battery_alert(engine)
     # Resolved by hand; the battery still reads 20 % and will not report again for a while.
     await service.resolve(battery.id, "ada", now_ms=T0 + 1_000)
     again = await service.sweep(now_ms=T0 + 2_000)
@@ -285,11 +292,7 @@ async def test_an_alert_resolved_by_hand_while_its_condition_holds_opens_again_a
 async def test_a_receiver_gone_offline_lets_its_battery_alerts_age_out_as_unknown(
     engine: AsyncEngine,
 ) -> None:
-    low = reporting(20)
-    service = AlertService(engine)
-    await store(engine, 1, T0, DeviceBody(device_key=KEY, snapshot=low))
-    opened = await transition(service, engine, None, low, None, "online", T0)
-    assert ("opened", "battery_low") in kinds(opened)
+    service, low, _battery = await low_battery_alert(engine)
     # Packed away after the show: the receiver goes offline an hour after its last reading.
     gone_at = T0 + 3_600_000
     await store(engine, 2, gone_at, OfflineBody(device_key=KEY))
