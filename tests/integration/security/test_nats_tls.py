@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,14 +150,22 @@ async def test_client_certificates_when_the_server_verifies_clients(
 
 
 async def test_tls_without_handshake_first_still_verifies_the_server(
-    tls_servers: TlsServers, secure_fleet: SecureFleet, tls_material: TlsMaterial, clients: ClientFactory
+    tls_servers: TlsServers,
+    secure_fleet: SecureFleet,
+    tls_material: TlsMaterial,
+    clients: ClientFactory,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     server = tls_servers.start(require_tls=False)
     # The server insists on TLS after its INFO; a client without TLS settings cannot verify it.
     with pytest.raises(ConnectErrors, match="CERTIFICATE_VERIFY_FAILED"):
         await clients.agent(AGENT_A, server.url)
     settings = _agent(secure_fleet, server.url, nats_tls_ca=tls_material.ca)
-    connected = await clients.connect(server.url, **agent_connect_options(settings))
+    with caplog.at_level(logging.WARNING, logger="micboard.shared.natsauth"):
+        options = agent_connect_options(settings)
+    # Works, but strippable by an active man in the middle: said so at every start.
+    assert "NATS TLS without require_tls: an active man in the middle can strip it" in caplog.text
+    connected = await clients.connect(server.url, **options)
     assert connected.nc.is_connected
 
 

@@ -14,9 +14,11 @@ from nats.errors import Error as NatsError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from micboard.collector.security.natsauth import collector_connect_options
 from micboard.collector.settings import CollectorSettings
 from micboard.collector.store import migrate
-from micboard.shared.errors import NatsServerError
+from micboard.shared.errors import ConfigError, NatsServerError
+from micboard.shared.natsauth import without_userinfo
 from micboard.shared.natsd import find_nats_server
 
 _TIMEOUT_S = 3.0
@@ -88,9 +90,18 @@ async def check_nats(settings: CollectorSettings) -> CheckResult:
         # The failure is reported once below; nats-py would print a traceback per attempt.
         return None
 
+    # As the collector connects: its credentials, CA and required TLS (without them a secured
+    # server refuses the check while it would accept the collector). The URL is shown without
+    # any user:password it carries.
+    shown = without_userinfo(settings.nats_url)
+    try:
+        options = collector_connect_options(settings, settings.nats_url)
+    except ConfigError as exc:
+        return CheckResult("nats", False, f"{shown}: {exc.message}", CheckExit.NATS_UNREACHABLE)
     try:
         nc = await asyncio.wait_for(
             nats.connect(
+                **options,
                 servers=[settings.nats_url],
                 connect_timeout=_TIMEOUT_S,
                 allow_reconnect=False,
@@ -103,7 +114,7 @@ async def check_nats(settings: CollectorSettings) -> CheckResult:
         )
     except (NatsError, OSError, TimeoutError) as exc:
         return CheckResult(
-            "nats", False, f"{settings.nats_url} unreachable: {exc!r}", CheckExit.NATS_UNREACHABLE
+            "nats", False, f"{shown} unreachable: {type(exc).__name__}: {exc}", CheckExit.NATS_UNREACHABLE
         )
     try:
         info = await nc.jetstream(timeout=_TIMEOUT_S).account_info()
@@ -111,12 +122,12 @@ async def check_nats(settings: CollectorSettings) -> CheckResult:
         return CheckResult(
             "nats",
             False,
-            f"{settings.nats_url} answers but JetStream does not: {exc!r}",
+            f"{shown} answers but JetStream does not: {type(exc).__name__}: {exc}",
             CheckExit.NATS_UNREACHABLE,
         )
     finally:
         await nc.close()
-    return CheckResult("nats", True, f"{settings.nats_url} reachable, JetStream with {info.streams} streams")
+    return CheckResult("nats", True, f"{shown} reachable, JetStream with {info.streams} streams")
 
 
 async def run_checks(settings: CollectorSettings) -> list[CheckResult]:

@@ -14,6 +14,7 @@ the server does not offer it.
 
 from __future__ import annotations
 
+import logging
 import re
 import ssl
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from urllib.parse import urlsplit
 from micboard.shared.errors import ConfigError
 from micboard.shared.secret_files import check_secret_file
 from micboard.shared.subjects import validate_token
+
+log = logging.getLogger(__name__)
 
 #: Inbox prefix of the collector's NATS user.
 COLLECTOR_INBOX_PREFIX = "_INBOX_collector"
@@ -70,14 +73,14 @@ def check_urls(urls: str, *, require_tls: bool) -> list[str]:
             raise ConfigError(f"NATS URL scheme {scheme!r} is not one of nats, tls, ws, wss")
         if require_tls and scheme not in {"tls", "wss"}:
             raise ConfigError(
-                f"TLS is required (nats_require_tls) but {_without_userinfo(server)} is plaintext; "
+                f"TLS is required (nats_require_tls) but {without_userinfo(server)} is plaintext; "
                 "use a tls:// URL"
             )
     return servers
 
 
-def _without_userinfo(url: str) -> str:
-    # A URL may carry user:password; error messages must not.
+def without_userinfo(url: str) -> str:
+    """``url`` as scheme, host and port only: a URL may carry user:password, messages must not."""
     parts = urlsplit(url if "://" in url else f"nats://{url}")
     host = parts.hostname or ""
     port = f":{parts.port}" if parts.port else ""
@@ -142,6 +145,13 @@ def connect_options(url: str, security: NatsClientSecurity) -> dict[str, Any]:
         options["inbox_prefix"] = security.inbox_prefix
     if security.wants_tls or any(s.startswith(("tls://", "wss://")) for s in servers):
         options["tls"] = tls_context(security)
+        if not security.require_tls:
+            # The client then upgrades when the server's plaintext INFO asks it to, which an
+            # active man in the middle can rewrite (SECURITY.md): said at every start.
+            log.warning(
+                "NATS TLS without require_tls: an active man in the middle can strip it; set "
+                "MICBOARD_NATS_REQUIRE_TLS=true with a server configured by nats-config --require-tls"
+            )
         if security.tls_hostname:
             options["tls_hostname"] = security.tls_hostname
         if security.require_tls:
