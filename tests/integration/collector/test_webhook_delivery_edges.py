@@ -16,6 +16,7 @@ from tests.waiting import until
 from micboard.collector.services.webhooks import WebhookDispatcher, _Job
 from micboard.collector.store.database import create_engine
 from micboard.collector.store.migrate import upgrade
+from micboard.shared.redact import redact_text
 
 SECRET = "s3cret-s3cret-s3cret"
 LOGGER = "micboard.collector.services.webhooks"
@@ -139,6 +140,8 @@ async def test_temporary_statuses_are_retried_and_the_log_lists_every_webhook(
         assert hooks.stats.delivered == 2 and hooks.stats.failed == 0
         assert hooks.stats.by_status == {"204": 2, "408": 1, "429": 1}
         assert len(received) == 4
+        # A secret the dispatcher used is known to the log filter by value from then on.
+        assert redact_text(f"signed with {SECRET}") == "signed with ***"
         # Removing one webhook removes its log and leaves the other's.
         await hooks.remove_webhook(first.id)
         assert {a.webhook_id for a in await hooks.deliveries()} == {second.id}

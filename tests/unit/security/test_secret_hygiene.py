@@ -109,6 +109,7 @@ def test_agent_refuses_a_world_readable_config_file_with_a_secret(tmp_path: Path
         ("password=hunter2 next=1", "password=*** next=1"),
         ('{"api_key": "abc123"}', '"api_key": "***"'),
         ("jwt eyJhbGciOi.eyJzdWIiOiIx.c2lnbmF0dXJl end", "jwt *** end"),
+        ("token mbt_Zp3x9Qw-Ab_cdEFgh1234567890abcdefgh reached", "token *** reached"),
     ],
 )
 def test_redact_text(text: str, kept: str) -> None:
@@ -163,3 +164,17 @@ def test_env_example_holds_placeholders_only() -> None:
         assert "://" not in value or "@" not in value or "CHANGE_ME" in value, f"{key} has credentials"
     assert re.search(r"\bS[A-Z][A-Z2-7]{56}\b", text) is None
     assert "mbt_" not in text.replace("mbt_CHANGE_ME", "")
+
+
+def test_the_collectors_own_secrets_are_redacted_by_value_once_it_starts() -> None:
+    from micboard.collector.app import _register_secrets
+    from micboard.collector.settings import CollectorSettings
+
+    settings = CollectorSettings(
+        database_url="postgresql+asyncpg://micboard:Plain-Pass-7f3a@db.example/micboard",
+        bootstrap_token="admin-bootstrap-9Kq2",
+    )
+    _register_secrets(settings)
+    # Even where no shape gives them away (a driver quoting the password alone, say).
+    assert redact_text("auth failed with Plain-Pass-7f3a") == f"auth failed with {REDACTED}"
+    assert redact_text("first token admin-bootstrap-9Kq2 in use") == f"first token {REDACTED} in use"

@@ -12,6 +12,7 @@ import nats
 from aiohttp import web
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -33,6 +34,7 @@ from micboard.collector.store.database import checkpoint_wal, create_engine, wri
 from micboard.collector.store.migrate import prepare
 from micboard.collector.store.retention import prune_records
 from micboard.shared.natsd import EmbeddedNats
+from micboard.shared.redact import register_secret
 from micboard.shared.sdnotify import SystemdNotifier
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,18 @@ class RunningCollector:
     runner: web.AppRunner
 
 
+def _register_secrets(settings: CollectorSettings) -> None:
+    """Have the log filter redact this collector's secrets by value, wherever they turn up."""
+    if settings.bootstrap_token is not None:
+        register_secret(settings.bootstrap_token.get_secret_value())
+    if settings.database_url:
+        url = make_url(settings.database_url)
+        # A password that is also the user's or the database's name (micboard:micboard@) would
+        # turn every mention of that name into ***: left to the URL pattern instead.
+        if url.password and str(url.password) not in {url.username, url.database, url.host}:
+            register_secret(str(url.password))
+
+
 class Collector:
     """Owns every part of a collector process and starts and stops them in order."""
 
@@ -145,6 +159,7 @@ class Collector:
 
     async def _start(self) -> RunningCollector:
         settings = self.settings
+        _register_secrets(settings)
         self._quit = asyncio.Event()
         nats_url = settings.nats_url
         # Computed before anything is started, so that a bad option (a missing seed file, TLS

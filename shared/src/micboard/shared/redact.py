@@ -24,6 +24,8 @@ _PATH_KEYS = ("_file", "_path", "_dir")
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # NKey seeds: 58 base32 characters starting with S and the key type (SU.., SA.., SO..).
     (re.compile(r"\bS[A-Z][A-Z2-7]{56}\b"), REDACTED),
+    # micboard API tokens (mbt_ and 43 URL-safe characters), wherever they appear bare.
+    (re.compile(r"\bmbt_[A-Za-z0-9_-]{20,}"), REDACTED),
     # JSON Web Tokens (NATS user JWTs included).
     (re.compile(r"\beyJ[\w-]{4,}\.[\w-]{4,}\.[\w-]*"), REDACTED),
     # Authorization headers.

@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from micboard.collector.errors import InvalidWebhookError, WebhookNotFoundError
 from micboard.collector.runtime import cancel_all
 from micboard.collector.store.schema_alerts import webhook_deliveries, webhooks
+from micboard.shared.redact import register_secret
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +281,9 @@ class WebhookDispatcher:
                         .all()
                     )
                 for row in rows:
+                    # Known from here on to the log filter: an HTTP library quoting a header or
+                    # a signature input must not put the webhook's secret in the journal.
+                    register_secret(row["secret"])
                     if not self._webhook(row).accepts(job.event):
                         continue
                     # Waiting for a slot here turns slow endpoints into queue growth, then counted drops.
