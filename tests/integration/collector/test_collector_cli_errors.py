@@ -154,4 +154,4 @@ async def test_distinct_nats_errors_without_end_keep_the_memory_bounded() -> Non
     nats_log = NatsLog(every_s=3600)
     for n in range(250):
         await nats_log.error(OSError(f"error {n}"))
-    assert len(nats_log._last) <= 101
+    assert len(nats_log._throttle._last) <= 101

@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +54,7 @@ from micboard.agent.publisher import connect, now_ms
 from micboard.shared.codec import DEFAULT_MAX_BYTES, encode
 from micboard.shared.envelope import AnyEvent, DeviceEvent, OfflineEvent
 from micboard.shared.errors import WireError
+from micboard.shared.logs import LogThrottle
 from micboard.shared.subjects import JETSTREAM_KINDS, Kind, build_subject, msg_id
 
 log = logging.getLogger(__name__)
@@ -75,30 +75,6 @@ _NATS_CLOSE_RESERVE_S = 0.5
 PERMISSIONS_LOG_EVERY_S = 30.0
 # nats-py lower-cases the server's -ERR text ("Permissions Violation for Publish to ...").
 _PERMISSIONS_VIOLATION = "permissions violation"
-
-
-class _Throttle:
-    """Says when a recurring message is due to be logged again: once per ``every_s`` for each text."""
-
-    __slots__ = ("_last", "_repeated", "every_s")
-
-    def __init__(self, every_s: float) -> None:
-        self.every_s = every_s
-        self._last: dict[str, float] = {}
-        self._repeated: dict[str, int] = {}
-
-    def due(self, text: str) -> int | None:
-        """``None`` when ``text`` was logged less than ``every_s`` ago, else how often it recurred since."""
-        now = time.monotonic()
-        last = self._last.get(text)
-        if last is not None and now - last < self.every_s:
-            self._repeated[text] = self._repeated.get(text, 0) + 1
-            return None
-        if len(self._last) > 100:  # distinct texts without end (a subject each): forget the old
-            self._last.clear()
-            self._repeated.clear()
-        self._last[text] = now
-        return self._repeated.pop(text, 0)
 
 
 @dataclass(slots=True)
@@ -238,7 +214,7 @@ class EventSender:
         self._backoff_s = 0.0
         self._failing = False
         self._unreachable_warned = False
-        self._refusals = _Throttle(PERMISSIONS_LOG_EVERY_S)
+        self._refusals = LogThrottle(PERMISSIONS_LOG_EVERY_S)
 
     # -- public face -------------------------------------------------------------------------
 

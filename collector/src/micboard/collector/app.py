@@ -33,6 +33,7 @@ from micboard.collector.settings import CollectorSettings
 from micboard.collector.store.database import checkpoint_wal, create_engine, write_turn
 from micboard.collector.store.migrate import prepare
 from micboard.collector.store.retention import prune_records
+from micboard.shared.logs import LogThrottle
 from micboard.shared.natsd import EmbeddedNats
 from micboard.shared.redact import register_secret
 from micboard.shared.sdnotify import SystemdNotifier
@@ -49,25 +50,25 @@ class NatsLog:
     """
 
     def __init__(self, every_s: float = 30.0) -> None:
-        self.every_s = every_s
         # Set before an orderly close, which nats-py reports as a disconnection too.
         self.closing = False
-        self._last: dict[str, float] = {}
-        self._repeated: dict[str, int] = {}
+        self._throttle = LogThrottle(every_s)
+
+    @property
+    def every_s(self) -> float:
+        """How long one and the same error stays quiet after it was logged."""
+        return self._throttle.every_s
+
+    @every_s.setter
+    def every_s(self, value: float) -> None:
+        self._throttle.every_s = value
 
     async def error(self, exc: Exception) -> None:
         """``error_cb``: a failed attempt, a protocol error, a permissions violation."""
         text = f"{type(exc).__name__}: {exc}"[:300]
-        now = time.monotonic()
-        last = self._last.get(text)
-        if last is not None and now - last < self.every_s:
-            self._repeated[text] = self._repeated.get(text, 0) + 1
+        repeated = self._throttle.due(text)
+        if repeated is None:
             return
-        if len(self._last) > 100:  # distinct errors without end: forget the old ones
-            self._last.clear()
-            self._repeated.clear()
-        self._last[text] = now
-        repeated = self._repeated.pop(text, 0)
         log.warning("nats error", extra={"error": text, **({"repeated": repeated} if repeated else {})})
 
     async def disconnected(self) -> None:

@@ -70,3 +70,31 @@ def configure_logging(level: str = "INFO", fmt: Literal["kv", "json"] = "kv") ->
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+
+
+class LogThrottle:
+    """Says when a recurring message is due to be logged again: once per ``every_s`` for each text.
+
+    For errors a library reports on every retry (nats-py's connection callbacks): the same text
+    is logged once per ``every_s``, with how often it recurred meanwhile.
+    """
+
+    __slots__ = ("_last", "_repeated", "every_s")
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._repeated: dict[str, int] = {}
+
+    def due(self, text: str) -> int | None:
+        """``None`` when ``text`` was logged less than ``every_s`` ago, else how often it recurred since."""
+        now = time.monotonic()
+        last = self._last.get(text)
+        if last is not None and now - last < self.every_s:
+            self._repeated[text] = self._repeated.get(text, 0) + 1
+            return None
+        if len(self._last) > 100:  # distinct texts without end (a subject each): forget the old
+            self._last.clear()
+            self._repeated.clear()
+        self._last[text] = now
+        return self._repeated.pop(text, 0)
