@@ -1,9 +1,10 @@
 """A full run with real identities and tokens: no seed or token appears in any log or CLI output.
 
 Provisioning through the CLI, a nats-server with the generated configuration (its own log at
-trace level too), a collector with a bootstrap API token, an agent publishing with its NKey, API
-calls with a good token, a bad token and a token in the query string, a token created through
-the API. Every log record of every logger is captured at DEBUG *without* the redaction filter,
+trace level too), a collector with a bootstrap API token on SQLite and on PostgreSQL with a
+password in its URL, a webhook with a signing secret that receives an alert, an agent publishing
+with its NKey, API calls with a good token, a bad token and a token in the query string, a token
+created through the API. Every log record of every logger is captured at DEBUG *without* the redaction filter,
 so the test proves the code does not log secrets, rather than that the filter hides them.
 """
 
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
+from sqlalchemy.engine import make_url
 
 from micboard.agent.natsauth import agent_connect_options
 from micboard.agent.publisher import EnvelopeFactory, JetStreamPublisher, connect
@@ -24,8 +27,9 @@ from micboard.agent.settings import AgentSettings
 from micboard.collector import cli
 from micboard.collector.app import Collector
 from micboard.collector.settings import CollectorSettings
-from micboard.shared.envelope import HelloBody
+from micboard.shared.envelope import DeviceBody, HelloBody
 from micboard.shared.logs import KeyValueFormatter
+from micboard.shared.model import Device, Family, ReceiverChannel, Transmitter, Vendor
 from micboard.shared.natsd import EmbeddedNats
 from micboard.shared.settings import load_settings
 
@@ -55,16 +59,77 @@ def all_logs() -> Iterator[_Capture]:
     root.setLevel(old_level)
 
 
+class _WebhookReceiver:
+    """A local HTTP endpoint that records the webhook deliveries it receives."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[tuple[dict[str, str], bytes]] = []
+        self.arrived = asyncio.Event()
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hook", self._receive)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}/hook"
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        self.deliveries.append((dict(request.headers), await request.read()))
+        self.arrived.set()
+        return web.Response(status=204)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database(request: pytest.FixtureRequest) -> tuple[str | None, str | None]:
+    """``(database URL, its password)``: SQLite in the state directory, or PostgreSQL with a password."""
+    if request.param == "sqlite":
+        return None, None
+    password = f"pw-{secrets.token_urlsafe(18)}"
+    # The test server trusts local connections, so the password is carried but never checked.
+    url = make_url(request.getfixturevalue("pg_url")).set(password=password)
+    return url.render_as_string(hide_password=False), password
+
+
 async def test_a_full_run_logs_no_secret(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], all_logs: _Capture
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    all_logs: _Capture,
+    database: tuple[str | None, str | None],
 ) -> None:
     state = tmp_path / "state"
     monkeypatch.setenv("MICBOARD_STATE_DIR", str(state))
+    database_url, database_password = database
+    if database_url is not None:
+        monkeypatch.setenv("MICBOARD_DATABASE_URL", database_url)
     monkeypatch.chdir(tmp_path)  # no stray .env from the working tree
+    # The commands keep this test's capture (no redaction) instead of installing their own handler.
+    monkeypatch.setattr(cli, "configure_logging", lambda *_args: None)
     config = tmp_path / "nats-server.conf"
     agent_seed = tmp_path / "agent.nk"
+    receiver = _WebhookReceiver()
+    await receiver.start()
+    webhook_secret = f"whs-{secrets.token_urlsafe(24)}"
+    secret_file = tmp_path / "webhook.secret"
+    secret_file.write_text(webhook_secret)
+    secret_file.chmod(0o600)
     assert cli.main(["nats-config", "--out", str(config), "--listen", "127.0.0.1:4222"]) == 0
     assert cli.main(["agent", "add", "hall", "pi-1", "--seed-out", str(agent_seed)]) == 0
+    # These two run an event loop of their own, so not on this one.
+    assert await asyncio.to_thread(cli.main, ["migrate"]) == 0
+    assert (
+        await asyncio.to_thread(cli.main, ["webhook", "add", receiver.url, "--secret-file", str(secret_file)])
+        == 0
+    )
     cli_output = capsys.readouterr()
     assert "MICBOARD_NATS_NKEY_SEED_FILE=" in cli_output.out
     collector_seed = state / "security" / "collector.nk"
@@ -74,7 +139,10 @@ async def test_a_full_run_logs_no_secret(
         "bootstrap token": f"mbt_{secrets.token_urlsafe(32)}",
         "wrong token": f"mbt_{secrets.token_urlsafe(32)}",
         "query token": f"mbt_{secrets.token_urlsafe(32)}",
+        "webhook secret": webhook_secret,
     }
+    if database_password is not None:
+        secret_values["database password"] = database_password
 
     server = EmbeddedNats(store_dir=tmp_path / "nats-store", config_file=config, extra_args=["-DV"])
     server.start()
@@ -97,17 +165,23 @@ async def test_a_full_run_logs_no_secret(
             nc = await connect(server.url, name="agent", **agent_connect_options(agent_settings))
             try:
                 factory = EnvelopeFactory("hall", "pi-1")
-                ack = await JetStreamPublisher(nc, timeout_s=3.0).publish(
-                    factory.make(HelloBody(version="1", hostname="pi", config={}))
+                publisher = JetStreamPublisher(nc, timeout_s=3.0)
+                assert await publisher.publish(factory.make(HelloBody(version="1", hostname="pi", config={})))
+                # A transmitter nearly flat: an alert opens and the webhook is called, signed.
+                assert await publisher.publish(
+                    factory.make(DeviceBody(device_key="rx-1", snapshot=_flat_receiver()))
                 )
-                assert ack is not None
             finally:
                 await nc.close()
             secret_values["created token"] = await _use_the_api(running.url, secret_values)
+            await asyncio.wait_for(receiver.arrived.wait(), 10)
         finally:
             await collector.stop()
     finally:
         server.stop()
+        await receiver.stop()
+    headers, body = receiver.deliveries[0]
+    assert b"alert.opened" in body and "X-Micboard-Signature" in headers
 
     sources = {
         "python logs": "\n".join(all_logs.lines),
@@ -124,6 +198,15 @@ async def test_a_full_run_logs_no_secret(
     for source, text in sources.items():
         for name, value in secret_values.items():
             assert value not in text, f"{name} found in {source}"
+
+
+def _flat_receiver() -> Device:
+    channel = ReceiverChannel(
+        index=1, name="HH01 Ana", transmitter=Transmitter(battery_percent=3, battery_bars=1)
+    )
+    return Device(
+        device_key="rx-1", vendor=Vendor.SHURE, family=Family.ULXD, model="ULXD4", channels=(channel,)
+    )
 
 
 async def _use_the_api(base: str, secret_values: dict[str, str]) -> str:

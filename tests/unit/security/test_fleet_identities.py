@@ -159,7 +159,7 @@ def test_cli_nats_config_and_agent_lifecycle(
     monkeypatch.chdir(tmp_path)
     assert cli.main(["nats-config"]) == 0  # printed, not written
     printed = capsys.readouterr()
-    assert "authorization" in printed.out and "MICBOARD_NATS_NKEY_SEED_FILE" in printed.err
+    assert "accounts: {" in printed.out and "MICBOARD_NATS_NKEY_SEED_FILE" in printed.err
     assert cli.main(["agent", "add", "hall", "pi-1"]) == 0
     assert "run `micboard-collector nats-config --out FILE`" in capsys.readouterr().out
 

@@ -462,7 +462,7 @@ class AgentDaemon:
     async def _command(self, msg: Msg) -> None:
         try:
             async with asyncio.timeout(self.settings.command_timeout_s):
-                result = await self.handle_command(msg.data)
+                result = await self.handle_command(msg.data, subject=msg.subject)
         except TimeoutError:
             result = CommandResult(
                 request_id=_request_id(msg.data),
@@ -479,8 +479,12 @@ class AgentDaemon:
         with contextlib.suppress(NatsError, OSError):
             await msg.respond(encode(result))
 
-    async def handle_command(self, data: bytes) -> CommandResult:
-        """Decode, validate and carry out one command; always returns a typed result."""
+    async def handle_command(self, data: bytes, subject: str | None = None) -> CommandResult:
+        """Decode, validate and carry out one command; always returns a typed result.
+
+        ``subject`` is the subject the command arrived on, when it came over NATS: a command must
+        arrive on this agent's own ``cmd`` subject, whatever its envelope says.
+        """
         request_id = _request_id(data)
         try:
             event = decode(data, max_bytes=self.settings.max_message_bytes)
@@ -494,16 +498,21 @@ class AgentDaemon:
                 detail=f"expected a cmd, got {event.kind}",
             )
         body = event.body
-        if not command_allowed(event, self.settings.site, self.settings.agent):
+        if not command_allowed(event, self.settings.site, self.settings.agent, subject=subject):
             self.stats.commands_refused += 1
             log.warning(
                 "command for another agent refused",
                 extra={"site": event.site, "agent": event.agent, "request_id": body.request_id},
             )
+            mine = (event.site, event.agent) == (self.settings.site, self.settings.agent)
             return CommandResult(
                 request_id=body.request_id,
                 outcome=CommandOutcome.INVALID,
-                detail=f"addressed to {event.site}/{event.agent}, not to this agent",
+                detail=(
+                    f"arrived on {subject}, not on this agent's command subject"
+                    if mine
+                    else f"addressed to {event.site}/{event.agent}, not to this agent"
+                ),
             )
         log.info(
             "command",

@@ -16,7 +16,7 @@ STATIC_DIR: Final[Path] = Path(__file__).resolve().parent / "static"
 
 SECURITY_HEADERS: Final[dict[str, str]] = {
     "Content-Security-Policy": (
-        "default-src 'self'; connect-src 'self' ws: wss:; "
+        "default-src 'self'; connect-src 'self'; "
         "frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'"
     ),
     "X-Content-Type-Options": "nosniff",

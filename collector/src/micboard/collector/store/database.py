@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import weakref
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -39,6 +40,9 @@ def create_engine(url: str, *, echo: bool = False, wal_autocheckpoint: int | Non
     1000), for a caller that checkpoints on its own and keeps this only as a backstop.
     """
     parsed = make_url(url)
+    # aiosqlite logs every statement with its parameters at DEBUG: webhook secrets, token hashes.
+    # Nothing of it helps an operator, so a collector run at DEBUG never lets it through.
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)
     # Every ingested device event writes its device's state as JSON: orjson keeps that cheap.
     json_options: dict[str, Any] = {"json_serializer": _json_dumps, "json_deserializer": orjson.loads}
     if parsed.get_backend_name() == "sqlite":
