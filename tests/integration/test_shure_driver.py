@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -763,3 +765,108 @@ async def test_a_device_that_accepts_and_hangs_up_is_offline() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+# -- reconnect backoff and bad input ----------------------------------------------------
+
+# A ULX-D that answers GET 0 ALL and every identity question at once: the driver syncs on it.
+ULXD_REPLY = (
+    b"< REP 1 CHAN_NAME {Vox     } >< REP FW_VER {2.0.1} >< REP DEVICE_ID {RACK} >< REP ENCRYPTION OFF >"
+)
+ULXD_SAMPLE = b"< SAMPLE 1 ALL AX 078 032 >"
+
+
+@dataclass
+class Connections:
+    """When a test receiver accepted each connection, and when each healthy one was hung up."""
+
+    accepted: list[float] = field(default_factory=list)
+    ended: list[float] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def receiver_server(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[ShureSimulator]:
+    """A TCP server running ``handler``; yields a ULX-D simulator (not started) naming its port."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    try:
+        yield ShureSimulator("ulxd4", port=server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_the_backoff_starts_over_after_every_healthy_session() -> None:
+    # Every second connection is healthy (read in full, metered for longer than a stable
+    # session) and then falls silent; the others are hung up at once. After each healthy session
+    # the driver reconnects at once and the failure after it waits the initial backoff again:
+    # one backoff kept for the whole run waited 0.3, 0.6, 1.2, 2.4 s ... instead.
+    options = replace(PATIENT, silence_timeout_s=0.5, backoff_initial_s=0.3, backoff_max_s=5.0)
+    loop = asyncio.get_running_loop()
+    seen = Connections()
+
+    async def device(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        healthy = len(seen.accepted) % 2 == 0
+        seen.accepted.append(loop.time())
+        if not healthy:
+            writer.close()
+            return
+        await reader.read(4096)
+        writer.write(ULXD_REPLY)
+        with contextlib.suppress(OSError):
+            for _ in range(24):  # 1.2 s of meters: longer than a stable session
+                writer.write(ULXD_SAMPLE)
+                await asyncio.sleep(0.05)
+            while await reader.read(4096):  # silent (probes unanswered) until the driver hangs up
+                pass
+        seen.ended.append(loop.time())
+        writer.close()
+
+    async with receiver_server(device) as sim, running_driver(sim, options) as (driver, links, _task):
+        await until(lambda: len(seen.accepted) >= 5)
+        assert driver.stats.connects >= 5
+        assert links.links[:2] == [(True, "connected"), (False, "silent")]
+    accepted, ended = seen.accepted, seen.ended
+    for k in (0, 1):
+        # Healthy session k ended: the next connection is at once, not after a wait.
+        assert accepted[2 * k + 1] - ended[k] < 0.25, (accepted, ended)
+        # The failure after it: the initial wait (0.3 s plus up to 0.3 s of jitter), every time.
+        assert 0.29 <= accepted[2 * k + 2] - accepted[2 * k + 1] < 0.9, (accepted, ended)
+
+
+async def test_the_backoff_grows_while_the_device_stays_unusable_and_is_capped() -> None:
+    # A receiver that hangs up every connection at once is never read in full: each failure
+    # waits twice as long as the one before, 0.05 s up to the cap of 0.4 s, jitter included.
+    options = replace(PATIENT, backoff_initial_s=0.05, backoff_max_s=0.4)
+    loop = asyncio.get_running_loop()
+    accepted: list[float] = []
+
+    async def rude_device(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(loop.time())
+        writer.close()
+
+    async with receiver_server(rude_device) as sim, running_driver(sim, options) as (driver, seen, _task):
+        await until(lambda: len(accepted) >= 8)
+        assert seen.links == [(False, "connect_failed")]
+        assert not driver.online
+    waits = [later - earlier for earlier, later in itertools.pairwise(accepted)][:7]
+    for attempt, wait in enumerate(waits):
+        # The exponential part is capped at the cap less the jitter, so that jitter stays.
+        least = min(0.05 * 2**attempt, 0.4 - 0.05)
+        assert least - 0.01 <= wait <= least + 0.05 + 0.25, (attempt, waits)
+    assert max(waits) <= 0.4 + 0.25, waits  # capped: uncapped, the last would wait 3.2 s
+
+
+async def test_bad_input_is_logged_at_most_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    # The parser only counts junk; the driver says so in the log, throttled.
+    caplog.set_level(logging.DEBUG, logger="micboard.agent.drivers.shure.driver")
+    device = scripted_receiver(ULXD_REPLY, b"junk without a start >" + ULXD_SAMPLE)
+    async with receiver_server(device) as sim, running_driver(sim) as (driver, seen, _task):
+        await until(lambda: driver.online and driver.stats.parse_errors >= 5 and len(seen.meters) >= 5)
+    logged = [r for r in caplog.records if r.getMessage() == "shure bad input skipped"]
+    assert len(logged) == 1, logged  # five bad lines and more, one line in the log
+    record = logged[0]
+    assert record.levelno == logging.DEBUG
+    assert record.__dict__["device_key"] == "rack-1"
+    assert record.__dict__["bad_messages"] >= 1 and record.__dict__["dropped_bytes"] > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -204,6 +205,58 @@ async def test_meters_come_back_after_the_device_forgets_subscribers() -> None:
         await eventually(lambda: simulator.subscription_count == 1, 1.5)
         count = len(recorder.meters)
         await eventually(lambda: len(recorder.meters) > count + 4)
+
+
+async def longest_meter_gap(recorder: Recorder, duration_s: float) -> float:
+    """The longest time in ``duration_s`` without a new meter, sampled every 10 ms."""
+    started = last = time.monotonic()
+    count, gap = len(recorder.meters), 0.0
+    while (now := time.monotonic()) - started < duration_s:
+        if len(recorder.meters) > count:
+            count, last = len(recorder.meters), now
+        gap = max(gap, now - last)
+        await asyncio.sleep(0.01)
+    return gap
+
+
+async def test_slow_replies_do_not_let_the_meter_subscription_lapse() -> None:
+    # Every reply 0.7 s late with a 1 s lifetime: renewals are due a fixed time after the last
+    # one was sent, not a period after its reply (which came 1.6 s apart, a 0.6 s gap each time).
+    options = replace(FAST, command_timeout_s=2.4, silence_timeout_s=3.0)
+    async with rig(options=options, subscription_lifetime_s=1.0) as (simulator, driver, recorder):
+        await online(driver, recorder)
+        await eventually(lambda: len(recorder.meters) > 4)
+        simulator.faults.delay_s = 0.7
+        assert await longest_meter_gap(recorder, 2.5) < 0.45
+        assert driver.online and simulator.subscription_count == 1
+
+
+async def test_the_subscription_comes_back_promptly_after_renewals_were_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The device hears nothing for a while: renewals are lost and its subscription lapses. Once
+    # it hears again, the next renewal is one resend interval (0.2 s) after the last lost one,
+    # not a whole period (1.8 s of a 2 s lifetime) later.
+    caplog.set_level(logging.INFO, logger="micboard.agent.drivers.sennheiser.driver")
+
+    def lost() -> int:
+        return sum(r.getMessage() == "ssc subscription unanswered" for r in caplog.records)
+
+    # No poll and no silence verdict meanwhile: this is about the subscription alone.
+    options = replace(FAST, silence_timeout_s=10.0, poll_interval_s=10.0)
+    async with rig(options=options, subscription_lifetime_s=2.0) as (simulator, driver, recorder):
+        await online(driver, recorder)
+        await eventually(lambda: simulator.subscription_count == 1)
+        simulator.faults.silent = True
+        await eventually(lambda: simulator.subscription_count == 0)  # lapsed on the device
+        before = lost()
+        await eventually(lambda: lost() > before)  # a renewal was lost just now
+        simulator.faults.silent = False
+        heard_at, count = time.monotonic(), len(recorder.meters)
+        await eventually(lambda: len(recorder.meters) > count)
+        assert time.monotonic() - heard_at < 0.8
+        assert simulator.subscription_count == 1
+        assert driver.online and recorder.links == [(True, "answering")]
 
 
 async def test_rename_reaches_the_simulator_and_invalid_names_are_refused() -> None:

@@ -123,8 +123,9 @@ class _SscClientProtocol(asyncio.DatagramProtocol):
 class SscDriver(ReceiverDriver):
     """Sennheiser SSC v1 over UDP for EW-DX EM 2 / EM 4 and EM 6000.
 
-    ``subscription_lifetime_s`` is the meter subscription's lifetime (renewed at 90 % of it);
-    ``request_attempts`` is how often a request is sent within its timeout when datagrams are lost.
+    ``subscription_lifetime_s`` is the meter subscription's lifetime (renewed ``command_timeout_s``
+    before it ends, at the latest half-way); ``request_attempts`` is how often a request is sent
+    within its timeout when datagrams are lost.
     """
 
     def __init__(
@@ -283,9 +284,10 @@ class SscDriver(ReceiverDriver):
         self.listener.link_changed(self.target.device_key, True, "answering")
         self._publish(force=True)
         if self.options.meter_interval_ms > 0:  # 0: metering off, as METER_RATE 00000 on Shure
-            await self._subscribe()
+            sent_at = time.monotonic()
+            answered = await self._subscribe()
             self._renewal = asyncio.create_task(
-                self._renew_loop(), name=f"ssc-renew-{self.target.device_key}"
+                self._renew_loop(sent_at if answered else None), name=f"ssc-renew-{self.target.device_key}"
             )
         return True
 
@@ -329,12 +331,35 @@ class SscDriver(ReceiverDriver):
         # Meters that kept arriving prove the device alive even if the poll itself was lost.
         return self._last_rx >= started
 
-    async def _renew_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.subscription_lifetime_s * 0.9)
-            await self._subscribe()
+    async def _renew_loop(self, answered_at: float | None) -> None:
+        """Renew the meter subscription before it lapses, until the session cancels this task.
 
-    async def _subscribe(self) -> None:
+        ``answered_at``: when the last answered subscribe was sent; ``None`` if it went unanswered.
+        """
+        lifetime = self.subscription_lifetime_s
+        # The device counts a lifetime from when a subscribe reaches it, which is no earlier than
+        # when it was sent: renewals are due a fixed time after the last answered one was sent.
+        # Sleeping a period after each reply instead pushed every renewal later by the reply's
+        # latency, and the subscription lapsed whenever a reply took longer than the slack left.
+        # The lead gives a renewal all its resends (the whole command timeout) before the lapse;
+        # with a short lifetime it is at most half of it.
+        lead = min(self.options.command_timeout_s, lifetime / 2)
+        # An unanswered renewal may not have reached the device: ask again after one resend
+        # interval, not a whole period, or the meters may stay stopped for most of a lifetime.
+        retry_s = self.options.command_timeout_s / self.request_attempts
+        due = time.monotonic() + retry_s if answered_at is None else answered_at + lifetime - lead
+        while True:
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            sent_at = time.monotonic()
+            answered = await self._subscribe()
+            due = sent_at + lifetime - lead if answered else time.monotonic() + retry_s
+
+    async def _subscribe(self) -> bool:
+        """Subscribe to the meters (or renew); whether the device answered, accepting or refusing.
+
+        A refusal counts as answered: asking again at once would only repeat it (and its
+        warning), so it is retried when the next renewal is due.
+        """
         # Within what a subscription takes: "min" may not exceed its "max" (10 s).
         interval_ms = min(max(10, self.options.meter_interval_ms), METER_MAX_MS)
         count = max(1000, int(self.subscription_lifetime_s * 1000 / interval_ms) + 10)
@@ -349,12 +374,14 @@ class SscDriver(ReceiverDriver):
         reply = await self._request(tree, self.options.command_timeout_s)
         if reply is None:
             log.info("ssc subscription unanswered", extra={"device_key": self.target.device_key})
-        elif reply.errors:
+            return False
+        if reply.errors:
             self.stats.device_errors += 1
             log.warning(
                 "ssc subscription refused",
                 extra={"device_key": self.target.device_key, "errors": _describe(reply)},
             )
+        return True
 
     async def _read_channels(self, channels: Iterable[int]) -> None:
         await asyncio.gather(*(self._read_channel(channel) for channel in channels))

@@ -10,9 +10,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
+from tenacity.wait import wait_base
 
 from micboard.shared.envelope import CommandAction, CommandOutcome
+from micboard.shared.logs import LogThrottle
 from micboard.shared.model import ChannelMeter, Device, Vendor
 
 from ..base import CommandReply, DeviceListener, DeviceTarget, DriverCommand, DriverOptions, ReceiverDriver
@@ -23,8 +25,12 @@ logger = logging.getLogger(__name__)
 
 _READ_SIZE = 64 * 1024
 # A session that breaks sooner than this after reading the device in full is retried with
-# backoff, so that a device that accepts and hangs up at once is not hammered.
+# backoff, so that a device that accepts and hangs up at once is not hammered. One that lasted
+# longer was healthy: the backoff starts over after it.
 _STABLE_SESSION_S = 1.0
+#: How often bad device input (junk, oversized or unparseable lines, unusable values) is logged
+#: again while it keeps coming: a receiver that babbles must not flood the log.
+BAD_INPUT_LOG_EVERY_S = 30.0
 #: The link-down reason of a receiver that answers ``REP ERR`` to ``GET 0 ALL``.
 REFUSED_REASON = (
     "connect_failed: the receiver refuses control (REP ERR to GET 0 ALL); "
@@ -119,6 +125,7 @@ class ShureDriver(ReceiverDriver):
         self.dialect: Dialect = dialect
         self._frames = FrameReader(self.options.max_line_bytes)
         self._bad_values = 0
+        self._bad_input_log = LogThrottle(BAD_INPUT_LOG_EVERY_S)
         self._device_raw: dict[str, str] = {}
         self._channels_raw: dict[int, dict[str, str]] = {}
         self._metered: set[int] = set()
@@ -160,19 +167,16 @@ class ShureDriver(ReceiverDriver):
             raise RuntimeError("ShureDriver.run() is already running")
         self._running = True
         self._done.clear()
-        options = self.options
         try:
             while not self._stopping.is_set():
+                # A fresh backoff after every healthy session, however it ended (closed or
+                # silent): one backoff kept for the whole run counted every failure since start,
+                # so after a few drops, each after hours of good service, every blip waited the cap.
                 retrying = AsyncRetrying(
-                    wait=wait_exponential_jitter(
-                        multiplier=options.backoff_initial_s,
-                        max=options.backoff_max_s,
-                        jitter=options.backoff_initial_s,
-                    ),
+                    wait=self._backoff(),
                     retry=retry_if_exception_type(_LinkDownError),
                     sleep=self._pause,
                 )
-                # Retries until a session ends normally: a healthy link that closed, or stop().
                 async for attempt in retrying:
                     with attempt:
                         await self._session()
@@ -293,13 +297,30 @@ class ShureDriver(ReceiverDriver):
 
     # -- connection --------------------------------------------------------------------
 
+    def _backoff(self) -> wait_base:
+        """Waits from ``backoff_initial_s`` doubling up to ``backoff_max_s``, each jittered.
+
+        The jitter (up to ``backoff_initial_s``) is inside the cap, so that waits at the cap still
+        differ: receivers that dropped together (a switch rebooting) are not retried in lockstep.
+        """
+        options = self.options
+        jitter = min(options.backoff_initial_s, options.backoff_max_s)
+        exponential = wait_exponential(
+            multiplier=options.backoff_initial_s, max=max(options.backoff_max_s - jitter, 0.0)
+        )
+        return exponential + wait_random(0.0, jitter)
+
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self._stopping.wait()
 
     async def _session(self) -> None:
-        """One connection: returns after a healthy session ended, raises ``_LinkDownError`` otherwise."""
+        """One connection: returns after a healthy session ended, raises ``_LinkDownError`` otherwise.
+
+        Healthy: the device was read in full and the link then lasted ``_STABLE_SESSION_S``,
+        whether it ended closed or silent.
+        """
         if self._stopping.is_set():
             return
         options = self.options
@@ -357,6 +378,12 @@ class ShureDriver(ReceiverDriver):
                     if now >= silence_at:
                         self._set_link(False, "silent")
                         self._fail_waiters("device went silent")
+                        if synced_at is not None and now - synced_at >= _STABLE_SESSION_S:
+                            # Healthy until now: reconnect at once, then back off from the start.
+                            logger.info(
+                                "shure connection silent", extra={"device_key": self.target.device_key}
+                            )
+                            return
                         raise _LinkDownError("silent") from None
                     if not probed and now >= self._last_rx + options.silence_timeout_s / 2:
                         # A device that has nothing to report gets asked something it must answer.
@@ -424,6 +451,7 @@ class ShureDriver(ReceiverDriver):
     def _handle(self, data: bytes) -> None:
         self._reads += 1
         frames = self._frames
+        errors_before, dropped_before = frames.parse_errors + self._bad_values, frames.dropped_bytes
         messages = frames.feed(data)
         meters: list[ChannelMeter] = []
         meter = self.dialect.meter
@@ -465,6 +493,27 @@ class ShureDriver(ReceiverDriver):
             self.listener.meters_updated(self.target.device_key, meters)
         if self._synced and self._dirty:
             self._publish(force=False)
+        errors = frames.parse_errors + self._bad_values - errors_before
+        dropped = frames.dropped_bytes - dropped_before
+        if errors or dropped:
+            self._log_bad_input(errors, dropped)
+
+    def _log_bad_input(self, errors: int, dropped: int) -> None:
+        # The parser only counts (it stays pure); saying so here, at most once per
+        # BAD_INPUT_LOG_EVERY_S, tells why the counters grow. Debug, as the SSC driver's
+        # rejected datagrams: the counters are the metric, this line is for diagnosis.
+        repeated = self._bad_input_log.due("bad input")
+        if repeated is None:
+            return
+        logger.debug(
+            "shure bad input skipped",
+            extra={
+                "device_key": self.target.device_key,
+                "bad_messages": errors,
+                "dropped_bytes": dropped,
+                **({"repeated": repeated} if repeated else {}),
+            },
+        )
 
     def _apply_rep(self, rep: Rep) -> None:
         self._all_answered = True
