@@ -152,7 +152,11 @@ def main() -> int:
     # Every service in a session of its own: a Ctrl-C in the terminal reaches only this script,
     # which stops them in order (the agent, then the collector, then NATS) instead of all at
     # once, when the services lost NATS while still stopping and logged reconnect errors.
-    nats = EmbeddedNats(store_dir=args.state_dir / "nats", new_session=True)
+    nats = EmbeddedNats(
+        store_dir=args.state_dir / "nats",
+        new_session=True,
+        binary=os.environ.get("MICBOARD_NATS_SERVER_BIN"),  # the collector's setting, read alike
+    )
     nats.start()
     env = {
         **os.environ,

@@ -10,6 +10,7 @@ import nats
 import pytest
 
 from micboard.agent.demo_source import demo_device
+from micboard.agent.outbox import OUTBOX_FILE
 from micboard.agent.publisher import EnvelopeFactory, JetStreamPublisher
 from micboard.agent.runner import AgentRunner
 from micboard.agent.settings import AgentSettings
@@ -51,7 +52,14 @@ async def test_device_snapshot_travels_to_the_api(
     running = await collector.start()
     try:
         agent = AgentRunner(
-            AgentSettings(site="venue-a", agent="pi-a", nats_url=nats_private.url, heartbeat_interval_s=0.2),
+            AgentSettings(
+                site="venue-a",
+                agent="pi-a",
+                nats_url=nats_private.url,
+                heartbeat_interval_s=0.2,
+                # The test's own directory, not ./state of wherever the tests run.
+                state_dir=tmp_path / "agent",
+            ),
             [demo_device()],
         )
         task = asyncio.create_task(agent.run())
@@ -74,6 +82,7 @@ async def test_device_snapshot_travels_to_the_api(
         assert device["channels"][0]["name"] == "HH01 Fatai"
         assert device["channels"][0]["transmitter"]["battery_bars"] == 4
         assert agent.published >= 3  # hello, snapshot, at least one heartbeat
+        assert (tmp_path / "agent" / OUTBOX_FILE).is_file()
         assert running.ingest is not None
         assert running.ingest.stats.poison == 0
         async with aiohttp.ClientSession() as http, http.get(f"{running.url}/healthz") as response:

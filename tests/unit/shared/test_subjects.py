@@ -71,3 +71,17 @@ def test_stream_subjects_cover_jetstream_kinds_only() -> None:
 
 def test_msg_id_rule() -> None:
     assert msg_id("pi-01", "b00t", 42) == "pi-01.b00t.42"
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [None, b"micboard.v1.venue.pi-01.hello", bytearray(b"micboard.v1.a.b.hello"), 5, ["micboard"], object()],
+    ids=["none", "bytes", "bytearray", "int", "list", "object"],
+)
+def test_a_subject_that_is_not_text_is_a_subject_error(subject: object) -> None:
+    # What a caller passes on from a message (msg.subject may be missing, or raw bytes) is refused
+    # with the typed error every caller handles, not an AttributeError or a TypeError.
+    with pytest.raises(SubjectError) as info:
+        parse_subject(subject)
+    assert info.value.code is ErrorCode.SUBJECT_INVALID
+    assert type(subject).__name__ in info.value.message

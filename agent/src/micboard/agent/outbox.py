@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from micboard.shared.errors import ErrorCode, MicboardError
+
 log = logging.getLogger(__name__)
 
 OUTBOX_FILE = "outbox.sqlite3"
@@ -101,8 +103,14 @@ _EXPIRED = """SELECT o.id, o.size FROM events o WHERE o.created_ms < ? AND (o.de
 _COLUMNS = "id, subject, msg_id, kind, device_key, is_snapshot, created_ms, payload"
 
 
-class OutboxError(Exception):
-    """The outbox could not read or write its database (disk full, I/O error, permissions)."""
+class OutboxError(MicboardError):
+    """The outbox could not read or write its database (disk full, I/O error, permissions).
+
+    Code ``outbox.failed``; ``message`` says what failed.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.OUTBOX_FAILED, message)
 
 
 @dataclass(slots=True)

@@ -14,19 +14,28 @@ from collections.abc import Iterator
 from zeroconf import Error as ZeroconfError
 
 from micboard.agent.outbox import OutboxError
+from micboard.shared.errors import ErrorCode, MicboardError
 
 
-class StartError(Exception):
-    """A part of the agent could not start; ``what`` names it, ``reason`` says why."""
+class StartError(MicboardError):
+    """A part of the agent could not start; ``what`` names it, ``reason`` says why.
+
+    Code ``agent.start_failed``. Its text is ``<what>: <reason>`` without the code: the one
+    line ``micboard-agent run`` prints after "cannot start:".
+    """
 
     def __init__(self, what: str, reason: str) -> None:
-        super().__init__(f"{what}: {reason}")
+        super().__init__(ErrorCode.AGENT_START_FAILED, f"{what}: {reason}")
         self.what = what
         self.reason = reason
 
+    def __str__(self) -> str:
+        return self.message
+
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc)
+    # A micboard error's message, without its code: the reason reads as one sentence.
+    text = exc.message if isinstance(exc, MicboardError) else str(exc)
     return text if text else type(exc).__name__
 
 

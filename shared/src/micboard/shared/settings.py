@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import importlib
 import json
 import logging
 import os
@@ -87,30 +86,57 @@ def _variable_names(cls: type[MicboardSettings]) -> set[str]:
     return {*os.environ, *in_env_file}
 
 
-def _other_programs_fields() -> set[str]:
-    """The settings of the agent and the collector, those of them installed here.
+#: The settings of the agent alone and of the collector alone, by field name, for
+#: :func:`unknown_variables`: a variable the other program reads is not unknown. Written out
+#: because shared imports neither program (the collector's settings import SQLAlchemy); a unit
+#: test (tests/unit/shared/test_settings_program_names.py) keeps them equal to the programs'
+#: settings classes.
+AGENT_SETTINGS: frozenset[str] = frozenset(
+    {
+        "agent", "allow_cidrs", "command_timeout_s", "connect_timeout_s", "deny_cidrs",
+        "discovery_mdns", "discovery_slp", "driver_command_timeout_s", "extra_service_types",
+        "heartbeat_interval_s", "interfaces", "max_in_flight", "mdns_service_types",
+        "meter_interval_ms", "meter_rate_hz", "metrics_host", "metrics_port",
+        "nats_connect_timeout_s", "nats_creds_file", "nats_inbox_prefix", "nats_nkey_seed_file",
+        "nats_require_tls", "nats_tls_ca", "nats_tls_cert", "nats_tls_hostname", "nats_tls_key",
+        "outbox_fsync_interval_s", "outbox_max_age_s", "outbox_max_bytes", "poll_interval_s",
+        "publish_timeout_s", "reconnect_backoff_initial_s", "reconnect_backoff_max_s",
+        "shutdown_timeout_s", "silence_timeout_s", "site", "snapshot_interval_s", "static_devices",
+    }
+)  # fmt: skip
+COLLECTOR_SETTINGS: frozenset[str] = frozenset(
+    {
+        "ack_wait_s", "alert_clip_resolve_hold_s", "alert_resolve_hold_s", "alert_rf_loss_s",
+        "alert_sweep_interval_s", "auth_failures_per_min", "auto_migrate", "batch_size",
+        "bootstrap_token", "database_url", "dedup_prune_interval_s", "dedup_retention_s",
+        "duplicate_window_s", "durable_name", "fetch_timeout_s", "history_bucket_s",
+        "history_flush_interval_s", "history_prune_interval_s", "history_retention_days",
+        "http_host", "http_port", "http_shutdown_timeout_s", "ingest", "live_bridge",
+        "live_meter_hz", "live_queue_messages", "max_deliver", "nats_creds_file",
+        "nats_inbox_prefix", "nats_nkey_seed_file", "nats_require_tls", "nats_server_bin",
+        "nats_tls_ca", "nats_tls_cert", "nats_tls_hostname", "nats_tls_key",
+        "records_retention_days", "redelivery_backoff_s", "retry_delay_s", "retry_max_delay_s",
+        "sqlite_checkpoint_interval_s", "stale_check_interval_s", "stream_max_age_s",
+        "stream_max_bytes", "stream_name", "stream_replicas", "tune_gc",
+        "unreported_device_after_s",
+    }
+)  # fmt: skip
+
+
+def _other_programs_fields() -> frozenset[str]:
+    """The settings of the agent and of the collector, whether or not each is installed here.
 
     One environment (the demo, a ``.env`` made from ``.env.example``) may hold both programs'
     settings: a variable the other program reads is not unknown.
     """
-    fields: set[str] = set()
-    for module, name in (
-        ("micboard.agent.settings", "AgentSettings"),
-        ("micboard.collector.settings", "CollectorSettings"),
-    ):
-        try:
-            found = getattr(importlib.import_module(module), name)
-        except ImportError:
-            continue  # that program is not installed here
-        fields.update(found.model_fields)
-    return fields
+    return AGENT_SETTINGS | COLLECTOR_SETTINGS
 
 
 def unknown_variables(cls: type[MicboardSettings]) -> list[tuple[str, str | None]]:
     """The ``MICBOARD_*`` variables (environment, ``.env``) naming no setting, with the likeliest one meant.
 
-    No setting of ``cls``, nor of the other micboard program if it is installed, nor one of
-    :data:`NOT_SETTINGS`.
+    No setting of ``cls``, nor of the other micboard program (:data:`AGENT_SETTINGS`,
+    :data:`COLLECTOR_SETTINGS`), nor one of :data:`NOT_SETTINGS`.
     """
     return _unknown_variables(cls, _variable_names(cls))
 

@@ -63,8 +63,13 @@ def build_subject(site: str, agent: str, kind: Kind | str) -> str:
     return f"{SUBJECT_PREFIX}.{site}.{agent}.{kind.value}"
 
 
-def parse_subject(subject: str) -> Subject:
-    """Split an event subject into its parts, raising :class:`SubjectError` if it is malformed."""
+def parse_subject(subject: object) -> Subject:
+    """Split an event subject into its parts, raising :class:`SubjectError` if it is malformed.
+
+    Anything but a ``str`` (``None``, the ``bytes`` of a raw message) is malformed too.
+    """
+    if not isinstance(subject, str):
+        raise SubjectError(f"a subject is text (str), not {type(subject).__name__}")
     parts = subject.split(".")
     if len(parts) != 5 or f"{parts[0]}.{parts[1]}" != SUBJECT_PREFIX:
         raise SubjectError(
