@@ -139,6 +139,10 @@ def test_delta_survives_the_wire_and_applies() -> None:
     [
         (lambda d: d.update(v=2), ErrorCode.WIRE_UNKNOWN_VERSION),
         (lambda d: d.update(v=True), ErrorCode.WIRE_UNKNOWN_VERSION),
+        (lambda d: d.update(v=1.0), ErrorCode.WIRE_UNKNOWN_VERSION),
+        (lambda d: d.update(site=b"hall"), ErrorCode.WIRE_INVALID),  # msgpack bin, not str
+        (lambda d: d.update(boot=b"b00t"), ErrorCode.WIRE_INVALID),
+        (lambda d: d["body"]["snapshot"].update(model=b"ULXD4"), ErrorCode.WIRE_INVALID),
         (lambda d: d.pop("v"), ErrorCode.WIRE_UNKNOWN_VERSION),
         (lambda d: d.update(kind="telepathy"), ErrorCode.WIRE_INVALID),
         (lambda d: d.update(site="Bad Site"), ErrorCode.WIRE_INVALID),
@@ -172,11 +176,42 @@ def test_invalid_envelopes_raise_wire_error(mutate: Any, code: ErrorCode) -> Non
         {"channels": {1: {"frequency_khz": -1}}},
         {"channels": {1: {"transmitter": {"battery_bars": 9}}}},
         {"channels": {1: {"wat": 1}}},
+        {"name": b"HH01"},  # bytes would reach the collector's stored state and break its write
+        {"channels": {1: {"warnings": [b"rf"]}}},
+        {"channels": {1: {"transmitter": {"model": b"ULXD2"}}}},
     ],
 )
 def test_invalid_deltas_are_refused(changes: dict[str, Any]) -> None:
     raw = msgpack.unpackb(encode(every_kind()[3]), strict_map_key=False)
     raw["body"]["changes"] = changes
+    with pytest.raises(WireError) as info:
+        decode(msgpack.packb(raw, use_bin_type=True))
+    assert info.value.code is ErrorCode.WIRE_INVALID
+
+
+def test_a_bad_delta_value_is_named_by_its_place() -> None:
+    raw = msgpack.unpackb(encode(every_kind()[3]), strict_map_key=False)
+    raw["body"]["changes"] = {"channels": {1: {"warnings": ["ok", b"rf"]}}}
+    with pytest.raises(WireError, match=r"channels\.1\.warnings\.1: Input should be a valid string"):
+        decode(msgpack.packb(raw, use_bin_type=True))
+
+
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize(
+    ("kind", "place"),
+    [
+        ("meter", lambda body, n: body["channels"][0].update(audio_dbfs=n)),
+        ("meter", lambda body, n: body["channels"][0].update(rf_dbm=[n, -90.0])),
+        ("heartbeat", lambda body, n: body.update(interval_s=n)),
+        ("heartbeat", lambda body, n: body.update(uptime_s=n)),
+        ("hello", lambda body, n: body["config"].update(ratio=n)),
+    ],
+)
+def test_numbers_that_are_no_reading_are_refused(kind: str, place: Any, number: float) -> None:
+    """NaN and infinities: a heartbeat interval of inf would keep its agent from ever going stale."""
+    event = next(e for e in every_kind() if e.kind == kind)
+    raw = msgpack.unpackb(encode(event), strict_map_key=False)
+    place(raw["body"], number)
     with pytest.raises(WireError) as info:
         decode(msgpack.packb(raw))
     assert info.value.code is ErrorCode.WIRE_INVALID

@@ -59,7 +59,8 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> AnyEvent:
     """Decode and validate one event; raises :class:`WireError` and nothing else on bad input."""
     obj = _unpack(data, max_bytes)
     version = obj.get("v")
-    if version != SCHEMA_VERSION or isinstance(version, bool):
+    # Exactly the integer: not True, not 1.0.
+    if type(version) is not int or version != SCHEMA_VERSION:
         raise WireError(
             ErrorCode.WIRE_UNKNOWN_VERSION,
             f"unknown schema version {version!r}; this build speaks version {SCHEMA_VERSION}",

@@ -5,15 +5,29 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 
 from micboard.shared.model import ChannelMeter, Device, ReceiverChannel, Transmitter
 
-Token = Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,64}$")]
-BootId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+# Text fields are strict: msgpack's str type only, so raw bytes (its bin type) are refused
+# rather than decoded, and numbers are finite.
+Text = Annotated[str, Strict()]
+Token = Annotated[str, Strict(), Field(pattern=r"^[a-z0-9_-]{1,64}$")]
+BootId = Annotated[str, Strict(), Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 EpochMs = Annotated[int, Strict(), Field(ge=0, lt=2**53)]
-DeviceKey = Annotated[str, Field(min_length=1, max_length=128)]
+DeviceKey = Annotated[str, Strict(), Field(min_length=1, max_length=128)]
+RequestId = Annotated[str, Strict(), Field(min_length=1, max_length=64)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class _Body(BaseModel):
@@ -23,22 +37,22 @@ class _Body(BaseModel):
 class HelloBody(_Body):
     """Sent once when an agent starts."""
 
-    version: str
-    hostname: str | None = None
-    config: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    version: Text
+    hostname: Text | None = None
+    config: dict[Text, Text | int | FiniteFloat | bool | None] = Field(default_factory=dict)
 
 
 class HeartbeatBody(_Body):
     """Sent every heartbeat interval: the agent is alive and this is how it is doing."""
 
-    interval_s: Annotated[float, Strict(), Field(gt=0)] = 10.0
-    uptime_s: Annotated[float, Strict(), Field(ge=0)]
-    version: str | None = None
-    devices_by_state: dict[str, Annotated[int, Strict(), Field(ge=0)]] = Field(default_factory=dict)
+    interval_s: Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)] = 10.0
+    uptime_s: Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
+    version: Text | None = None
+    devices_by_state: dict[Text, Annotated[int, Strict(), Field(ge=0)]] = Field(default_factory=dict)
     outbox_depth: Annotated[int, Strict(), Field(ge=0)] = 0
     outbox_bytes: Annotated[int, Strict(), Field(ge=0)] = 0
     dropped: Annotated[int, Strict(), Field(ge=0)] = 0
-    last_publish_error: str | None = None
+    last_publish_error: Text | None = None
 
 
 _DEVICE_FIELDS = frozenset(Device.model_fields) - {"device_key", "channels"}
@@ -78,7 +92,7 @@ class DeviceBody(_Body):
             if key == "channels":
                 _check_channel_changes(value)
             elif key in _DEVICE_FIELDS:
-                _FIELD_ADAPTERS["device", key].validate_python(value)
+                _check_field(_FIELD_ADAPTERS["device", key], value, key)
             else:
                 raise ValueError(f"unknown device field {key!r} in changes")
         return changes
@@ -97,6 +111,16 @@ class DeviceBody(_Body):
         return self.snapshot is not None
 
 
+def _check_field(adapter: TypeAdapter[Any], value: Any, where: str) -> None:
+    # Reported with the field's place in the delta: pydantic's own location stops at "changes".
+    try:
+        adapter.validate_python(value)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False, include_input=False)[0]
+        inner = ".".join(str(part) for part in error["loc"])
+        raise ValueError(f"{where}{'.' + inner if inner else ''}: {error['msg']}") from None
+
+
 def _check_channel_changes(value: Any) -> None:
     if not isinstance(value, dict):
         raise ValueError("'channels' in changes must map channel index to changed fields")
@@ -110,9 +134,9 @@ def _check_channel_changes(value: Any) -> None:
                 if field_value != index:
                     raise ValueError(f"channel {index} changes carry index {field_value!r}")
             elif key == "transmitter":
-                _TRANSMITTER_ADAPTER.validate_python(field_value)
+                _check_field(_TRANSMITTER_ADAPTER, field_value, f"channels.{index}.transmitter")
             elif key in _CHANNEL_FIELDS:
-                _FIELD_ADAPTERS["channel", key].validate_python(field_value)
+                _check_field(_FIELD_ADAPTERS["channel", key], field_value, f"channels.{index}.{key}")
             else:
                 raise ValueError(f"unknown channel field {key!r} in changes")
 
@@ -130,7 +154,7 @@ class OfflineBody(_Body):
 
     device_key: DeviceKey
     reason: OfflineReason = OfflineReason.SILENT
-    detail: str | None = None
+    detail: Text | None = None
     last_seen_ts: EpochMs | None = None
 
 
@@ -138,13 +162,13 @@ class DiscoveredBody(_Body):
     """Something answered discovery (kept even if it is not polled)."""
 
     source: Literal["mdns", "slp", "static"]
-    address: str
+    address: Text
     port: Annotated[int, Strict(), Field(ge=0, le=65535)] | None = None
-    vendor: str | None = None
-    family: str | None = None
-    model: str | None = None
-    device_id: str | None = None
-    name: str | None = None
+    vendor: Text | None = None
+    family: Text | None = None
+    model: Text | None = None
+    device_id: Text | None = None
+    name: Text | None = None
     supported: Annotated[bool, Strict()] = False
 
 
@@ -168,11 +192,11 @@ class CommandAction(StrEnum):
 class CommandBody(_Body):
     """A command request sent by the collector to one agent (core NATS request/reply)."""
 
-    request_id: Annotated[str, Field(min_length=1, max_length=64)]
+    request_id: RequestId
     action: CommandAction
     device_key: DeviceKey | None = None
     channel: Annotated[int, Strict(), Field(ge=1, le=64)] | None = None
-    value: Annotated[str, Field(max_length=128)] | None = None
+    value: Annotated[str, Strict(), Field(max_length=128)] | None = None
 
 
 class CommandOutcome(StrEnum):
@@ -188,9 +212,9 @@ class CommandOutcome(StrEnum):
 class CommandResult(_Body):
     """The agent's reply to a :class:`CommandBody`."""
 
-    request_id: Annotated[str, Field(min_length=1, max_length=64)]
+    request_id: RequestId
     outcome: CommandOutcome
-    detail: str | None = None
+    detail: Text | None = None
 
 
 class _EnvelopeBase(BaseModel):

@@ -14,12 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field, Strict
 
 # Strict scalars: the wire carries typed msgpack values, so "4" is not a battery bar count.
 Int = Annotated[int, Strict()]
-Float = Annotated[float, Strict()]
+#: A finite number: NaN and infinities are no reading, and would poison sums and comparisons.
+Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 Bool = Annotated[bool, Strict()]
 Percent = Annotated[int, Strict(), Field(ge=0, le=100)]
 Bars = Annotated[int, Strict(), Field(ge=0, le=5)]
 Minutes = Annotated[int, Strict(), Field(ge=0)]
-ShortText = Annotated[str, Field(max_length=128)]
+#: Text as msgpack's str type; strict, so raw bytes (msgpack's bin type) are refused, not decoded.
+ShortText = Annotated[str, Strict(), Field(max_length=128)]
 
 
 class Vendor(StrEnum):
@@ -127,7 +129,7 @@ class ChannelMeter(_Frozen):
 class Device(_Frozen):
     """A receiver as the agent last saw it."""
 
-    device_key: Annotated[str, Field(min_length=1, max_length=128)]
+    device_key: Annotated[str, Strict(), Field(min_length=1, max_length=128)]
     vendor: Vendor
     family: Family
     model: ShortText | None = None
