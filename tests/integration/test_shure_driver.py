@@ -14,7 +14,7 @@ import pytest
 
 from micboard.agent.drivers.base import CommandReply, DeviceTarget, DriverCommand, DriverOptions
 from micboard.agent.drivers.shure import SHURE_SIMULATOR_KINDS, ShureDriver, ShureSimulator
-from micboard.agent.drivers.shure.driver import REFUSED_REASON
+from micboard.agent.drivers.shure.driver import REFUSED_REASON, SLXD_MUTE_REASON
 from micboard.agent.drivers.shure.protocol import FrameReader, Get, Rep, RepErr, Sample, Set
 from micboard.agent.drivers.shure.simulator import MODELS
 from micboard.shared.envelope import CommandAction, CommandOutcome
@@ -422,6 +422,23 @@ async def test_a_receiver_refusing_control_is_offline_with_the_reason_until_allo
             assert len(seen.devices[-1].channels) == 2
     finally:
         await sim.stop()
+
+
+async def test_an_slxd_that_never_answers_is_offline_with_the_setting_to_check() -> None:
+    # The other way an SLX-D refuses third-party control: it accepts the connection and says
+    # nothing. The reason names the setting; a ULX-D doing the same is plainly silent.
+    for kind, reason in (("slxd4d", SLXD_MUTE_REASON), ("ulxd4", "silent")):
+        sim = ShureSimulator(kind, port=0, activity=0.0)
+        sim.faults.silent = True
+        await sim.start()
+        try:
+            async with running_driver(sim, FAST) as (driver, seen, _task):
+                await until(lambda: bool(seen.links))
+                assert seen.links[0] == (False, reason)
+                assert not driver.online and seen.devices == []
+        finally:
+            await sim.stop()
+    assert "Allow Third-Party Controls" in SLXD_MUTE_REASON
 
 
 async def test_a_device_with_rep_err_to_one_identity_question_still_comes_online() -> None:

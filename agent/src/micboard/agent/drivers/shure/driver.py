@@ -15,7 +15,7 @@ from tenacity.wait import wait_base
 
 from micboard.shared.envelope import CommandAction, CommandOutcome
 from micboard.shared.logs import LogThrottle
-from micboard.shared.model import ChannelMeter, Device, Vendor
+from micboard.shared.model import ChannelMeter, Device, Family, Vendor
 
 from ..base import CommandReply, DeviceListener, DeviceTarget, DriverCommand, DriverOptions, ReceiverDriver
 from .dialects import Dialect, dialect_for
@@ -35,6 +35,12 @@ BAD_INPUT_LOG_EVERY_S = 30.0
 REFUSED_REASON = (
     "connect_failed: the receiver refuses control (REP ERR to GET 0 ALL); "
     "enable its Allow Third-Party Controls"
+)
+#: The link-down reason of an SLX-D that accepts the connection and never says a word: what it
+#: does, rather than answering ``REP ERR``, until its Allow Third-Party Controls is enabled.
+SLXD_MUTE_REASON = (
+    "silent: the receiver accepted the connection but never answered; an SLX-D does this until "
+    "its Allow Third-Party Controls is enabled"
 )
 # Parameters that change at metering speed: they belong to ChannelMeter, not to state.
 _METER_PARAMS = frozenset({"RSSI", "CHAN_QUALITY", "METER_RATE", "AUDIO_LEVEL", "RF_LEVEL"})
@@ -376,7 +382,8 @@ class ShureDriver(ReceiverDriver):
                         self._raise_if_refused()
                         synced_at = now
                     if now >= silence_at:
-                        self._set_link(False, "silent")
+                        mute = not got_bytes and self.target.family is Family.SLXD
+                        self._set_link(False, SLXD_MUTE_REASON if mute else "silent")
                         self._fail_waiters("device went silent")
                         if synced_at is not None and now - synced_at >= _STABLE_SESSION_S:
                             # Healthy until now: reconnect at once, then back off from the start.
