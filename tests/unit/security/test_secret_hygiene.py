@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from micboard.agent.settings import load_agent_settings
+from micboard.agent.settings import AgentSettings, load_agent_settings
+from micboard.collector.settings import CollectorSettings
+from micboard.shared import settings as shared_settings
 from micboard.shared.errors import ConfigError
 from micboard.shared.logs import JsonFormatter, KeyValueFormatter
 from micboard.shared.redact import REDACTED, SecretRedactionFilter, redact_text, register_secret
@@ -19,6 +21,7 @@ from micboard.shared.secret_files import (
     holds_secrets,
     write_secret_file,
 )
+from micboard.shared.settings import MicboardSettings
 
 ROOT = Path(__file__).resolve().parents[3]
 SEED = "SUAM" + "A" * 54  # shaped like an NKey user seed
@@ -178,3 +181,29 @@ def test_the_collectors_own_secrets_are_redacted_by_value_once_it_starts() -> No
     # Even where no shape gives them away (a driver quoting the password alone, say).
     assert redact_text("auth failed with Plain-Pass-7f3a") == f"auth failed with {REDACTED}"
     assert redact_text("first token admin-bootstrap-9Kq2 in use") == f"first token {REDACTED} in use"
+
+
+@pytest.mark.parametrize(
+    ("program", "other"), [("AgentSettings", "CollectorSettings"), ("CollectorSettings", "AgentSettings")]
+)
+def test_a_world_readable_service_environment_file_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, program: str, other: str
+) -> None:
+    """The unit's EnvironmentFile is read by systemd, not by the program: it is checked by its path."""
+    monkeypatch.chdir(tmp_path)  # no .env of the checkout
+    for name in ("AgentSettings", "CollectorSettings"):
+        monkeypatch.setitem(shared_settings.SERVICE_ENV_FILES, name, tmp_path / f"{name}.env")
+    mine = tmp_path / f"{program}.env"
+    mine.write_text(f"MICBOARD_DATABASE_URL=postgresql://micboard:{SEED}@db/micboard\n")
+    mine.chmod(0o644)
+    theirs = tmp_path / f"{other}.env"
+    theirs.write_text("MICBOARD_NATS_URL=nats://u:pw-of-the-other@h:4222\n")
+    theirs.chmod(0o644)
+    cls: type[MicboardSettings] = AgentSettings if program == "AgentSettings" else CollectorSettings
+    values = {"site": "hall", "agent": "pi-1"} if cls is AgentSettings else {}
+    with pytest.raises(
+        ConfigError, match=r"service environment file holding secrets .* accessible to every user"
+    ):
+        shared_settings.build_settings(cls, **values)
+    mine.chmod(0o600)  # what deploy/ writes; the other program's file is not this one's business
+    assert isinstance(shared_settings.build_settings(cls, **values), cls)

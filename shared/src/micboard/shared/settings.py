@@ -183,7 +183,7 @@ def load_settings(cls: type[_SettingsT], **overrides: Any) -> _SettingsT:
     Every ``MICBOARD_*`` variable (environment or ``.env``) that names no setting of ``cls``, and
     is not one of :data:`NOT_SETTINGS`, is logged as a warning, once per call.
     """
-    _check_env_file()
+    _check_env_file(cls)
     # Before building: a misspelt name is worth knowing about when the settings are refused too.
     _warn_unknown_variables(cls)
     return _build(cls, overrides)
@@ -191,13 +191,31 @@ def load_settings(cls: type[_SettingsT], **overrides: Any) -> _SettingsT:
 
 def build_settings(cls: type[_SettingsT], **overrides: Any) -> _SettingsT:
     """:func:`load_settings` without the warnings, for a second build from the same environment."""
-    _check_env_file()
+    _check_env_file(cls)
     return _build(cls, overrides)
 
 
-def _check_env_file() -> None:
+#: The environment file of each program's systemd unit (``EnvironmentFile=`` in systemd/*.service),
+#: by settings class. systemd reads it, not the program, so it is checked here by its known path:
+#: one the service's user cannot read is not world-readable, which is all this check is about.
+SERVICE_ENV_FILES: dict[str, Path] = {
+    "AgentSettings": Path("/etc/micboard/agent.env"),
+    "CollectorSettings": Path("/etc/micboard/collector.env"),
+}
+
+
+def _check_env_file(cls: type[MicboardSettings] | None = None) -> None:
     # A .env may hold passwords or tokens: refuse it when world-readable.
     check_config_file(Path(".env"), what=".env file")
+    service_file = SERVICE_ENV_FILES.get(cls.__name__) if cls is not None else None
+    if service_file is None:
+        return
+    try:
+        check_config_file(service_file, what="service environment file")
+    except ConfigError:
+        if service_file.exists() and not os.access(service_file, os.R_OK):
+            return  # unreadable to this user: not readable by everyone either
+        raise
 
 
 def _build(cls: type[_SettingsT], overrides: dict[str, Any]) -> _SettingsT:
