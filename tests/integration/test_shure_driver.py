@@ -172,6 +172,21 @@ async def test_reads_identity_state_and_live_meters(kind: str) -> None:
             assert channel.transmitter.model == sim_channel.tx_model
             assert channel.transmitter.battery_bars == sim_channel.battery_bars
             assert channel.transmitter.runtime_min == int(sim_channel.battery_min)
+            # Every value the family reports, as the simulator wrote it (None where it has none).
+            tx = model.dialect.tx
+            if model.dialect.group_param in model.dialect.channel_params:
+                assert channel.group_channel == sim_channel.group_channel
+            assert channel.transmitter.battery_percent == (
+                sim_channel.battery_percent if tx.percent else None
+            )
+            assert channel.transmitter.battery_type == ("LION" if tx.battery_type else None)
+            assert channel.transmitter.battery_cycles == (sim_channel.battery_cycles if tx.cycles else None)
+            assert channel.transmitter.battery_temp_c == (sim_channel.battery_temp_c if tx.temp_c else None)
+            if tx.offset is not None:
+                bias = model.dialect.tx_offset_bias_db
+                assert channel.transmitter.tx_offset_db == sim_channel.tx_offset_raw - bias
+        if "RF_BAND" in model.dialect.device_params:
+            assert device.rf_band == model.rf_band
         await until(lambda: {m.index for m in r.seen.meters} == set(range(1, model.channels + 1)))
         meter = r.seen.meters[-1]
         assert len(meter.rf_dbm) == (1 if model.dialect.family is Family.SLXD else model.antennas)
