@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -151,12 +152,17 @@ def found_ssc(port: int) -> FoundDevice:
     )
 
 
-async def test_a_receiver_found_at_a_new_address_is_recognised_by_its_serial_not_duplicated() -> None:
+@pytest.mark.parametrize("remembering", [False, True], ids=["no-state-dir", "state-dir"])
+async def test_a_receiver_found_at_a_new_address_is_recognised_by_its_serial_not_duplicated(
+    tmp_path: Path, remembering: bool
+) -> None:
+    # The same within one run whether or not keys are remembered across runs (a state dir).
     first = SscSimulator("ewdx-em2", port=0, seed=7)
     await first.start()
     moved: SscSimulator | None = None
     recorder = Recorder()
-    supervisor = DeviceSupervisor(recorder, SSC_FAST, restart_initial_s=0.1)
+    state_dir = tmp_path if remembering else None
+    supervisor = DeviceSupervisor(recorder, SSC_FAST, restart_initial_s=0.1, state_dir=state_dir)
     try:
         old_key = await supervisor.adopt(found_ssc(first.port))
         assert old_key is not None
@@ -178,6 +184,9 @@ async def test_a_receiver_found_at_a_new_address_is_recognised_by_its_serial_not
         assert ("device", new_key) not in recorder.calls and ("meters", new_key) not in recorder.calls
         # The announcement seen again is that same device.
         assert await supervisor.adopt(found_ssc(moved.port)) == old_key
+        assert supervisor.stats.recalled == 0
+        if remembering:
+            assert supervisor.key_memory.key_for(f"id:sennheiser:{first.serial}") == old_key
     finally:
         await supervisor.close()
         await first.stop()
@@ -185,7 +194,10 @@ async def test_a_receiver_found_at_a_new_address_is_recognised_by_its_serial_not
             await moved.stop()
 
 
-async def test_two_receivers_answering_under_one_id_are_both_kept(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("remembering", [False, True], ids=["no-state-dir", "state-dir"])
+async def test_two_receivers_answering_under_one_id_are_both_kept(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path, remembering: bool
+) -> None:
     # Two receivers that report the same id (as two Shure receivers left with one device id
     # would), both answering: told apart once the first one's link stays up, and both reported.
     one = SscSimulator("ewdx-em2", port=0, seed=9)
@@ -193,7 +205,8 @@ async def test_two_receivers_answering_under_one_id_are_both_kept(caplog: pytest
     await one.start()
     await two.start()
     recorder = Recorder()
-    supervisor = DeviceSupervisor(recorder, SSC_FAST, restart_initial_s=0.1)
+    state_dir = tmp_path if remembering else None
+    supervisor = DeviceSupervisor(recorder, SSC_FAST, restart_initial_s=0.1, state_dir=state_dir)
     try:
         first = await supervisor.adopt(found_ssc(one.port))
         await eventually(lambda: ("device", first) in recorder.calls)
@@ -203,6 +216,9 @@ async def test_two_receivers_answering_under_one_id_are_both_kept(caplog: pytest
         assert first is not None and second is not None
         assert sorted(supervisor.keys()) == sorted([first, second]) and supervisor.stats.moved == 0
         assert "two devices report the same id; both are kept" in caplog.text
+        if remembering:
+            # The id stays the first one's: the second is not remembered under it.
+            assert supervisor.key_memory.key_for(f"id:sennheiser:{one.serial}") == first
     finally:
         await supervisor.close()
         await one.stop()

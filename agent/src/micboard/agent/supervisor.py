@@ -13,17 +13,40 @@ new address and the new entry dropped before anything of it was reported, so the
 one receiver, not a second one. While the known device's link is still up (its dead-link
 timeout not over yet), the new entry's reports wait; two devices answering at once under one
 id are two devices, and both are reported.
+
+Across restarts, given a state directory, the supervisor remembers under which key each id was
+published (:mod:`micboard.agent.identities`), so that a receiver that got a new address while
+the agent was down, or a Shure receiver first seen over SLP on one boot and over mDNS on the
+next, keeps its key. A device announced with a remembered id is adopted under the remembered
+key. Any other device adopted while a remembered device of its vendor is not supervised yet in
+this run is *pending* (a Shure receiver's SLP id is not the device id its driver reads): its
+reports wait until its driver reads its id, or, if it never answers, until about the dead-link
+timeout has passed (then it is reported under its own key). Its id then decides:
+
+- remembered under its key, or nowhere: reported as it is (and remembered);
+- remembered under a key no device holds: re-keyed (its driver restarted under that key)
+  before anything of it was reported;
+- remembered under a key a device holds whose link is down and that never read an id (a stale
+  static entry at the old address): merged into that device, as above;
+- remembered under a key a device holds that answers: both are kept, with a warning (and from
+  then on it is remembered under the key it is reported under);
+- its id is not remembered, but its key is, for another id (it got the address of a device
+  not seen yet): a key of its own, with a suffix.
+
+Without a state directory nothing is remembered and none of this applies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from micboard.agent.discovery.dcid import default_port, vendor_for_family
@@ -31,6 +54,7 @@ from micboard.agent.discovery.found import FoundDevice
 from micboard.agent.drivers.base import DeviceListener, DeviceTarget, DriverOptions, ReceiverDriver
 from micboard.agent.drivers.sennheiser import SscDriver
 from micboard.agent.drivers.shure import ShureDriver
+from micboard.agent.identities import STABLE_PREFIX, DeviceKeyMemory
 from micboard.shared.model import ChannelMeter, Device, Vendor
 
 log = logging.getLogger(__name__)
@@ -86,6 +110,8 @@ class SupervisorStats:
     crashes: int = 0
     restarts: int = 0
     removed: int = 0
+    recalled: int = 0
+    """Devices re-keyed to the key their id was published under in an earlier run."""
 
 
 @dataclass(slots=True)
@@ -105,6 +131,15 @@ class Supervised:
     held: Device | None = None
     holding: asyncio.Task[None] | None = None
     distinct: bool = False
+    # Adopted without an id while a remembered device is unaccounted for: reports wait for its id.
+    pending: bool = False
+    # The latest link change while reports wait (after the held state, if any).
+    held_link: tuple[bool, str] | None = None
+
+    @property
+    def waiting(self) -> bool:
+        """Whether this device's reports are kept back for now."""
+        return self.pending or self.held is not None
 
 
 class DeviceSupervisor:
@@ -119,6 +154,7 @@ class DeviceSupervisor:
         restart_initial_s: float = 1.0,
         restart_max_s: float = 30.0,
         stop_timeout_s: float = 2.0,
+        state_dir: Path | None = None,
     ) -> None:
         self.listener = listener
         self.options = options or DriverOptions()
@@ -133,6 +169,10 @@ class DeviceSupervisor:
         self._retired: dict[str, int] = {}
         self._closed = False
         self._lock = asyncio.Lock()
+        # Which key each id was published under, kept across restarts (nothing kept without a state dir).
+        self.key_memory = DeviceKeyMemory.in_state_dir(state_dir)
+        # Set (and replaced) whenever a device settles, moves, is re-keyed or its link changes.
+        self._changed = asyncio.Event()
 
     # -- queries ------------------------------------------------------------------------
 
@@ -180,20 +220,32 @@ class DeviceSupervisor:
         async with self._lock:
             supervised = self._match(found, port)
             if supervised is None:
-                key = self._free_key(device_key_for(found))
+                key, pending = self._key_for_new(found)
                 target = DeviceTarget(found.address, port, found.family, key, found.name)
-                supervised = Supervised(key, target, {found.identity})
+                supervised = Supervised(key, target, {found.identity}, pending=pending)
                 self._devices[key] = supervised
                 self._by_identity[found.identity] = key
                 self.stats.adopted += 1
                 log.info(
                     "device adopted",
-                    extra={"device_key": key, "address": found.address, "port": port, "family": found.family},
+                    extra={
+                        "device_key": key,
+                        "address": found.address,
+                        "port": port,
+                        "family": found.family,
+                        "pending_id": pending,
+                    },
                 )
+                self._learn(supervised, only_new=True)
                 self._start(supervised)
+                if pending:
+                    supervised.holding = asyncio.get_running_loop().create_task(
+                        self._pending_timeout(supervised), name=f"pending-{key}"
+                    )
                 return key
             supervised.identities.add(found.identity)
             self._by_identity[found.identity] = supervised.key
+            self._learn(supervised, only_new=True)
             old = supervised.target
             if (old.address, old.port, old.family) == (found.address, port, found.family):
                 return supervised.key
@@ -234,12 +286,63 @@ class DeviceSupervisor:
                 return supervised
         return None
 
-    def _free_key(self, key: str) -> str:
+    def _free_key(self, key: str, allowed: Iterable[str] = ()) -> str:
+        """``key`` or ``key`` with a suffix: held by no device, remembered for no id but ``allowed``."""
+        allowed = frozenset(allowed)
         candidate, n = key, 2
-        while candidate in self._devices:
+        while candidate in self._devices or not self.key_memory.identities_of(candidate) <= allowed:
             candidate = f"{key[:120]}-{n}"
             n += 1
         return candidate
+
+    def _claimed(self, identity: str) -> bool:
+        """Whether a device supervised now has ``identity``."""
+        key = self._by_identity.get(identity)
+        return key is not None and key in self._devices
+
+    def _key_for_new(self, found: FoundDevice) -> tuple[str, bool]:
+        """The key a newly adopted ``found`` starts under, and whether its reports wait for its id."""
+        base = device_key_for(found)
+        family = found.family
+        vendor = found.vendor or (vendor_for_family(family) if family is not None else None)
+        prefix = f"{STABLE_PREFIX}{vendor.value}:" if vendor is not None else STABLE_PREFIX
+        # A remembered device not seen yet in this run may be this one, under an id it reads later.
+        unaccounted = any(not self._claimed(i) for i in self.key_memory.identities(prefix))
+        if found.device_id:
+            remembered = self.key_memory.key_for(found.identity)
+            if remembered is not None and remembered not in self._devices:
+                return remembered, False
+            # Remembered under a key another device holds now: settled once its driver reads its id.
+            return self._free_key(base, {found.identity}), unaccounted or remembered is not None
+        # Its address key, even when remembered for an id no device has yet: most likely that device.
+        owners = self.key_memory.identities_of(base)
+        if base not in self._devices and not any(self._claimed(i) for i in owners):
+            return base, unaccounted
+        return self._free_key(base), unaccounted
+
+    def _learn(self, supervised: Supervised, *, only_new: bool = False) -> None:
+        """Remember ``supervised``'s ids under its key (``only_new``: only ids remembered nowhere else).
+
+        Not while its reports wait: its key may not be its own yet.
+        """
+        if supervised.waiting:
+            return
+        for identity in supervised.identities:
+            if not identity.startswith(STABLE_PREFIX) or self._by_identity.get(identity) != supervised.key:
+                continue
+            if only_new and self.key_memory.key_for(identity) not in (None, supervised.key):
+                continue
+            self.key_memory.remember(identity, supervised.key)
+
+    def _notify(self) -> None:
+        """Wake whoever waits for a device to settle, move or free its key."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _wait_s(self) -> float:
+        """How long a device may take to connect and answer, or a dead link to be noticed."""
+        options = self.options
+        return options.connect_timeout_s + 2 * options.silence_timeout_s + options.command_timeout_s + 1.0
 
     async def remove(self, device_key: str) -> bool:
         """Stop supervising ``device_key``; returns whether it was supervised."""
@@ -255,6 +358,7 @@ class DeviceSupervisor:
             await self._stop_driver(supervised)
             self._retire(supervised)
             self.listener.forget(device_key)
+            self._notify()
             return True
 
     async def close(self) -> None:
@@ -269,6 +373,8 @@ class DeviceSupervisor:
     # -- one device's task --------------------------------------------------------------
 
     def _start(self, supervised: Supervised) -> None:
+        if self._closed:
+            return  # closed while a device was being re-keyed or merged
         self.listener.track(supervised.key)
         supervised.task = asyncio.get_running_loop().create_task(
             self._supervise(supervised), name=f"driver-{supervised.key}"
@@ -330,7 +436,7 @@ class DeviceSupervisor:
     def meters_updated(self, device_key: str, meters: Sequence[ChannelMeter]) -> None:
         """Forward a driver's meters to the listener."""
         supervised = self._devices.get(device_key)
-        if supervised is not None and supervised.held is None:
+        if supervised is not None and not supervised.waiting:
             self.listener.meters_updated(device_key, meters)
 
     def link_changed(self, device_key: str, online: bool, reason: str) -> None:
@@ -343,31 +449,196 @@ class DeviceSupervisor:
             supervised.link_down.clear()
         else:
             supervised.link_down.set()
-        if supervised.held is None:
+        if supervised.waiting:
+            supervised.held_link = (online, reason)
+        else:
             self.listener.link_changed(device_key, online, reason)
+        self._notify()
 
     # -- a device found again under a new address ---------------------------------------
 
     def _held(self, supervised: Supervised, device: Device) -> bool:
         """Whether ``device``'s report is kept back: it is (or may be) a known device that moved."""
         if supervised.held is not None:
-            supervised.held = device  # still being told apart: the latest state waits
+            # Still being told apart or re-keyed: the latest state waits (and the link with it).
+            supervised.held, supervised.held_link = device, None
             return True
-        if supervised.distinct or not device.device_id:
-            return False
-        identity = f"id:{device.vendor.value}:{device.device_id}"
-        owner_key = self._by_identity.get(identity)
-        owner = self._devices.get(owner_key) if owner_key is not None else None
-        if owner is None or owner is supervised or owner.target.family is not supervised.target.family:
-            if owner is None:
-                supervised.identities.add(identity)
-                self._by_identity[identity] = supervised.key
-            return False
-        supervised.held = device
-        supervised.holding = asyncio.get_running_loop().create_task(
-            self._tell_apart(supervised, owner), name=f"tell-apart-{supervised.key}"
-        )
+        was_pending, supervised.pending = supervised.pending, False
+        if was_pending:
+            timer, supervised.holding = supervised.holding, None
+            if timer is not None:
+                timer.cancel()
+        if supervised.distinct:
+            return self._let_go(supervised, was_pending)
+        identity: str | None = None
+        if device.device_id:
+            identity = f"{STABLE_PREFIX}{device.vendor.value}:{device.device_id}"
+            owner_key = self._by_identity.get(identity)
+            owner = self._devices.get(owner_key) if owner_key is not None else None
+            if owner is not None and owner is not supervised:
+                if owner.target.family is not supervised.target.family:
+                    return self._let_go(supervised, was_pending)
+                self._hold(supervised, device, self._tell_apart(supervised, owner), "tell-apart")
+                return True
+            # Its own from now on, though linked to it only once its key is settled: a device that
+            # holds the key this id is remembered under may still turn out to say it too.
+            supervised.identities.add(identity)
+        key = self._remembered_key(supervised, identity)
+        if key is None:
+            self._claim(supervised)
+            self._learn(supervised)
+            return self._let_go(supervised, was_pending)
+        self._hold(supervised, device, self._recall(supervised, key), "recall")
         return True
+
+    def _claim(self, supervised: Supervised) -> None:
+        """Link ``supervised``'s ids to it, but those another supervised device has already."""
+        for identity in supervised.identities:
+            owner = self._by_identity.get(identity)
+            if owner is None or owner not in self._devices:
+                self._by_identity[identity] = supervised.key
+
+    def _let_go(self, supervised: Supervised, was_pending: bool) -> bool:
+        """The report in hand is forwarded (after the link change that waited, if any): ``False``."""
+        if was_pending:
+            self._release(supervised)
+        return False
+
+    def _hold(
+        self, supervised: Supervised, device: Device, work: Coroutine[None, None, None], name: str
+    ) -> None:
+        """Keep ``device`` (the latest report, newer than any link change that waited) while ``work`` runs."""
+        supervised.held, supervised.held_link = device, None
+        supervised.holding = asyncio.get_running_loop().create_task(work, name=f"{name}-{supervised.key}")
+
+    def _release(self, supervised: Supervised) -> None:
+        """Report what waited: the held state (the link up with it), then a later link change."""
+        held, supervised.held = supervised.held, None
+        link, supervised.held_link = supervised.held_link, None
+        supervised.holding = None
+        if held is not None:
+            self.listener.link_changed(supervised.key, True, "connected")
+            self.listener.device_updated(held)
+        if link is not None:
+            self.listener.link_changed(supervised.key, *link)
+        self._notify()
+
+    async def _pending_timeout(self, supervised: Supervised) -> None:
+        """A pending device that did not tell its id in time is reported under its own key."""
+        await asyncio.sleep(self._wait_s())
+        key = supervised.key
+        if self._devices.get(key) is supervised and supervised.pending:
+            supervised.pending = False
+            log.info("device id not read in time, reported under its key", extra={"device_key": key})
+            self._release(supervised)
+
+    def _remembered_key(self, supervised: Supervised, identity: str | None) -> str | None:
+        """The key ``supervised`` (which just said ``identity``) must be reported under, ``None``: its own."""
+        memory = self.key_memory
+        ids = sorted(i for i in supervised.identities if i.startswith(STABLE_PREFIX))
+        if not ids or any(memory.key_for(i) == supervised.key for i in ids):
+            return None  # no id known, or it was published under this key before (by one of its ids)
+        for candidate in (identity, *ids):
+            remembered = None if candidate is None else memory.key_for(candidate)
+            if remembered is not None:
+                return remembered
+        if memory.identities_of(supervised.key) - supervised.identities:
+            # Its key was another device's (it got that one's address): a key of its own.
+            return self._free_key(supervised.key, supervised.identities)
+        return None
+
+    async def _recall(self, supervised: Supervised, key: str) -> None:
+        """Re-key ``supervised`` to ``key`` once no other device holds it (see module doc)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._wait_s()
+        while True:
+            changed = self._changed
+            timed_out = loop.time() >= deadline
+            async with self._lock:
+                if self._closed or self._devices.get(supervised.key) is not supervised:
+                    return  # closed or removed meanwhile
+                owner = self._owner(supervised)
+                if owner is None:
+                    holder = self._devices.get(key)
+                    if holder is None:
+                        ids = [i for i in supervised.identities if i.startswith(STABLE_PREFIX)]
+                        if any(self.key_memory.key_for(i) == key for i in ids):
+                            why = "its id, remembered from an earlier run"
+                        else:
+                            why = "its key remembered for another device"
+                        await self._rekey(supervised, key, why)
+                        return
+                    busy = holder.waiting
+                    has_id = any(i.startswith(STABLE_PREFIX) for i in holder.identities)
+                    gave_up = holder.link_down.is_set() or not busy or timed_out
+                    if not has_id and not holder.online and gave_up:
+                        # The key's holder never answered with an id: this device, found elsewhere.
+                        await self._merge(supervised, holder, "its id, remembered from an earlier run")
+                        return
+                    if not busy or timed_out:
+                        await self._keep_own_key(supervised, key, holder)
+                        return
+            if owner is not None:
+                # Another device supervised now says the same id: told apart as within one run.
+                await self._tell_apart(supervised, owner)
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                    await changed.wait()
+
+    def _owner(self, supervised: Supervised) -> Supervised | None:
+        """Another supervised device (same family) that has one of ``supervised``'s ids, if any."""
+        for identity in supervised.identities:
+            if not identity.startswith(STABLE_PREFIX):
+                continue
+            key = self._by_identity.get(identity)
+            other = self._devices.get(key) if key is not None else None
+            if other is None or other is supervised:
+                continue
+            if other.target.family is supervised.target.family:
+                return other
+        return None
+
+    async def _keep_own_key(self, supervised: Supervised, key: str, holder: Supervised) -> None:
+        """``key`` stays ``holder``'s (it answers): ``supervised`` is reported under a key of its own."""
+        log.warning(
+            "remembered device key is held by another device that answers; reported under another key",
+            extra={"device_key": supervised.key, "remembered": key, "other": holder.key},
+        )
+        if self.key_memory.identities_of(supervised.key) - supervised.identities:
+            await self._rekey(supervised, self._free_key(supervised.key, supervised.identities), "its own id")
+            return
+        # Published under this key now, so remembered under it from now on.
+        self._release(supervised)
+        self._claim(supervised)
+        self._learn(supervised)
+
+    async def _rekey(self, supervised: Supervised, key: str, recognised_by: str) -> None:
+        """Restart ``supervised``'s driver under ``key``; nothing it reported under its old key was sent."""
+        old_key = supervised.key
+        self._devices.pop(old_key, None)
+        await self._stop_driver(supervised)
+        self._retire(supervised)
+        self.listener.forget(old_key)
+        supervised.key = key
+        supervised.target = dataclasses.replace(supervised.target, device_key=key)
+        for identity in supervised.identities:
+            if self._by_identity.get(identity) == old_key:
+                self._by_identity[identity] = key
+        self._claim(supervised)
+        supervised.held = supervised.held_link = supervised.holding = None
+        supervised.pending = False
+        supervised.online = False
+        supervised.link_down.clear()
+        self._devices[key] = supervised
+        self.stats.recalled += 1
+        log.info(
+            "device re-keyed",
+            extra={"device_key": key, "was": old_key, "recognised_by": recognised_by},
+        )
+        self._learn(supervised)
+        self._start(supervised)
+        self._notify()
 
     async def _tell_apart(self, new: Supervised, owner: Supervised) -> None:
         """Merge ``new`` into ``owner`` once ``owner``'s link is down, or report ``new`` as its own device."""
@@ -394,18 +665,23 @@ class DeviceSupervisor:
                 )
             # Told apart (or the known device was removed meanwhile): reported from now on.
             new.distinct = True
-            held, new.held, new.holding = new.held, None, None
-            if held is not None:
-                self.listener.link_changed(new.key, True, "connected")
-                self.listener.device_updated(held)
+            self._release(new)
 
-    async def _merge(self, new: Supervised, owner: Supervised) -> None:
+    async def _merge(
+        self, new: Supervised, owner: Supervised, recognised_by: str = "its id, read from the device"
+    ) -> None:
         """``new`` is ``owner`` at another address: re-target ``owner`` there and drop ``new``."""
         self._devices.pop(new.key, None)
         new.holding = None
         await self._stop_driver(new)
         self._retire(new)
         self.listener.forget(new.key)
+        if owner.pending:
+            # Its id was never read: what it waited to report is not this device's any more.
+            timer, owner.holding = owner.holding, None
+            if timer is not None:
+                timer.cancel()
+            owner.pending, owner.held_link = False, None
         old = owner.target
         # The old address is no longer this device's: a device given it later is another one.
         for identity in [i for i in owner.identities if i.startswith("at:")]:
@@ -420,7 +696,9 @@ class DeviceSupervisor:
             DeviceTarget(
                 new.target.address, new.target.port, new.target.family, owner.key, old.name or new.target.name
             ),
-            "its id, read from the device",
+            recognised_by,
         )
+        self._learn(owner)
         await self._stop_driver(owner)
         self._start(owner)
+        self._notify()
