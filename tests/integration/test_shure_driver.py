@@ -14,7 +14,7 @@ import pytest
 
 from micboard.agent.drivers.base import CommandReply, DeviceTarget, DriverCommand, DriverOptions
 from micboard.agent.drivers.shure import SHURE_SIMULATOR_KINDS, ShureDriver, ShureSimulator
-from micboard.agent.drivers.shure.driver import REFUSED_REASON, SLXD_MUTE_REASON
+from micboard.agent.drivers.shure.driver import REFUSED_REASON, SLXD_MUTE_REASON, UNANSWERED_REASON
 from micboard.agent.drivers.shure.protocol import FrameReader, Get, Rep, RepErr, Sample, Set
 from micboard.agent.drivers.shure.simulator import MODELS
 from micboard.shared.envelope import CommandAction, CommandOutcome
@@ -437,6 +437,54 @@ async def test_a_receiver_refusing_control_is_offline_with_the_reason_until_allo
             assert len(seen.devices[-1].channels) == 2
     finally:
         await sim.stop()
+
+
+async def test_a_receiver_back_from_a_silence_is_reported_whole_not_from_its_pushed_values() -> None:
+    # The driver reconnects into the silence; the receiver drops those questions and, once back,
+    # only pushes what changes (a battery). Reporting that as the receiver's full state blanked
+    # every channel's name and frequency: the questions are asked again instead.
+    sim = ShureSimulator("ulxd4d", port=0, seed=41, time_scale=600, activity=0.0)
+    await sim.start()
+    options = replace(FAST, silence_timeout_s=1.0, command_timeout_s=1.0)
+    try:
+        async with running_driver(sim, options) as (driver, seen, _task):
+            await until(lambda: driver.online)
+            expected = [(c.index, c.name, c.frequency_khz) for c in sim.channels]
+            sim.faults.silent = True
+            await until(lambda: driver.stats.connects >= 3, within_s=15.0)  # reconnected into it
+            sim.faults.silent = False
+            await until(lambda: seen.links[-1] == (True, "connected"), within_s=15.0)
+            await asyncio.sleep(options.command_timeout_s)  # what a lying snapshot would follow
+            for device in seen.devices[-3:]:
+                assert [(c.index, c.name, c.frequency_khz) for c in device.channels] == expected
+    finally:
+        await sim.stop()
+
+
+async def test_a_receiver_that_pushes_values_but_answers_nothing_is_not_reported() -> None:
+    async def pusher(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            for _ in range(60):  # a battery level now and then, never an answer
+                writer.write(b"< REP 1 BATT_BARS 004 >")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+        writer.close()
+
+    server = await asyncio.start_server(pusher, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    seen = Recorder()
+    options = replace(FAST, silence_timeout_s=5.0, command_timeout_s=0.3)
+    driver = ShureDriver(DeviceTarget("127.0.0.1", port, Family.ULXD, "pusher"), seen, options)
+    task = asyncio.create_task(driver.run())
+    try:
+        await until(lambda: bool(seen.links))
+        assert seen.links[0] == (False, UNANSWERED_REASON)
+        assert seen.devices == []
+    finally:
+        await driver.stop()
+        await asyncio.wait_for(task, 3.0)
+        server.close()
+        await server.wait_closed()
 
 
 async def test_an_slxd_that_never_answers_is_offline_with_the_setting_to_check() -> None:

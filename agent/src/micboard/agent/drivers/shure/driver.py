@@ -28,6 +28,11 @@ _READ_SIZE = 64 * 1024
 # backoff, so that a device that accepts and hangs up at once is not hammered. One that lasted
 # longer was healthy: the backoff starts over after it.
 _STABLE_SESSION_S = 1.0
+#: The link-down reason of a receiver that sends values of its own but answers no question.
+UNANSWERED_REASON = "silent: the receiver sends values but answered none of the driver's questions"
+#: How often a session asks ``GET 0 ALL`` again when what came back is not its answer (only
+#: values the receiver pushed on its own) before it goes with what it has.
+_SYNC_ASKS = 3
 #: How often bad device input (junk, oversized or unparseable lines, unusable values) is logged
 #: again while it keeps coming: a receiver that babbles must not flood the log.
 BAD_INPUT_LOG_EVERY_S = 30.0
@@ -360,11 +365,9 @@ class ShureDriver(ReceiverDriver):
         probed = False
         logger.info("shure connected", extra={"device_key": self.target.device_key})
         try:
-            writer.write(
-                b"< GET 0 ALL >"
-                + b"".join(f"< GET {p} >".encode("ascii") for p in self.dialect.identity_params)
-            )
+            writer.write(self._sync_request())
             sync_deadline = connected_at + options.command_timeout_s
+            asks = 1
             while not self._stopping.is_set():
                 now = loop.time()
                 silence_at = self._last_rx + options.silence_timeout_s
@@ -377,10 +380,22 @@ class ShureDriver(ReceiverDriver):
                 except TimeoutError:
                     now = loop.time()
                     if not self._synced and got_bytes and now >= sync_deadline:
-                        # Some devices never answer one of the identity GETs: go with what we have.
-                        self._finish_sync()
-                        self._raise_if_refused()
-                        synced_at = now
+                        if self._unanswered_sync():
+                            # Only values the receiver pushed came back: the questions were lost
+                            # (asked into a silence it has just come out of). Asked again rather
+                            # than reporting those few values as the receiver's whole state.
+                            if asks >= _SYNC_ASKS:
+                                self._set_link(False, UNANSWERED_REASON)
+                                raise _LinkDownError("unanswered") from None
+                            asks += 1
+                            self._pending_identity = list(self.dialect.identity_params)
+                            writer.write(self._sync_request())
+                            sync_deadline = now + options.command_timeout_s
+                        else:
+                            # Some devices never answer one of the identity GETs: go with what we have.
+                            self._finish_sync()
+                            self._raise_if_refused()
+                            synced_at = now
                     if now >= silence_at:
                         mute = not got_bytes and self.target.family is Family.SLXD
                         self._set_link(False, SLXD_MUTE_REASON if mute else "silent")
@@ -559,6 +574,25 @@ class ShureDriver(ReceiverDriver):
         if raw.get(param) != value:
             raw[param] = value
             self._dirty = True
+
+    def _sync_request(self) -> bytes:
+        """``GET 0 ALL`` and the identity GETs: what a session asks before it reports the receiver."""
+        return b"< GET 0 ALL >" + b"".join(
+            f"< GET {p} >".encode("ascii") for p in self.dialect.identity_params
+        )
+
+    def _unanswered_sync(self) -> bool:
+        """Whether neither ``GET 0 ALL`` nor any identity GET has been answered yet.
+
+        A receiver answers ``GET 0 ALL`` with every channel's name; what it pushes unasked (a
+        battery level, a mute) carries none. No identity answered and no channel name known
+        means nothing asked was answered; a refusal (``REP ERR``) is an answer.
+        """
+        if self._all_refused:
+            return False
+        identity_unanswered = len(self._pending_identity) == len(self.dialect.identity_params)
+        no_names = not any("CHAN_NAME" in raw for raw in self._channels_raw.values())
+        return identity_unanswered and no_names
 
     def _finish_sync(self) -> None:
         self._synced = True
