@@ -198,18 +198,6 @@ def test_run_that_cannot_take_its_metrics_port_says_so_in_one_line(
     assert "address already in use" in line.lower()
 
 
-@pytest.mark.parametrize("source", ["discovery_slp", "discovery_mdns"])
-def test_run_on_an_interface_address_the_host_lacks_says_so_in_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], source: str
-) -> None:
-    # TEST-NET-1 is no address of this host: SLP cannot join its group there, zeroconf cannot bind.
-    other = "discovery_mdns" if source == "discovery_slp" else "discovery_slp"
-    config = _run_config(tmp_path, f'interfaces = ["192.0.2.1"]\n{other} = false\n')
-    assert cli.main(["run", "--config", str(config)]) == 1
-    line = _start_failure(capsys.readouterr().err)
-    assert line.startswith("micboard-agent run: cannot start: discovery on 192.0.2.1: ")
-
-
 @pytest.mark.parametrize("demo", [False, True], ids=["daemon", "demo-device"])
 def test_run_with_a_state_directory_it_cannot_create_says_so_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, demo: bool

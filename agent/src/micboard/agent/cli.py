@@ -11,20 +11,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
+import itertools
 import logging
 import math
+import os
+import queue
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
 
 import nats
 from nats.errors import Error as NatsError
 
-from micboard.agent.daemon import AgentDaemon, driver_options
+from micboard.agent.daemon import AgentDaemon, TaskCrashedError, driver_options
 from micboard.agent.demo_source import demo_device
 from micboard.agent.discovery import DiscoveryConfig, DiscoveryService, FoundDevice
 from micboard.agent.discovery.dcid import default_port
@@ -43,6 +49,103 @@ from micboard.shared.model import ChannelMeter, Device
 from micboard.shared.settings import unknown_variables
 
 log = logging.getLogger("micboard.agent")
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_WorkItem = tuple["concurrent.futures.Future[Any]", Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+
+class DetachedExecutor(concurrent.futures.ThreadPoolExecutor):
+    """The event loop's default executor here: daemon worker threads, and a shutdown that never waits.
+
+    asyncio runs blocking calls on the default executor, above all name look-ups
+    (``loop.getaddrinfo``, which nats-py's connect goes through for a ``nats://host`` URL). A
+    look-up hangs as long as the resolver does (a WAN that is down: tens of seconds), and
+    ``asyncio.run`` ends by waiting for every thread of the default executor, so a SIGTERM
+    that stopped the agent at once still kept the process alive until the resolver gave up.
+    Here a pending call is cancelled at shutdown and one still running is left to its daemon
+    thread, which dies with the process.
+
+    Nothing that must finish runs here: the outbox has the sender's own executor, committed and
+    closed (awaited) before the loop ends, and zeroconf its own thread. Work submitted here is
+    what may be abandoned at exit: look-ups, and whatever a library hands to the default executor.
+
+    A ``ThreadPoolExecutor`` only because ``loop.set_default_executor`` insists on one: none of
+    its machinery is used (its threads are not daemons, and the interpreter joins them at exit).
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(self, max_workers: int | None = None, *, name: str = "micboard-executor") -> None:
+        # As ThreadPoolExecutor's default, but at most 8: the unit's TasksMax bounds threads too.
+        self.max_workers = max_workers or min(8, (os.cpu_count() or 1) + 4)
+        super().__init__(max_workers=self.max_workers, thread_name_prefix=name)
+        self.name = name
+        self._work: queue.SimpleQueue[_WorkItem | None] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._workers: list[threading.Thread] = []
+        self._closed = False
+
+    def submit(
+        self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> concurrent.futures.Future[_T]:
+        """Run ``fn(*args, **kwargs)`` on a worker thread; raises ``RuntimeError`` after shutdown."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future: concurrent.futures.Future[_T] = concurrent.futures.Future()
+            self._work.put((future, fn, args, kwargs))
+            # An idle worker takes it; otherwise start one, up to the bound (then it waits its turn).
+            if not self._idle.acquire(blocking=False) and len(self._workers) < self.max_workers:
+                thread = threading.Thread(
+                    target=self._worker, name=f"{self.name}-{next(self._ids)}", daemon=True
+                )
+                thread.start()
+                self._workers.append(thread)
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Cancel what has not started and return at once, whatever ``wait`` says (see the class doc)."""
+        with self._lock:
+            self._closed = True
+            while True:
+                try:
+                    item = self._work.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+            for _ in self._workers:
+                self._work.put(None)  # each worker, once free, takes one and ends
+
+    def _worker(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            future, fn, args, kwargs = item
+            del item
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller, as ThreadPoolExecutor does
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            del future, fn, args, kwargs
+            self._idle.release()
+
+
+def run_async(main: Coroutine[Any, Any, _T]) -> _T:
+    """``asyncio.run(main)`` with a :class:`DetachedExecutor` as the loop's default executor.
+
+    So that a blocking call still running at the end (a name look-up the resolver holds) cannot
+    hold the exit of the process after ``main`` returned.
+    """
+    with asyncio.Runner() as runner:
+        runner.get_loop().set_default_executor(DetachedExecutor())
+        return runner.run(main)
 
 
 def _out(text: str = "", *, err: bool = False, end: str = "\n") -> None:
@@ -147,6 +250,10 @@ async def _run(args: argparse.Namespace) -> int:
         # One line naming the part and the reason: the journal shows it at a glance, and a
         # traceback would say nothing more about a port in use or a missing address.
         _out(f"micboard-agent run: cannot start: {exc}", err=True)
+        return 1
+    except TaskCrashedError as exc:
+        # Logged with its traceback when it happened; a failure exit makes systemd restart us.
+        _out(f"micboard-agent run: stopped: {exc}", err=True)
         return 1
     return 0
 
@@ -402,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"run": _run, "discover": _discover, "check": _check, "simulate": _simulate}
     try:
-        return asyncio.run(commands[args.command](args))
+        return run_async(commands[args.command](args))
     except MicboardError as exc:
         _out(f"micboard-agent: {exc}", err=True)
         return 2

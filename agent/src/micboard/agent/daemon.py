@@ -10,18 +10,28 @@ core NATS and are dropped (and counted) while NATS is unreachable.
 Shutdown (SIGTERM): discovery and the drivers stop first (no new state), the events already
 made are handed to the sender, which flushes what is not acked into the outbox; the whole
 sequence is bounded by ``shutdown_timeout_s`` so that the process exits within 5 s.
+
+What the host refuses does not stop the agent once its outbox is open: discovery that cannot
+bind on an interface is logged, shown in the status line and ``/metrics`` and tried again every
+minute, while the static devices, the heartbeats and the outbox drain go on. A bug does stop
+it: when an essential background task (the sender's loops, the publishing, meter, heartbeat,
+command-subscription and watchdog tasks, the snapshot ticker, discovery's worker) ends with an
+exception, the watchdog is no longer pinged and :meth:`AgentDaemon.run` closes cleanly and
+raises :class:`TaskCrashedError`; ``micboard-agent run`` exits non-zero and systemd restarts it
+(the outbox keeps the events).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgpack
 from nats.aio.client import Client
@@ -89,6 +99,15 @@ class EventSink(Protocol):
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Keep what is not acked in the outbox and close, within ``timeout_s``."""
+
+
+class TaskCrashedError(RuntimeError):
+    """An essential task of the agent ended with an exception: the agent stops, systemd restarts it."""
+
+    def __init__(self, task: str, error: BaseException) -> None:
+        super().__init__(f"essential task {task} crashed: {type(error).__name__}: {error}".rstrip(": "))
+        self.task = task
+        self.error = error
 
 
 @dataclass(slots=True)
@@ -162,6 +181,7 @@ class AgentDaemon:
             self.tracker,
             driver_options(settings),
             stop_timeout_s=min(2.0, settings.shutdown_timeout_s / 2),
+            state_dir=settings.state_dir,
         )
         self.discovery = DiscoveryService(
             discovery_config(settings), on_discovered=self._on_discovered, on_adopt=self._on_adopt
@@ -171,6 +191,10 @@ class AgentDaemon:
         self._queue: asyncio.Queue[BaseModel] = asyncio.Queue(maxsize=_STATE_QUEUE)
         self._meters: asyncio.Queue[MeterBody] = asyncio.Queue(maxsize=_METER_QUEUE)
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Essential tasks (ours and those the sender, tracker and discovery start), by name.
+        self._essential: list[tuple[str, asyncio.Task[Any]]] = []
+        self._failure: TaskCrashedError | None = None
+        self._failed_task: asyncio.Task[Any] | None = None
         self._commands: set[asyncio.Task[None]] = set()
         self._cmd_sub: Subscription | None = None
         self._stop = asyncio.Event()
@@ -205,8 +229,12 @@ class AgentDaemon:
         self.started_at = time.monotonic()
         self.notifier.status("starting")
         try:
+            before = asyncio.all_tasks()
             with starting(f"outbox in {self.settings.state_dir}"):
                 await self.sender.start()
+            # The sender's loops are the tasks its start() left running (it offers no handle on them).
+            for task in asyncio.all_tasks() - before:
+                self._watch(f"sender:{task.get_name()}", task)
             self._spawn("commands", self._subscribe_commands())
             self._spawn("publish", self._publish_forever())
             self._spawn("meters", self._meters_forever())
@@ -224,7 +252,10 @@ class AgentDaemon:
                     },
                 )
             )
+            before = asyncio.all_tasks()
             self.tracker.start()
+            for task in asyncio.all_tasks() - before:
+                self._watch(f"tracker:{task.get_name()}", task)
             self._spawn("heartbeat", self._heartbeat_forever())
             if self.settings.metrics_port is not None:
                 self.metrics = MetricsServer(
@@ -232,8 +263,10 @@ class AgentDaemon:
                 )
                 with starting(f"metrics endpoint {self.settings.metrics_host}:{self.settings.metrics_port}"):
                     await self.metrics.start()
-            with starting(f"discovery on {', '.join(self.settings.interfaces)}"):
-                await self.discovery.start()
+            # An interface that cannot be bound is logged and retried, not a reason to stop.
+            await self.discovery.start(keep_going=True)
+            for task in self.discovery.tasks():
+                self._watch(f"discovery:{task.get_name()}", task)
             watchdog_s = self.notifier.watchdog_interval_s()
             if watchdog_s is not None:
                 self._spawn("watchdog", self._watchdog_forever(watchdog_s))
@@ -252,12 +285,23 @@ class AgentDaemon:
         )
 
     async def run(self) -> None:
-        """Start, run until :meth:`stop`, then close."""
+        """Start, run until :meth:`stop` (or an essential task crashes), then close.
+
+        Raises :class:`~micboard.agent.startup.StartError` when a part cannot start, and
+        :class:`TaskCrashedError` (after closing) when an essential task ended with an exception.
+        """
         try:
             await self.start()
             await self._stop.wait()
         finally:
             await self.close()
+        if self._failure is not None:
+            raise self._failure
+
+    @property
+    def failure(self) -> TaskCrashedError | None:
+        """The crash of an essential task that stopped (or is stopping) the agent, if any."""
+        return self._failure
 
     def stop(self) -> None:
         """Ask :meth:`run` to finish (safe from a signal handler)."""
@@ -298,25 +342,53 @@ class AgentDaemon:
             log.exception("sender close failed")
         if self.metrics is not None:
             await self.metrics.close()
-        log.info("agent stopped", extra={"events": sum(self.stats.events.values())})
+        failed = {} if self._failure is None else {"failed": self._failure.task}
+        log.info("agent stopped", extra={"events": sum(self.stats.events.values()), **failed})
 
-    def _spawn(self, name: str, coro: Awaitable[None]) -> None:
-        async def guarded() -> None:
-            try:
-                await coro
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # an owned loop that dies is logged; close() still cancels the rest
-                log.exception("agent task failed", extra={"task": name})
+    # -- essential tasks ----------------------------------------------------------------
 
-        self._tasks[name] = asyncio.create_task(guarded(), name=f"agent-{name}")
+    def _spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro, name=f"agent-{name}")
+        self._tasks[name] = task
+        self._watch(name, task)
+
+    def _watch(self, name: str, task: asyncio.Task[Any]) -> None:
+        """Stop the agent when ``task`` ends with an exception (ending or being cancelled is fine)."""
+        self._essential.append((name, task))
+        task.add_done_callback(functools.partial(self._essential_done, name))
+
+    def _essential_done(self, name: str, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or (error := task.exception()) is None or task is self._failed_task:
+            return
+        if self._closed or self._failure is not None:
+            # Stopping anyway (or already for another crash): said, but no new verdict.
+            log.error("agent task failed", exc_info=error, extra={"task": name})
+            return
+        self._failure, self._failed_task = TaskCrashedError(name, error), task
+        log.critical(
+            "essential agent task crashed, stopping the agent (systemd restarts it)",
+            exc_info=error,
+            extra={"task": name},
+        )
+        self._stop.set()
+        with contextlib.suppress(Exception):  # telling systemd is a courtesy; stopping is what counts
+            self.notifier.status(f"stopping: {self._failure}"[:500])
+
+    def _healthy(self) -> bool:
+        """No essential task has crashed: checked here too, not only by the done callbacks to come."""
+        if self._failure is None:
+            for name, task in self._essential:
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    self._essential_done(name, task)
+                    break
+        return self._failure is None
 
     async def _cancel(self, name: str) -> None:
         task = self._tasks.pop(name, None)
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Never raises: a task that crashed was reported by its done callback.
+            await asyncio.wait([task])
 
     async def _cancel_commands(self) -> None:
         commands = list(self._commands)
@@ -329,9 +401,15 @@ class AgentDaemon:
     async def _subscribe_commands(self) -> None:
         # The sender connects in the background (NATS may be down at boot); subscribe once it has.
         # nats-py re-subscribes by itself after a reconnect.
-        while (nc := self.sender.nc) is None:  # noqa: ASYNC110 - the sender offers no event to wait on
-            await asyncio.sleep(0.1)
-        self._cmd_sub = await nc.subscribe(self.cmd_subject, cb=self._on_command_msg)
+        while True:
+            while (nc := self.sender.nc) is None:  # noqa: ASYNC110 - the sender offers no event to wait on
+                await asyncio.sleep(0.1)
+            try:
+                self._cmd_sub = await nc.subscribe(self.cmd_subject, cb=self._on_command_msg)
+                break
+            except (NatsError, OSError) as exc:  # a link going down right now: not a crash, try again
+                log.warning("commands not subscribed yet", extra={"error": f"{type(exc).__name__}: {exc}"})
+                await asyncio.sleep(1.0)
         # nats-py writes a flush's PING straight to the socket, ahead of a SUB still queued for
         # its flusher task (seen in the server's trace: a command sent once this returned found
         # no responder). The first round trip gets the SUB written; the second proves the server
@@ -434,14 +512,19 @@ class AgentDaemon:
 
     async def _watchdog_forever(self, interval_s: float) -> None:
         # Pinged from the event loop: a loop that hangs stops the pings and systemd restarts us.
-        while True:
+        # So does an essential task that crashed: from then on, no ping.
+        while self._healthy():
             self.notifier.watchdog()
             await asyncio.sleep(interval_s)
 
     def _status_line(self) -> str:
         states = self.tracker.devices_by_state()
         link = "connected" if self.nc is not None and self.nc.is_connected else "nats unreachable"
-        return f"{states.get('online', 0)} online, {states.get('offline', 0)} offline; {link}"
+        line = f"{states.get('online', 0)} online, {states.get('offline', 0)} offline; {link}"
+        problems = self.discovery.problems
+        if problems:
+            line += "; discovery failing: " + ", ".join(f"{p.source} on {p.interface}" for p in problems)
+        return line
 
     # -- commands -----------------------------------------------------------------------
 
@@ -468,6 +551,13 @@ class AgentDaemon:
                 request_id=_request_id(msg.data),
                 outcome=CommandOutcome.FAILED,
                 detail=f"no result within {self.settings.command_timeout_s:g} s",
+            )
+        except Exception as exc:  # one command's bug: answered and logged, the agent goes on
+            log.exception("command failed", extra={"request_id": _request_id(msg.data)})
+            result = CommandResult(
+                request_id=_request_id(msg.data),
+                outcome=CommandOutcome.FAILED,
+                detail=f"agent error: {type(exc).__name__}: {exc}"[:500],
             )
         self.stats.commands[result.outcome.value] = self.stats.commands.get(result.outcome.value, 0) + 1
         await self._reply(msg, result)
@@ -593,6 +683,13 @@ class AgentDaemon:
             }
         for reason, count in sorted(by_reason.items()):
             drops.add(count, reason=reason)
+        discovery = Metric(
+            "micboard_agent_discovery_up",
+            "1 when the discovery source runs on the interface, 0 when it could not bind (retried).",
+            "gauge",
+        )
+        for (source, interface), up in sorted(self.discovery.sources_up().items()):
+            discovery.add(int(up), source=source, interface=interface)
 
         def single(name: str, help_text: str, kind: str, value: float) -> Metric:
             return Metric(name, help_text, kind).add(value)
@@ -618,6 +715,7 @@ class AgentDaemon:
             single("micboard_agent_driver_crashes_total", "Driver tasks that crashed and were restarted.",
                    "counter", self.supervisor.stats.crashes),
             commands,
+            discovery,
         ]  # fmt: skip
 
     # -- for tests and the CLI ----------------------------------------------------------

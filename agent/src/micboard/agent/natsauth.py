@@ -35,12 +35,19 @@ def agent_security(settings: AgentSettings) -> NatsClientSecurity:
 
 
 def agent_connect_options(settings: AgentSettings) -> dict[str, Any]:
-    """Keyword arguments for :func:`micboard.agent.publisher.connect`: NKey, TLS and inbox prefix.
+    """Keyword arguments for :func:`micboard.agent.publisher.connect` (and ``nats.connect``).
+
+    NKey, TLS and inbox prefix, and how often the client pings the server: a link that died
+    without a word is declared lost after ``max_outstanding_pings`` unanswered PINGs.
 
     Raises :class:`~micboard.shared.errors.ConfigError` when a secret file is readable by every
     user, or when TLS is required and the URL is plaintext.
     """
-    return connect_options(settings.nats_url or DEFAULT_NATS_URL, agent_security(settings))
+    options = connect_options(settings.nats_url or DEFAULT_NATS_URL, agent_security(settings))
+    # nats-py sleeps ping_interval seconds between PINGs: a float is fine (typed int there).
+    options["ping_interval"] = settings.nats_ping_interval_s
+    options["max_outstanding_pings"] = settings.nats_max_outstanding_pings
+    return options
 
 
 def command_allowed(event: AnyEvent, site: str, agent: str, subject: str | None = None) -> bool:

@@ -110,8 +110,9 @@ class JetStreamPublisher:
 
 
 #: How long a round trip that missed its deadline may still wait for its PONG (see :func:`round_trip`).
-#: By then the client's stale-connection check (two unanswered pings, 2 min apart by default) has
-#: reconnected, which drops every PONG still awaited on the old connection.
+#: By then the client's stale-connection check (``nats_max_outstanding_pings`` unanswered pings,
+#: ``nats_ping_interval_s`` apart: 40 s by default, 10 minutes at most) has reconnected, which drops
+#: every PONG still awaited on the old connection.
 _LATE_PONG_S = 600
 
 

@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from micboard.agent.discovery.mdns import full_service_type
 from micboard.shared.envelope import Token
@@ -21,6 +21,9 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 
 COLLECTOR_REQUEST_TIMEOUT_S = 5.0
 """How long the collector waits for an agent's reply to a command (not configurable there)."""
+
+STALE_LINK_MAX_S = 600.0
+"""The longest a dead NATS link may go unnoticed (ping interval times unanswered pings + 1)."""
 
 
 class StaticDeviceSetting(BaseModel):
@@ -42,6 +45,19 @@ class AgentSettings(MicboardSettings):
     heartbeat_interval_s: float = Field(default=10.0, gt=0, le=300)
     publish_timeout_s: float = Field(default=5.0, gt=0, le=60)
     nats_connect_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    nats_ping_interval_s: float = Field(
+        default=10.0, gt=0, le=300, description="seconds between the client's PINGs to the NATS server"
+    )
+    nats_max_outstanding_pings: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="unanswered PINGs after which the NATS link is declared lost and reconnected",
+    )
+    """A link that died without a word (a NAT dropping state, a router rebooting, a frozen server)
+    is noticed after about ``nats_ping_interval_s * (nats_max_outstanding_pings + 1)`` seconds
+    (40 s by default; nats-py's own defaults took 6 minutes): then the sender keeps events in the
+    outbox and reconnects."""
 
     # Store-and-forward (see micboard.agent.outbox and micboard.agent.sender).
     outbox_max_bytes: int = Field(
@@ -111,6 +127,18 @@ class AgentSettings(MicboardSettings):
         default=None, description="name to verify in the server certificate"
     )
     nats_require_tls: bool = Field(default=False, description="refuse plaintext: tls:// URLs, TLS first")
+
+    @model_validator(mode="after")
+    def _check_dead_link_detection(self) -> AgentSettings:
+        # A late PONG is awaited at most 10 minutes (publisher._LATE_PONG_S): the stale-link check
+        # must have reconnected by then.
+        noticed_s = self.nats_ping_interval_s * (self.nats_max_outstanding_pings + 1)
+        if noticed_s > STALE_LINK_MAX_S:
+            raise ValueError(
+                f"nats_ping_interval_s * (nats_max_outstanding_pings + 1) is {noticed_s:g} s: a dead "
+                f"NATS link must be noticed within {STALE_LINK_MAX_S:g} s"
+            )
+        return self
 
     @field_validator("interfaces")
     @classmethod

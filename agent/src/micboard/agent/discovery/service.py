@@ -1,5 +1,12 @@
 """The discovery service: runs mDNS, SLP and the static list together, recognises devices
-seen again, and tells the agent what it found and what to poll."""
+seen again, and tells the agent what it found and what to poll.
+
+A source that cannot be opened on an interface (an address the host does not have yet, a port
+another program holds) stops the one-shot scan, but not the agent: started with
+``keep_going=True`` the service runs what it can (the static list, the other sources and
+interfaces), lists what failed in :attr:`DiscoveryService.problems` and tries it again every
+``retry_interval_s``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,8 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+
+from zeroconf import Error as ZeroconfError
 
 from micboard.agent.discovery.found import Change, DiscoveryRegistry, FoundDevice, Sighting
 from micboard.agent.discovery.mdns import DEFAULT_SERVICE_TYPES, MdnsBrowser
@@ -23,6 +32,11 @@ DeviceCallback = Callable[[FoundDevice], Awaitable[None]]
 
 ScanProgress = Callable[[int, float], None]
 """Called during :meth:`DiscoveryService.scan` with (devices found so far, fraction of the time done)."""
+
+_Source = SlpListener | MdnsBrowser
+
+#: What a source raises when the host refuses its sockets (an address it lacks, a port in use).
+_OPEN_ERRORS = (OSError, ZeroconfError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +59,21 @@ class DiscoveryConfig:
     slp_port: int = SLP_PORT
     resolve_timeout_s: float = 3.0
     queue_size: int = 1024
+    retry_interval_s: float = 60.0
+    """How often a source that could not be opened on an interface is tried again (``keep_going``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryProblem:
+    """A discovery source that does not run on one interface address, and why."""
+
+    source: str
+    """``slp`` or ``mdns``."""
+    interface: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source} on {self.interface}: {self.reason}"
 
 
 @dataclass(slots=True)
@@ -89,8 +118,14 @@ class DiscoveryService:
         self._queue: asyncio.Queue[FoundDevice] = asyncio.Queue(maxsize=self.config.queue_size)
         self._adopted: dict[str, tuple[str, int | None, Family | None]] = {}
         self._worker: asyncio.Task[None] | None = None
+        self._retry: asyncio.Task[None] | None = None
         self.mdns: MdnsBrowser | None = None
         self.slp: SlpListener | None = None
+        # keep_going: the interfaces each source runs on, what failed, and sources being opened
+        # or closed (closed by close() should it interrupt them).
+        self._running_on: dict[str, tuple[str, ...]] = {}
+        self._problems: dict[tuple[str, str], str] = {}
+        self._loose: set[_Source] = set()
 
     @property
     def running(self) -> bool:
@@ -101,36 +136,200 @@ class DiscoveryService:
         """Every device discovered so far."""
         return self.registry.devices()
 
-    async def start(self) -> None:
-        """Start every configured source; raises ``OSError`` if a socket cannot be opened."""
+    @property
+    def problems(self) -> list[DiscoveryProblem]:
+        """The sources that do not run on an interface (``keep_going`` only), and why; empty when all run."""
+        return [
+            DiscoveryProblem(source, interface, reason)
+            for (source, interface), reason in sorted(self._problems.items())
+        ]
+
+    def sources_up(self) -> dict[tuple[str, str], bool]:
+        """Whether each configured (source, interface) runs now."""
+        return {
+            (source, interface): interface in self._running_on.get(source, ())
+            for source in self._sources()
+            for interface in self.config.interfaces
+        }
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The service's own running tasks (the worker, the retry of failed sources), for supervision."""
+        return [t for t in (self._worker, self._retry) if t is not None and not t.done()]
+
+    async def start(self, *, keep_going: bool = False) -> None:
+        """Start every configured source.
+
+        By default a socket that cannot be opened raises ``OSError`` (or zeroconf's error) and
+        nothing is left running: what a one-shot scan wants. With ``keep_going`` each source is
+        opened on the interfaces where it can be; what fails is logged as an error, listed in
+        :attr:`problems` and tried again every ``retry_interval_s``, and the static list and the
+        rest run meanwhile.
+        """
         if self._worker is not None:
             return
         self._worker = asyncio.create_task(self._work(), name="discovery-worker")
         try:
-            if self.config.slp:
-                self.slp = SlpListener(
-                    self.report,
-                    interfaces=self.config.interfaces,
-                    group=self.config.slp_group,
-                    port=self.config.slp_port,
-                )
-                await self.slp.start()
-                self.slp.probe()
-            if self.config.mdns:
-                self.mdns = MdnsBrowser(
-                    self.report,
-                    interfaces=self.config.interfaces,
-                    service_types=(*self.config.service_types, *self.config.extra_service_types),
-                    resolve_timeout_s=self.config.resolve_timeout_s,
-                )
-                await self.mdns.start()
+            if keep_going:
+                for source in self._sources():
+                    await self._open_source(source)
+            else:
+                await self._open_strict()
         except BaseException:
             await self.close()
             raise
         self._feed_static()
         logger.info(
             "discovery started",
-            extra={"mdns": self.config.mdns, "slp": self.config.slp, "static": len(self.config.static)},
+            extra={
+                "mdns": self.config.mdns,
+                "slp": self.config.slp,
+                "static": len(self.config.static),
+                **({"failing": "; ".join(map(str, self.problems))} if self._problems else {}),
+            },
+        )
+        if self._problems:
+            self._retry = asyncio.create_task(self._retry_forever(), name="discovery-retry")
+
+    async def _open_strict(self) -> None:
+        if self.config.slp:
+            self.slp = SlpListener(
+                self.report,
+                interfaces=self.config.interfaces,
+                group=self.config.slp_group,
+                port=self.config.slp_port,
+            )
+            await self.slp.start()
+            self._running_on["slp"] = self.config.interfaces
+            self.slp.probe()
+        if self.config.mdns:
+            self.mdns = MdnsBrowser(
+                self.report,
+                interfaces=self.config.interfaces,
+                service_types=(*self.config.service_types, *self.config.extra_service_types),
+                resolve_timeout_s=self.config.resolve_timeout_s,
+            )
+            await self.mdns.start()
+            self._running_on["mdns"] = self.config.interfaces
+
+    # -- keep_going: open what can be opened, retry the rest ----------------------------------
+
+    def _sources(self) -> tuple[str, ...]:
+        return (*(("slp",) if self.config.slp else ()), *(("mdns",) if self.config.mdns else ()))
+
+    def _new_source(self, source: str, interfaces: tuple[str, ...]) -> _Source:
+        if source == "slp":
+            return SlpListener(
+                self.report, interfaces=interfaces, group=self.config.slp_group, port=self.config.slp_port
+            )
+        return MdnsBrowser(
+            self.report,
+            interfaces=interfaces,
+            service_types=(*self.config.service_types, *self.config.extra_service_types),
+            resolve_timeout_s=self.config.resolve_timeout_s,
+        )
+
+    async def _try_open(self, source: str, interfaces: tuple[str, ...]) -> tuple[_Source | None, str]:
+        """The source started on ``interfaces``, or ``None`` and why the host refused it."""
+        instance = self._new_source(source, interfaces)
+        self._loose.add(instance)
+        try:
+            await instance.start()
+        except _OPEN_ERRORS as exc:
+            await self._close_source(instance)
+            return None, str(exc) or type(exc).__name__
+        return instance, ""
+
+    async def _close_source(self, instance: _Source) -> None:
+        self._loose.add(instance)
+        await instance.close()
+        self._loose.discard(instance)
+
+    def _adopt_source(self, source: str, instance: _Source | None) -> _Source | None:
+        """Make ``instance`` the running ``source`` (``None``: none runs); returns the one it replaces."""
+        if instance is not None:
+            self._loose.discard(instance)
+        old: _Source | None
+        if source == "slp":
+            old, self.slp = self.slp, instance if isinstance(instance, SlpListener) else None
+            if self.slp is not None:
+                self.slp.probe()
+        else:
+            old, self.mdns = self.mdns, instance if isinstance(instance, MdnsBrowser) else None
+        return old
+
+    async def _open_source(self, source: str) -> None:
+        """Run ``source`` on every configured interface it can be opened on; note the others."""
+        wanted = self.config.interfaces
+        running = self._running_on.get(source, ())
+        if running == wanted:
+            return
+        failing: dict[str, str] = {}
+        if not running:
+            # The usual case: nothing wrong, all interfaces at once.
+            instance, reason = await self._try_open(source, wanted)
+            if instance is not None:
+                self._adopt_source(source, instance)
+                self._running_on[source] = wanted
+                self._note(source, {})
+                return
+            if len(wanted) == 1:
+                self._note(source, {wanted[0]: reason})
+                return
+        # Which of the interfaces it does not run on can be opened now? One at a time.
+        usable = set(running)
+        for interface in wanted:
+            if interface in running:
+                continue
+            probe, reason = await self._try_open(source, (interface,))
+            if probe is None:
+                failing[interface] = reason
+            else:
+                await self._close_source(probe)
+                usable.add(interface)
+        if len(usable) > len(running):
+            target = tuple(i for i in wanted if i in usable)
+            old = self._adopt_source(source, None)
+            self._running_on.pop(source, None)
+            if old is not None:
+                await self._close_source(old)
+            instance, reason = await self._try_open(source, target)
+            if instance is None:
+                failing.update(dict.fromkeys(target, reason))
+            else:
+                self._adopt_source(source, instance)
+                self._running_on[source] = target
+        self._note(source, failing)
+
+    def _note(self, source: str, failing: dict[str, str]) -> None:
+        """Remember which interfaces ``source`` fails on; log what is new, and what recovered."""
+        for interface in self.config.interfaces:
+            key = (source, interface)
+            before = self._problems.get(key)
+            reason = failing.get(interface)
+            if reason is None:
+                if before is not None:
+                    del self._problems[key]
+                    logger.info("discovery running again", extra={"source": source, "interface": interface})
+                continue
+            self._problems[key] = reason
+            if before != reason:
+                logger.error(
+                    "discovery cannot run on this interface, trying again later",
+                    extra={
+                        "source": source,
+                        "interface": interface,
+                        "error": reason,
+                        "retry_in_s": self.config.retry_interval_s,
+                    },
+                )
+
+    async def _retry_forever(self) -> None:
+        while self._problems:
+            await asyncio.sleep(self.config.retry_interval_s)
+            for source in sorted({source for source, _ in self._problems}):
+                await self._open_source(source)
+        logger.info(
+            "discovery runs on every interface", extra={"interfaces": ",".join(self.config.interfaces)}
         )
 
     def rediscover(self) -> None:
@@ -177,6 +376,17 @@ class DiscoveryService:
 
     async def close(self) -> None:
         """Stop every source and the worker; pending sightings are dropped. Safe to call twice."""
+        retry, self._retry = self._retry, None
+        if retry is not None:
+            retry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retry
+        # Sources a cancelled retry was opening or closing.
+        for loose in list(self._loose):
+            await loose.close()
+        self._loose.clear()
+        self._running_on.clear()
+        self._problems.clear()
         slp, self.slp = self.slp, None
         mdns, self.mdns = self.mdns, None
         if slp is not None:
