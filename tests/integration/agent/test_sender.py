@@ -261,3 +261,26 @@ async def test_an_unacked_publish_is_retried_until_the_stream_exists(
 def test_nc_is_exposed_for_subscriptions(tmp_path: Path) -> None:
     sender = new_sender("nats://127.0.0.1:1", tmp_path)
     assert sender.nc is None and isinstance(Client, type)
+
+
+async def test_the_last_publish_error_is_cleared_by_the_next_ack(
+    nats_private: EmbeddedNats, tmp_path: Path, sender_factory: Callable[..., Awaitable[EventSender]]
+) -> None:
+    # A failed connection, then a publish nothing acks (no stream yet): each is the current error
+    # until an event is acked; from then on the heartbeat must not show it as current.
+    nats_private.stop()
+    sender = await sender_factory(nats_private.url)
+    factory = EnvelopeFactory("venue-t", "pi-t")
+    await eventually(
+        lambda: (sender.stats.last_publish_error or "").startswith(("connect: ", "nats: ")),
+        what="a connect error",
+    )
+    nats_private.start()
+    await eventually(lambda: sender.stats.connected, timeout_s=15, what="connected")
+    await sender.send(delta(factory, "rx-1", 1))
+    await eventually(lambda: sender.stats.failures >= 1, what="an unacked publish")
+    error = sender.stats.last_publish_error
+    assert error is not None and not error.startswith(("connect: ", "nats: "))
+    await make_stream(nats_private.url, tmp_path)
+    await eventually(lambda: sender.stats.acked == 1, timeout_s=15, what="the event acked")
+    assert sender.stats.last_publish_error is None

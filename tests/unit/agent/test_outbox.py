@@ -8,14 +8,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from micboard.agent.outbox import OUTBOX_FILE, Outbox, OutboxError, OutboxRecord
 
@@ -68,38 +64,39 @@ def test_stores_and_drains_oldest_first(tmp_path: Path, clock: list[int]) -> Non
     outbox.close()
 
 
-def test_full_drops_superseded_snapshots_before_deltas(tmp_path: Path, clock: list[int]) -> None:
+def test_full_drops_a_superseded_snapshot_with_its_deltas(tmp_path: Path, clock: list[int]) -> None:
     outbox = open_outbox(tmp_path, clock, max_bytes=1000)
     old_snap = record("rx-1", snapshot=True)
     delta = record("rx-1")
     outbox.write([old_snap, delta, record("rx-1", snapshot=True), record(None)], [])
-    # Over the bound: the superseded snapshot goes first though the delta is as old.
+    # Over the bound: the superseded snapshot goes first, and the delta that builds on it with it.
     dropped = outbox.write([record("rx-2", snapshot=True, size=700)], [])
-    assert dropped == [old_snap.id]
-    assert outbox.stats().dropped_full == 1 and outbox.stats().bytes <= 1000
-    # Next: superseded deltas and agent events, oldest first.
+    assert dropped == [old_snap.id, delta.id]
+    assert outbox.stats().dropped_full == 2 and outbox.stats().bytes <= 1000
+    # Next: the oldest superseded event left, the agent's.
     dropped = outbox.write([record("rx-2", size=150)], [])
-    assert dropped == [delta.id, delta.id + 2]
+    assert dropped == [delta.id + 2]
     assert outbox.stats().dropped_full == 3
 
 
-def test_never_drops_the_newest_state_of_a_device(tmp_path: Path, clock: list[int]) -> None:
+def test_never_drops_the_newest_snapshot_of_a_device(tmp_path: Path, clock: list[int]) -> None:
     outbox = open_outbox(tmp_path, clock, max_bytes=1000)
     newest = {}
     for n in range(30):
         device = f"rx-{n % 5}"
         rec = record(device, snapshot=n % 3 == 0, size=150)
         outbox.put(rec)
-        newest[device] = rec.id
+        if rec.is_snapshot:
+            newest[device] = rec.id
     kept = set(ids(outbox))
     assert set(newest.values()) <= kept
-    # Five devices x 150 bytes do not fit in 1000 twice: only their newest events remain, which
-    # may pass the bound by at most one event per device.
-    assert outbox.stats().bytes <= 1000
+    # The devices' newest state does not fit: their newest deltas went (newest first), each
+    # device keeps its newest snapshot, and the outbox is within its bound.
+    assert outbox.stats().bytes <= 1000 and outbox.stats().dropped_newest > 0
     big = record("rx-9", snapshot=True, size=900)
     outbox.put(big)
-    remaining = set(ids(outbox))
-    assert remaining == set(newest.values()) | {big.id}
+    # Snapshots alone over the bound: kept anyway (logged), at most one per device.
+    assert set(ids(outbox)) == set(newest.values()) | {big.id}
     assert outbox.stats().bytes == 5 * 150 + 900
 
 
@@ -113,12 +110,13 @@ def test_age_expiry_keeps_the_newest_state(tmp_path: Path, clock: list[int]) -> 
     assert outbox.expire() == []
     clock[0] = T0 + 61_000
     expired = outbox.expire()
-    # rx-1's newest (though old) stays: it is the device's latest known state.
-    assert expired == [old[0].id, old[2].id]
-    assert ids(outbox) == [old[1].id, fresh.id]
+    # rx-1 has no snapshot stored: both deltas are its newest state (they build on what the
+    # collector has) and stay, though old; the heartbeat goes.
+    assert expired == [old[2].id]
+    assert ids(outbox) == [old[0].id, old[1].id, fresh.id]
     stats = outbox.stats()
-    assert stats.dropped_age == 2 and stats.dropped_full == 0
-    assert stats.oldest_age_s == pytest.approx(60.999)
+    assert stats.dropped_age == 1 and stats.dropped_full == 0
+    assert stats.oldest_age_s == pytest.approx(61.0)
 
 
 def test_reopen_after_restart_keeps_everything(tmp_path: Path, clock: list[int]) -> None:
@@ -212,120 +210,7 @@ def test_empty_outbox_gives_space_back(tmp_path: Path, clock: list[int]) -> None
     assert (tmp_path / OUTBOX_FILE).stat().st_size < big / 4
 
 
-# -- the drop policy, as a state machine -----------------------------------------------------
-
-DEVICES = ("rx-1", "rx-2", "rx-3")
-MAX_BYTES = 2_000
-MAX_AGE_MS = 100_000
-
-
-def _tier(row: tuple[int, str | None, bool], rows: list[tuple[int, str | None, bool]]) -> int:
-    """Drop step of ``row`` among ``rows`` (1 first), 9 for a device's newest event (never)."""
-    row_id, device, snapshot = row
-    if device is None:
-        return 2
-    later = [r for r in rows if r[1] == device and r[0] > row_id]
-    superseded = any(r[2] for r in later)
-    if superseded:
-        return 1 if snapshot else 2
-    return 3 if later else 9
-
-
-class OutboxMachine(RuleBasedStateMachine):
-    """Random puts, drains and clock jumps; the outbox must follow its policy exactly."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.dir = tempfile.TemporaryDirectory()
-        self.now = T0
-        self.outbox = Outbox(
-            Path(self.dir.name) / OUTBOX_FILE,
-            max_bytes=MAX_BYTES,
-            max_age_s=MAX_AGE_MS / 1000,
-            fsync_interval_s=0.5,
-            clock_ms=lambda: self.now,
-        ).open()
-        # id -> (device, is_snapshot, size, created_ms)
-        self.rows: dict[int, tuple[str | None, bool, int, int]] = {}
-        self.newest: dict[str, int] = {}
-        self.puts = 0
-        self.drained = 0
-
-    def teardown(self) -> None:
-        self.outbox.close()
-        self.dir.cleanup()
-
-    def _model(self) -> list[tuple[int, str | None, bool]]:
-        return [(i, d, s) for i, (d, s, _z, _c) in sorted(self.rows.items())]
-
-    @rule(
-        device=st.sampled_from((*DEVICES, None)),
-        snapshot=st.booleans(),
-        size=st.integers(50, 700),
-    )
-    def put(self, device: str | None, snapshot: bool, size: int) -> None:
-        rec = record(device, snapshot=snapshot and device is not None, size=size, created_ms=self.now)
-        dropped = self.outbox.put(rec)
-        self.puts += 1
-        self.rows[rec.id] = (device, rec.is_snapshot, size, self.now)
-        if device is not None:
-            self.newest[device] = rec.id
-        model = self._model()
-        tiers = {r[0]: _tier(r, model) for r in model}
-        assert all(tiers[i] < 9 for i in dropped), "dropped a device's newest state"
-        for i in dropped:
-            # Every row of an earlier step, and every older row of the same step, went first.
-            assert all(j in dropped for j, t in tiers.items() if t < tiers[i] or (t == tiers[i] and j < i))
-        last_size = self.rows[dropped[-1]][2] if dropped else 0
-        for i in dropped:
-            del self.rows[i]
-        total = sum(z for _d, _s, z, _c in self.rows.values())
-        if dropped:
-            # Just enough: keeping the last victim would have left the outbox over its bound.
-            # Over the bound only with nothing left but devices' newest state events.
-            assert total <= MAX_BYTES or all(tiers[i] == 9 for i in self.rows)
-            assert total + last_size > MAX_BYTES
-        if total > MAX_BYTES:
-            assert all(_tier(r, self._model()) == 9 for r in self._model())
-
-    @rule(count=st.integers(1, 5))
-    def drain(self, count: int) -> None:
-        batch = self.outbox.oldest(count)
-        assert [r.id for r in batch] == sorted(self.rows)[:count]
-        self.outbox.delete([r.id for r in batch])
-        for r in batch:
-            del self.rows[r.id]
-            if r.device_key is not None and self.newest.get(r.device_key) == r.id:
-                del self.newest[r.device_key]
-        self.drained += len(batch)
-
-    @rule(step_ms=st.integers(1_000, 80_000))
-    def time_passes(self, step_ms: int) -> None:
-        self.now += step_ms
-        expired = self.outbox.expire()
-        model = self._model()
-        cutoff = self.now - MAX_AGE_MS
-        expected = [i for i, d, _s in model if self.rows[i][3] < cutoff and _tier((i, d, _s), model) != 9]
-        assert expired == expected
-        for i in expired:
-            del self.rows[i]
-
-    @invariant()
-    def counters_add_up(self) -> None:
-        stats = self.outbox.stats()
-        assert stats.depth == len(self.rows)
-        assert stats.bytes == sum(z for _d, _s, z, _c in self.rows.values())
-        assert self.puts == stats.depth + stats.dropped_full + stats.dropped_age + self.drained
-
-    @invariant()
-    def newest_state_is_kept(self) -> None:
-        assert set(self.newest.values()) <= set(self.rows)
-
-
-OutboxMachine.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
-test_drop_policy_state_machine = OutboxMachine.TestCase
+# The drop policy as a state machine: tests/unit/agent/test_outbox_replayable.py.
 
 
 def test_sqlite_is_recent_enough() -> None:

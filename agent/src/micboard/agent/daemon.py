@@ -658,11 +658,11 @@ class AgentDaemon:
         depth, size, _dropped, _error = self._outbox()
         drivers = self.supervisor.driver_stats()
         sender = self.sender
-        acked = meters = meters_dropped = nats_reconnects = 0
+        acked = meters = meters_dropped = nats_reconnects = outbox_errors = 0
         connected = False
         if isinstance(sender, EventSender):
             stats = sender.stats
-            acked, meters = stats.acked, stats.meters_published
+            acked, meters, outbox_errors = stats.acked, stats.meters_published, stats.outbox_errors
             meters_dropped, nats_reconnects, connected = (
                 stats.dropped_meter,
                 stats.reconnects,
@@ -706,6 +706,8 @@ class AgentDaemon:
             single("micboard_agent_outbox_depth", "Events waiting in the outbox.", "gauge", depth),
             single("micboard_agent_outbox_bytes", "Bytes waiting in the outbox.", "gauge", size),
             drops,
+            single("micboard_agent_outbox_errors_total", "Outbox reads and writes that failed (retried).",
+                   "counter", outbox_errors),
             single("micboard_agent_nats_connected", "1 when the NATS link is up.", "gauge", int(connected)),
             single("micboard_agent_nats_reconnects_total", "NATS reconnects.", "counter", nats_reconnects),
             single("micboard_agent_driver_reconnects_total", "Driver reconnects to devices.", "counter",

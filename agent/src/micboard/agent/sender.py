@@ -26,6 +26,24 @@ per round trip (about 20 per second on a 50 ms WAN link, thousands on a LAN).
 A lane keeps at most 32 events in memory; the rest wait on disk and are read back in pages, so
 memory stays bounded however long the link is down.
 
+Replayable: a delta builds on the device's previous events. When the outbox had to drop deltas
+of a device's newest state (its byte bound's last resort, see :mod:`micboard.agent.outbox`), or
+events of a device were lost to a failing disk (below), the device's next deltas would build on
+what was lost: they are dropped too, and counted (``dropped_full`` or ``dropped_io``), until the
+device's next snapshot.
+
+Outbox failures never stop the sender. A failed outbox write (disk full, I/O error) keeps its
+events and its acks in memory and is tried again after a capped backoff (0.25 s to 5 s); lanes
+are served from memory meanwhile, so a healthy link still gets every event. Events waiting for
+the outbox are held up to ``max_pending_bytes`` (default 16 MiB); past that the oldest of them
+that are not about to be published are dropped with the deltas that build on them
+(``dropped_io``: events really lost, never one that is still sent). Every outbox error is logged
+(the same one at most once a minute) and counted (``outbox_errors``). A loop that ends for any
+other reason (a bug) is logged at CRITICAL and reported by :attr:`EventSender.crashed`.
+
+``last_publish_error`` is the error of the latest failed publish or connection attempt; it is
+cleared by the next acked publish.
+
 Shutdown (:meth:`EventSender.close`): stop accepting events (``dropped_closed``), give in-flight
 publishes a short grace to be acked, then cancel them (their events are in the outbox already),
 commit the outbox, checkpoint it (fsync) and close the connection, all within the deadline.
@@ -49,7 +67,7 @@ from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
 from nats.js.errors import BadRequestError
 
-from micboard.agent.outbox import Outbox, OutboxError, OutboxRecord, OutboxStats
+from micboard.agent.outbox import Outbox, OutboxRecord, OutboxStats
 from micboard.agent.publisher import connect, now_ms
 from micboard.shared.codec import DEFAULT_MAX_BYTES, encode
 from micboard.shared.envelope import AnyEvent, DeviceEvent, OfflineEvent
@@ -68,6 +86,10 @@ COMMIT_DELAY_S = 0.1
 _MIN_BACKOFF_S = 0.25
 _MAX_BACKOFF_S = 5.0
 _EXPIRE_EVERY_S = 10.0
+#: Bytes of events kept in memory while the outbox cannot be written (then the oldest are dropped).
+MAX_PENDING_BYTES = 16 * 1024 * 1024
+#: How often one and the same outbox error is logged again while it keeps happening.
+OUTBOX_ERROR_LOG_EVERY_S = 60.0
 _NATS_CLOSE_RESERVE_S = 0.5
 
 
@@ -90,6 +112,8 @@ class _Counters:
     dropped_rejected: int = 0
     dropped_closed: int = 0
     dropped_io: int = 0
+    dropped_unbased: int = 0
+    outbox_errors: int = 0
     in_flight: int = 0
     reconnects: int = 0
     connected: bool = False
@@ -120,7 +144,8 @@ class SenderStats:
     dropped_meter: int
     """Meters dropped because the link was down (by design: latest wins, never stored)."""
     dropped_full: int
-    """Events the outbox dropped to stay within its byte bound."""
+    """Events dropped to stay within the outbox's byte bound (and deltas of a device whose newest
+    deltas the bound dropped, until its next snapshot)."""
     dropped_age: int
     """Events the outbox expired by its age bound."""
     dropped_rejected: int
@@ -128,11 +153,17 @@ class SenderStats:
     dropped_closed: int
     """Events handed over after :meth:`EventSender.close` began."""
     dropped_io: int
-    """Events lost because the outbox could not be written (disk full, I/O error)."""
+    """Events lost because the outbox could not be written for so long that the events waiting
+    for it passed ``max_pending_bytes`` (with the deltas that build on them), or could not be
+    written at shutdown. An event still sent from memory is not counted."""
     outbox_depth: int
     outbox_bytes: int
     outbox_oldest_age_s: float | None
     outbox_corrupt_recoveries: int
+    outbox_errors: int = 0
+    """Outbox operations that failed (writes, reads, expiry, checkpoints); each was retried."""
+    dropped_newest: int = 0
+    """Of ``dropped_full``: events of a device's newest state (the bound's last resort)."""
 
     @property
     def dropped(self) -> int:
@@ -155,14 +186,15 @@ class _Item:
 class _Lane:
     """The events of one device (or of the agent itself) that still have to be published, in order."""
 
-    __slots__ = ("buffer", "busy", "disk_tail", "floor", "key", "spilled")
+    __slots__ = ("buffer", "busy", "floor", "key", "spilled", "stored")
 
     def __init__(self, key: str) -> None:
         self.key = key
         self.buffer: deque[_Item] = deque()
-        # True when some of this lane's events are only on disk, all newer than the buffer's.
+        # True when some of this lane's events are not in the buffer (on disk, or queued for it),
+        # all newer than the buffer's.
         self.spilled = False
-        self.disk_tail = 0
+        self.stored = 0  # id of the newest event of this lane known written to the outbox
         self.floor = 0  # id of the last event that left the lane (acked or dropped)
         self.busy = False
 
@@ -186,9 +218,12 @@ class EventSender:
         max_in_flight: int = 64,
         max_message_bytes: int = DEFAULT_MAX_BYTES,
         connect_options: dict[str, Any] | None = None,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+        if max_pending_bytes < 1:
+            raise ValueError("max_pending_bytes must be positive")
         self.url = url
         self.outbox = outbox
         self.name = name
@@ -197,6 +232,7 @@ class EventSender:
         self.max_in_flight = max_in_flight
         self.max_message_bytes = max_message_bytes
         self.connect_options = dict(connect_options or {})
+        self.max_pending_bytes = max_pending_bytes
         self._counters = _Counters()
         self._state: Literal["new", "running", "closing", "closed"] = "new"
         self._nc: Client | None = None
@@ -205,6 +241,17 @@ class EventSender:
         self._lanes: dict[str, _Lane] = {}
         self._puts: dict[int, OutboxRecord] = {}
         self._deletes: list[int] = []
+        # Records of outbox writes under way (not in _puts any more, maybe not on disk yet).
+        self._writing: dict[int, OutboxRecord] = {}
+        self._write_jobs: set[asyncio.Future[tuple[list[int], set[str]]]] = set()
+        self._flush_lock = asyncio.Lock()
+        self._write_retry_at = 0.0
+        self._write_backoff_s = 0.0
+        # Devices whose next deltas would build on dropped events, with the reason ("full", "io").
+        self._unbased: dict[str, str] = {}
+        self._snapshot_ids: dict[str, int] = {}  # device -> id of its newest snapshot sent
+        self._outbox_errors = LogThrottle(OUTBOX_ERROR_LOG_EVERY_S)
+        self._crashed: BaseException | None = None
         self._next_id = 0
         self._wake_pump = asyncio.Event()
         self._ops_ready = asyncio.Event()
@@ -224,6 +271,15 @@ class EventSender:
         return self._nc
 
     @property
+    def crashed(self) -> BaseException | None:
+        """The exception that ended one of the sender's loops (a bug), else ``None``.
+
+        Outbox and link errors never end a loop; a loop that ended is not restarted: the agent
+        should stop (systemd restarts it, the outbox keeps the events).
+        """
+        return self._crashed
+
+    @property
     def stats(self) -> SenderStats:
         """The counters of the sender and of its outbox, as of now."""
         c = self._counters
@@ -241,7 +297,7 @@ class EventSender:
             last_publish_error=c.last_publish_error,
             meters_published=c.meters_published,
             dropped_meter=c.dropped_meter,
-            dropped_full=o.dropped_full,
+            dropped_full=o.dropped_full + c.dropped_unbased,
             dropped_age=o.dropped_age,
             dropped_rejected=c.dropped_rejected,
             dropped_closed=c.dropped_closed,
@@ -250,6 +306,8 @@ class EventSender:
             outbox_bytes=o.bytes,
             outbox_oldest_age_s=o.oldest_age_s,
             outbox_corrupt_recoveries=o.corrupt_recoveries,
+            outbox_errors=c.outbox_errors,
+            dropped_newest=o.dropped_newest + c.dropped_unbased,
         )
 
     def outbox_stats(self) -> OutboxStats:
@@ -270,7 +328,7 @@ class EventSender:
             raise
         for key, tail in lanes.items():
             lane = self._lane(key)
-            lane.spilled, lane.disk_tail = True, tail
+            lane.spilled, lane.stored = True, tail
         backlog = self.outbox.stats()
         log.info(
             "sender started",
@@ -284,7 +342,7 @@ class EventSender:
             loop.create_task(self._write_loop(), name="micboard-sender-outbox"),
         ]
         for task in self._tasks:
-            task.add_done_callback(_report_crash)
+            task.add_done_callback(self._report_crash)
 
     async def send(self, event: AnyEvent) -> None:
         """Publish ``event`` or keep it for later; never raises for link or disk problems.
@@ -309,6 +367,14 @@ class EventSender:
         device_key: str | None = None
         if isinstance(event, DeviceEvent | OfflineEvent):
             device_key = event.body.device_key
+        is_snapshot = isinstance(event, DeviceEvent) and event.body.is_snapshot
+        if device_key is not None and self._unbased:
+            if is_snapshot:
+                self._unbased.pop(device_key, None)
+            elif kind is not Kind.OFFLINE and (reason := self._unbased.get(device_key)) is not None:
+                # Its previous deltas were dropped: this one would merge onto an older state.
+                self._count_unbased(reason, 1)
+                return
         self._next_id += 1
         record = OutboxRecord(
             id=self._next_id,
@@ -318,14 +384,16 @@ class EventSender:
             payload=payload,
             created_ms=now_ms(),
             device_key=device_key,
-            is_snapshot=isinstance(event, DeviceEvent) and event.body.is_snapshot,
+            is_snapshot=is_snapshot,
         )
+        if is_snapshot and device_key is not None:
+            self._snapshot_ids[device_key] = record.id
         self._puts[record.id] = record
         self._ops_ready.set()
         item = _Item(record, outboxed=not self._link_usable())
         lane = self._lane(record.lane)
         if lane.spilled or len(lane.buffer) >= LANE_BUFFER:
-            lane.spilled, lane.disk_tail = True, record.id
+            lane.spilled = True
             item.outboxed = True
         else:
             lane.buffer.append(item)
@@ -411,19 +479,172 @@ class EventSender:
         # One thread owns the SQLite connection; jobs run in the order they were submitted.
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def _flush(self) -> None:
-        puts, self._puts = list(self._puts.values()), {}
+    def _write_job(self, puts: list[OutboxRecord], deletes: list[int]) -> tuple[list[int], set[str]]:
+        # On the outbox thread: the write, and which devices' newest state it had to cut.
+        dropped = self.outbox.write(puts, deletes)
+        return dropped, self.outbox.take_truncated()
+
+    async def _flush(self) -> bool:
+        """Write the queued events and acks to the outbox; ``False`` when that failed (kept for later)."""
+        # One write at a time: a failed write's events are queued again, ahead of newer ones,
+        # so that what is on disk of a lane is always its oldest events.
+        async with self._flush_lock:
+            return await self._flush_locked()
+
+    async def _flush_locked(self) -> bool:
+        puts, self._puts = self._puts, {}
         deletes, self._deletes = self._deletes, []
         if not puts and not deletes:
-            return
+            return True
+        self._writing.update(puts)
+        job = asyncio.get_running_loop().run_in_executor(
+            self._executor, self._write_job, list(puts.values()), deletes
+        )
+        self._write_jobs.add(job)
         try:
-            dropped = await self._db(self.outbox.write, puts, deletes)
-        except OutboxError as exc:
-            self._counters.dropped_io += len(puts)
-            log.error("outbox write failed: events lost", extra={"events": len(puts), "error": str(exc)})
-            return
+            # Shielded: a cancelled flush (shutdown) leaves the write running in its thread, and
+            # its outcome is still taken in (close() waits for it before its own flush).
+            dropped, truncated = await asyncio.shield(job)
+        except asyncio.CancelledError:
+            job.add_done_callback(lambda done: self._write_done(done, puts, deletes))
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever the outbox raised, keep the events
+            self._write_done(job, puts, deletes, exc)
+            return False
+        self._write_done(job, puts, deletes)
         if dropped:
             self._forget(set(dropped))
+        if truncated:
+            self._cut(truncated, max(puts, default=0))
+        return True
+
+    def _write_done(
+        self,
+        job: asyncio.Future[tuple[list[int], set[str]]],
+        puts: dict[int, OutboxRecord],
+        deletes: list[int],
+        error: BaseException | None = None,
+    ) -> None:
+        self._write_jobs.discard(job)
+        for record_id in puts:
+            self._writing.pop(record_id, None)
+        if error is None and not job.cancelled():
+            error = job.exception()
+        if error is None:
+            for record in puts.values():
+                lane = self._lane(record.lane)
+                lane.stored = max(lane.stored, record.id)
+            if self._write_backoff_s:
+                self._write_backoff_s = 0.0
+                log.info("outbox writable again", extra={"pending": len(self._puts)})
+            return
+        self._outbox_failed("write", error)
+        # Nothing of the write happened: try it again later. An event acked meanwhile was never
+        # stored, so it is neither written nor deleted; the other acks are deleted next time.
+        acked = {record_id for record_id in self._deletes if record_id in puts}
+        self._deletes = deletes + [record_id for record_id in self._deletes if record_id not in acked]
+        self._puts = {**{i: r for i, r in puts.items() if i not in acked}, **self._puts}
+        self._write_backoff_s = min(max(self._write_backoff_s * 2, _MIN_BACKOFF_S), _MAX_BACKOFF_S)
+        with contextlib.suppress(RuntimeError):  # no loop any more: close() counts what is left
+            self._write_retry_at = asyncio.get_running_loop().time() + self._write_backoff_s
+        self._ops_ready.set()
+        self._shed()
+
+    def _outbox_failed(self, what: str, error: BaseException) -> None:
+        self._counters.outbox_errors += 1
+        text = f"{type(error).__name__}: {error}"
+        repeated = self._outbox_errors.due(f"{what}: {text}")
+        if repeated is not None:
+            log.error(
+                f"outbox {what} failed, will retry",
+                extra={
+                    "error": text,
+                    "pending": len(self._puts),
+                    **({"repeated": repeated} if repeated else {}),
+                },
+            )
+
+    def _shed(self) -> None:
+        """Keep the events waiting for the outbox within ``max_pending_bytes`` (the disk fails)."""
+        pending = sum(record.size for record in self._puts.values())
+        if pending <= self.max_pending_bytes:
+            return
+        # Events in a lane's buffer are published from memory anyway: not worth dropping.
+        buffered = {item.record.id for lane in self._lanes.values() for item in lane.buffer}
+        target = self.max_pending_bytes * 3 // 4
+        lost: list[int] = []
+        chained: set[str] = set()  # devices whose next waiting deltas build on a dropped event
+        for record_id, record in self._puts.items():  # oldest first
+            key = record.device_key
+            if record_id in buffered:
+                continue
+            if key is not None and key in chained:
+                if record.is_snapshot:
+                    chained.discard(key)
+                elif record.kind != Kind.OFFLINE.value:
+                    lost.append(record_id)
+                    pending -= record.size
+                    continue
+            if pending > target:
+                lost.append(record_id)
+                pending -= record.size
+                if key is not None:
+                    chained.add(key)
+            elif not chained:
+                break
+        if not lost:
+            return
+        for record_id in lost:
+            del self._puts[record_id]
+        for key in chained:
+            self._unbased[key] = "io"
+        self._forget(set(lost))
+        self._counters.dropped_io += len(lost)
+        log.error(
+            "outbox not writable and too many events waiting for it: oldest events lost",
+            extra={
+                "dropped": len(lost),
+                "pending_bytes": pending,
+                "max_pending_bytes": self.max_pending_bytes,
+            },
+        )
+
+    def _cut(self, devices: set[str], written_up_to: int) -> None:
+        """The outbox dropped the newest deltas of ``devices``: drop what builds on them, up to a snapshot."""
+        orphans: list[int] = []
+        for key in devices:
+            # A snapshot sent after the write starts the device afresh; until it, or if none was
+            # sent yet, its deltas build on what the outbox dropped.
+            rebase = self._snapshot_ids.get(key, 0)
+            if rebase <= written_up_to:
+                rebase = 0
+                self._unbased[key] = "full"
+            orphans += [
+                record_id
+                for record_id, record in (*self._writing.items(), *self._puts.items())
+                if record.device_key == key
+                and record_id > written_up_to
+                and (not rebase or record_id < rebase)
+                and record.kind != Kind.OFFLINE.value
+            ]
+        for record_id in orphans:
+            if self._puts.pop(record_id, None) is None:
+                # Being written right now: deleted again by the next write (or, should that write
+                # fail, not written again: it counts as acked).
+                self._deletes.append(record_id)
+                self._ops_ready.set()
+        self._forget(set(orphans))
+        self._count_unbased("full", len(orphans))
+        log.warning(
+            "outbox full: devices lost their newest deltas, their deltas dropped until a snapshot",
+            extra={"devices": sorted(devices)[:20], "dropped": len(orphans)},
+        )
+
+    def _count_unbased(self, reason: str, count: int) -> None:
+        if reason == "io":
+            self._counters.dropped_io += count
+        else:
+            self._counters.dropped_unbased += count
 
     def _forget(self, dropped: set[int]) -> None:
         # Dropped by the outbox's bounds: do not publish them after all (an in-flight one goes on).
@@ -436,13 +657,34 @@ class EventSender:
                 lane.buffer = deque(kept)
 
     async def _flush_and_close_outbox(self) -> None:
-        await self._flush()
-        await self._db(self.outbox.close)
+        # A write cancelled with its loop still runs in the outbox thread: take its outcome in
+        # first (failed, its events are queued again for this last flush).
+        if self._write_jobs:
+            await asyncio.wait(set(self._write_jobs))
+            await asyncio.sleep(0)  # let their done callbacks run
+        if not await self._flush() and self._puts:
+            lost = len(self._puts)
+            self._counters.dropped_io += lost
+            log.error("outbox not writable at shutdown: events lost", extra={"events": lost})
+            self._puts = {}
+        try:
+            await self._db(self.outbox.close)
+        except Exception as exc:  # noqa: BLE001 - closing anyway
+            self._outbox_failed("close", exc)
 
-    def _housekeeping(self, expire: bool) -> list[int]:
-        expired = self.outbox.expire() if expire else []
-        self.outbox.maybe_sync()
-        return expired
+    async def _housekeeping(self, expire: bool) -> None:
+        if expire:
+            try:
+                expired = await self._db(self.outbox.expire)
+            except Exception as exc:  # noqa: BLE001 - any outbox error: logged, counted, retried
+                self._outbox_failed("expiry", exc)
+            else:
+                if expired:
+                    self._forget(set(expired))
+        try:
+            await self._db(self.outbox.maybe_sync)
+        except Exception as exc:  # noqa: BLE001 - any outbox error: logged, counted, retried
+            self._outbox_failed("checkpoint", exc)
 
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -456,19 +698,14 @@ class EventSender:
                 async with asyncio.timeout(tick):
                     await self._ops_ready.wait()
             if self._ops_ready.is_set():
-                await asyncio.sleep(delay)
+                # After a failed write, the next try waits for its backoff.
+                await asyncio.sleep(max(delay, self._write_retry_at - loop.time()))
                 self._ops_ready.clear()
                 await self._flush()
             expire = loop.time() >= next_expire
             if expire:
                 next_expire = loop.time() + _EXPIRE_EVERY_S
-            try:
-                expired = await self._db(self._housekeeping, expire)
-            except OutboxError as exc:
-                log.error("outbox housekeeping failed", extra={"error": str(exc)})
-                continue
-            if expired:
-                self._forget(set(expired))
+            await self._housekeeping(expire)
 
     # -- connection --------------------------------------------------------------------------
 
@@ -583,23 +820,50 @@ class EventSender:
             self._prune_lanes()
 
     async def _refill(self) -> None:
-        """Read the next page of events from disk for lanes whose memory is empty."""
+        """Read the next events of lanes whose memory is empty: from disk, then from the write queue."""
         hungry = [lane for lane in self._lanes.values() if lane.spilled and not lane.buffer and not lane.busy]
         if not hungry:
             return
-        # Remember each lane's newest event on disk before committing what is queued: an event
-        # sent while we read is newer, so the lane stays spilled and the next page gets it.
-        tails = {lane.key: lane.disk_tail for lane in hungry}
-        await self._flush()
-        for lane in hungry[: self.max_in_flight]:
+        hungry = hungry[: self.max_in_flight]
+        if asyncio.get_running_loop().time() >= self._write_retry_at:
+            await self._flush()  # so that the pages read below hold the events queued so far
+        # Only lanes with events on disk past what left them need a read.
+        wanted = [(lane.key, lane.floor) for lane in hungry if lane.stored > lane.floor]
+        try:
+            pages = await self._db(self._read_lanes, wanted) if wanted else {}
+        except Exception as exc:  # noqa: BLE001 - any outbox error: logged, counted, retried
+            self._outbox_failed("read", exc)
+            return
+        # From here on nothing awaits: the disk pages, the writes under way and the write queue
+        # are one consistent view, in id order within each lane.
+        queued: dict[str, list[OutboxRecord]] = {}
+        for record in (*self._writing.values(), *self._puts.values()):
+            queued.setdefault(record.lane, []).append(record)
+        for lane in hungry:
+            page = pages.get(lane.key, [])
+            if isinstance(page, BaseException):
+                self._outbox_failed("read", page)
+                continue  # what is on disk comes first: wait for it
+            lane.buffer.extend(_Item(record, outboxed=True) for record in page)
+            if len(page) >= LANE_BUFFER:
+                continue  # maybe more on disk
+            # Everything on disk is read; then come the events not written yet (or whose write
+            # failed: the link may be fine while the disk is not).
+            after = page[-1].id if page else lane.floor
+            waiting = sorted((r for r in queued.get(lane.key, ()) if r.id > after), key=lambda r: r.id)
+            room = LANE_BUFFER - len(page)
+            lane.buffer.extend(_Item(record, outboxed=True) for record in waiting[:room])
+            lane.spilled = len(waiting) > room
+
+    def _read_lanes(self, wanted: list[tuple[str, int]]) -> dict[str, list[OutboxRecord] | BaseException]:
+        # On the outbox thread: one page per lane; a lane that cannot be read reports its error.
+        pages: dict[str, list[OutboxRecord] | BaseException] = {}
+        for key, floor in wanted:
             try:
-                records = await self._db(self.outbox.read_lane, lane.key, lane.floor, LANE_BUFFER)
-            except (OutboxError, OSError) as exc:
-                log.error("outbox read failed", extra={"lane": lane.key, "error": str(exc)})
-                return
-            lane.buffer.extend(_Item(record, outboxed=True) for record in records)
-            if len(records) < LANE_BUFFER and lane.disk_tail == tails[lane.key]:
-                lane.spilled = False
+                pages[key] = self.outbox.read_lane(key, floor, LANE_BUFFER)
+            except Exception as exc:  # noqa: BLE001 - any outbox error: logged, counted, retried
+                pages[key] = exc
+        return pages
 
     def _start_publishes(self) -> None:
         free = self.max_in_flight - self._counters.in_flight
@@ -648,6 +912,8 @@ class EventSender:
             self._counters.acked += 1
             self._counters.duplicates += bool(ack.duplicate)
             self._counters.drained += item.outboxed
+            # The link works: an earlier error is history, not the current state.
+            self._counters.last_publish_error = None
             if self._failing:
                 self._failing = False
                 log.info("publishing again", extra={"depth": self.outbox.stats().depth})
@@ -682,8 +948,11 @@ class EventSender:
                 extra={"msg_id": item.record.msg_id, "error": self._counters.last_publish_error},
             )
 
-
-def _report_crash(task: asyncio.Task[None]) -> None:
-    # The sender's loops run until close() cancels them; ending any other way is a bug to shout about.
-    if not task.cancelled() and task.exception() is not None:
-        log.critical("sender task crashed", exc_info=task.exception(), extra={"task": task.get_name()})
+    def _report_crash(self, task: asyncio.Task[None]) -> None:
+        # The loops run until close() cancels them (outbox and link errors are caught inside);
+        # ending any other way is a bug to shout about, and to report through `crashed`.
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        if self._crashed is None:
+            self._crashed = error
+        log.critical("sender task crashed", exc_info=error, extra={"task": task.get_name()})
