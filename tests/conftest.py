@@ -16,6 +16,7 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
+from tests.live_api import LiveApi, start_api
 
 from micboard.collector.store.database import create_engine
 from micboard.collector.store.migrate import upgrade
@@ -142,3 +143,10 @@ async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
     await upgrade(eng)
     yield eng
     await eng.dispose()
+
+
+@pytest.fixture
+async def api(engine: AsyncEngine, nats_server: EmbeddedNats) -> AsyncIterator[LiveApi]:
+    """The app client: the collector's HTTP API on a real port (SQLite and PostgreSQL), a token per role."""
+    async for live in start_api(engine, nats_server.url):
+        yield live

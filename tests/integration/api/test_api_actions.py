@@ -18,7 +18,7 @@ from micboard.shared.envelope import CommandEvent, CommandOutcome, CommandResult
 from micboard.shared.model import ChannelMeter
 
 if TYPE_CHECKING:
-    from tests.integration.api.conftest import LiveApi
+    from tests.live_api import LiveApi
 
 
 async def _open_alert(

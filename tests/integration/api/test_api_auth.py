@@ -16,7 +16,7 @@ from micboard.collector.store.database import create_engine
 from micboard.shared.natsd import EmbeddedNats
 
 if TYPE_CHECKING:
-    from tests.integration.api.conftest import LiveApi
+    from tests.live_api import LiveApi
 
 
 async def test_missing_token_is_401_problem(api: LiveApi) -> None:

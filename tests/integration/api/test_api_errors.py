@@ -9,7 +9,7 @@ import pytest
 from tests.waiting import until
 
 if TYPE_CHECKING:
-    from tests.integration.api.conftest import LiveApi
+    from tests.live_api import LiveApi
 
 
 def assert_problem(status: int, body: Any, expected_status: int, code: str) -> None:

@@ -20,7 +20,7 @@ from micboard.shared.envelope import DeviceBody, DeviceEvent
 from micboard.shared.model import Family, Vendor
 
 if TYPE_CHECKING:
-    from tests.integration.api.conftest import LiveApi
+    from tests.live_api import LiveApi
 
 
 async def _fleet(api: LiveApi) -> None:

@@ -31,7 +31,7 @@ from micboard.shared.model import ChannelMeter, Device, Transmitter
 from micboard.shared.natsd import EmbeddedNats
 
 if TYPE_CHECKING:
-    from tests.integration.api.conftest import LiveApi
+    from tests.live_api import LiveApi
 
 
 async def _sqlite_live_api(

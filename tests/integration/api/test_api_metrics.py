@@ -30,7 +30,7 @@ from micboard.shared.model import ChannelMeter, Device
 from micboard.shared.natsd import EmbeddedNats
 
 if TYPE_CHECKING:
-    from tests.integration.api.conftest import LiveApi
+    from tests.live_api import LiveApi
 
 
 async def test_healthz(api: LiveApi) -> None:

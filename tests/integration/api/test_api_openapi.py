@@ -10,7 +10,7 @@ from openapi_spec_validator import validate
 from micboard.collector.api.app import ROUTES
 
 if TYPE_CHECKING:
-    from tests.integration.api.conftest import LiveApi
+    from tests.live_api import LiveApi
 
 
 def _refs(node: Any) -> set[str]:

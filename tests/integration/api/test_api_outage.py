@@ -22,7 +22,7 @@ from micboard.collector.store.migrate import upgrade
 from micboard.shared.natsd import EmbeddedNats
 
 if TYPE_CHECKING:
-    from tests.integration.api.conftest import LiveApi
+    from tests.live_api import LiveApi
 
 ERRORS_LOGGER = "micboard.collector.api.errors"
 

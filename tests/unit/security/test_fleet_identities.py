@@ -199,7 +199,12 @@ def test_agent_connect_options(tmp_path: Path) -> None:
         site="hall", agent="pi-1", nats_url="nats://127.0.0.1:1", nats_nkey_seed_file=seed
     )
     options = agent_connect_options(settings)
-    assert options == {"nkeys_seed": str(seed), "inbox_prefix": "_INBOX_agent.hall.pi-1"}
+    assert options == {
+        "nkeys_seed": str(seed),
+        "inbox_prefix": "_INBOX_agent.hall.pi-1",
+        "ping_interval": 10.0,
+        "max_outstanding_pings": 3,
+    }
     seed.chmod(0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
         agent_connect_options(settings)
