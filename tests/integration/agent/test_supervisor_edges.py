@@ -5,42 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from tests.supervised import Recorder
 
 from micboard.agent.discovery import FoundDevice
 from micboard.agent.drivers.base import DriverOptions
 from micboard.agent.drivers.sennheiser import SscSimulator
 from micboard.agent.drivers.shure import ShureSimulator
 from micboard.agent.supervisor import DeviceSupervisor
-from micboard.shared.model import ChannelMeter, Device, Family, Vendor
+from micboard.shared.model import Device, Family, Vendor
 from micboard.shared.natsd import free_port
 
 FAST = DriverOptions(connect_timeout_s=0.5, backoff_initial_s=0.1, backoff_max_s=0.2, poll_interval_s=0.5)
-
-
-class Recorder:
-    """The supervisor's listener: keeps every call, by device key."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str]] = []
-
-    def device_updated(self, device: Device) -> None:
-        self.calls.append(("device", device.device_key))
-
-    def meters_updated(self, device_key: str, meters: Sequence[ChannelMeter]) -> None:
-        self.calls.append(("meters", device_key))
-
-    def link_changed(self, device_key: str, online: bool, reason: str) -> None:
-        self.calls.append(("link", device_key))
-
-    def track(self, device_key: str) -> None:
-        self.calls.append(("track", device_key))
-
-    def forget(self, device_key: str) -> None:
-        self.calls.append(("forget", device_key))
 
 
 async def eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:

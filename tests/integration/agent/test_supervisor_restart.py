@@ -8,14 +8,13 @@ the agent was down, or that was found by another means, under the key the fleet 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+from tests.supervised import Recorder
+from tests.waiting import until
 
 from micboard.agent.discovery import FoundDevice
 from micboard.agent.drivers.base import DriverOptions
@@ -23,7 +22,7 @@ from micboard.agent.drivers.sennheiser import SscSimulator
 from micboard.agent.drivers.shure import ShureSimulator
 from micboard.agent.identities import DEVICE_KEYS_FILE
 from micboard.agent.supervisor import DeviceSupervisor, device_key_for
-from micboard.shared.model import ChannelMeter, Device, Family, Vendor
+from micboard.shared.model import Family, Vendor
 from micboard.shared.natsd import free_port
 
 SSC_FAST = DriverOptions(
@@ -42,41 +41,6 @@ SHURE_FAST = DriverOptions(
     poll_interval_s=0.5,
     silence_timeout_s=1.0,
 )
-REPORTS = ("device", "meters", "link")
-
-
-class Recorder:
-    """The supervisor's listener: keeps every call, by device key."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str]] = []
-
-    def device_updated(self, device: Device) -> None:
-        self.calls.append(("device", device.device_key))
-
-    def meters_updated(self, device_key: str, meters: Sequence[ChannelMeter]) -> None:
-        self.calls.append(("meters", device_key))
-
-    def link_changed(self, device_key: str, online: bool, reason: str) -> None:
-        self.calls.append(("link", device_key))
-
-    def track(self, device_key: str) -> None:
-        self.calls.append(("track", device_key))
-
-    def forget(self, device_key: str) -> None:
-        self.calls.append(("forget", device_key))
-
-    def reported(self) -> set[str]:
-        """Every key something was published under (states, meters, links; not track/forget)."""
-        return {key for kind, key in self.calls if kind in REPORTS}
-
-
-async def eventually(condition: Callable[[], bool], timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 def ssc(port: int, source: str = "mdns") -> FoundDevice:
@@ -122,9 +86,9 @@ async def first_run(state_dir: Path, found: FoundDevice, options: DriverOptions)
     try:
         key = await supervisor.adopt(found)
         assert key is not None
-        await eventually(lambda: ("device", key) in recorder.calls)
+        await until(lambda: ("device", key) in recorder.calls, timeout_s=15.0)
         # The id the driver read is remembered before the agent stops.
-        await eventually(lambda: key in remembered(state_dir).values())
+        await until(lambda: key in remembered(state_dir).values(), timeout_s=15.0)
     finally:
         await supervisor.close()
     return key
@@ -149,8 +113,8 @@ async def test_a_receiver_that_moved_while_the_agent_was_down_keeps_its_key(tmp_
         assert after.serial == before.serial and after.port != before.port
         address_key = await supervisor.adopt(ssc(after.port))
         assert address_key is not None and address_key != key
-        await eventually(lambda: ("device", key) in recorder.calls)
-        await eventually(lambda: ("meters", key) in recorder.calls)
+        await until(lambda: ("device", key) in recorder.calls, timeout_s=15.0)
+        await until(lambda: ("meters", key) in recorder.calls, timeout_s=15.0)
         assert supervisor.keys() == [key]
         known = supervisor.get(key)
         assert known is not None and known.target.port == after.port
@@ -186,10 +150,10 @@ async def test_a_stale_static_entry_at_the_old_address_takes_the_receiver_found_
         assert await supervisor.adopt(ssc(before.port, "static")) == key  # its address key, remembered
         address_key = await supervisor.adopt(ssc(after.port))
         assert address_key is not None and address_key != key
-        await eventually(lambda: supervisor.keys() == [key])
+        await until(lambda: supervisor.keys() == [key], timeout_s=15.0)
         known = supervisor.get(key)
         assert known is not None and known.target.port == after.port
-        await eventually(lambda: ("device", key) in recorder.calls)
+        await until(lambda: ("device", key) in recorder.calls, timeout_s=15.0)
         assert address_key not in recorder.reported()
         assert supervisor.stats.moved == 1
     finally:
@@ -215,7 +179,7 @@ async def test_another_receiver_given_a_remembered_address_gets_a_key_of_its_own
         assert newcomer.serial != gone.serial
         assert await supervisor.adopt(ssc(port)) == key  # most likely the device remembered there
         own = f"{key}-2"
-        await eventually(lambda: ("device", own) in recorder.calls)
+        await until(lambda: ("device", own) in recorder.calls, timeout_s=15.0)
         # The remembered receiver's key never carried the newcomer's state.
         assert recorder.reported() == {own} and supervisor.keys() == [own]
     finally:
@@ -245,7 +209,7 @@ async def test_a_shure_receiver_found_over_slp_on_one_boot_and_mdns_on_the_next_
         try:
             started_under = await supervisor.adopt(second)
             assert started_under == device_key_for(second) != key
-            await eventually(lambda: ("device", key) in recorder.calls)
+            await until(lambda: ("device", key) in recorder.calls, timeout_s=15.0)
             assert supervisor.keys() == [key] and supervisor.stats.recalled == 1
             assert recorder.reported() == {key}
             # The first boot's announcement, seen now too, is that same device.
@@ -275,9 +239,11 @@ async def test_a_corrupt_key_file_is_set_aside_and_the_agent_runs_on(
             key = await supervisor.adopt(ssc(simulator.port))
             assert key is not None
             # Nothing remembered: reported under its address at once, as without a state dir.
-            await eventually(lambda: ("device", key) in recorder.calls)
+            await until(lambda: ("device", key) in recorder.calls, timeout_s=15.0)
             assert not is_pending(supervisor, key)
-            await eventually(lambda: remembered(tmp_path) == {f"id:sennheiser:{simulator.serial}": key})
+            await until(
+                lambda: remembered(tmp_path) == {f"id:sennheiser:{simulator.serial}": key}, timeout_s=15.0
+            )
         finally:
             await supervisor.close()
     finally:
@@ -312,7 +278,7 @@ async def test_a_pending_receiver_that_never_answers_is_reported_offline_under_i
         silent = await supervisor.adopt(ssc(free_port(), "static"))
         assert silent is not None
         assert is_pending(supervisor, silent) and recorder.reported() == set()
-        await eventually(lambda: ("link", silent) in recorder.calls)
+        await until(lambda: ("link", silent) in recorder.calls, timeout_s=15.0)
         assert not is_pending(supervisor, silent) and supervisor.keys() == [silent]
     finally:
         await supervisor.close()
@@ -330,7 +296,7 @@ async def test_an_slp_id_remembered_under_an_address_key_is_adopted_under_it_at_
             key = await supervisor.adopt(shure(simulator.port))
             assert key == device_key_for(shure(simulator.port))
             assert await supervisor.adopt(shure(simulator.port, cid)) == key
-            await eventually(lambda: ("device", key) in recorder.calls)
+            await until(lambda: ("device", key) in recorder.calls, timeout_s=15.0)
         finally:
             await supervisor.close()
         assert remembered(tmp_path)[f"id:shure:{cid}"] == key
@@ -341,7 +307,7 @@ async def test_an_slp_id_remembered_under_an_address_key_is_adopted_under_it_at_
         try:
             assert await supervisor.adopt(shure(simulator.port, cid)) == key
             assert not is_pending(supervisor, key)
-            await eventually(lambda: ("device", key) in recorder.calls)
+            await until(lambda: ("device", key) in recorder.calls, timeout_s=15.0)
             assert recorder.reported() == {key} and supervisor.stats.recalled == 0
         finally:
             await supervisor.close()

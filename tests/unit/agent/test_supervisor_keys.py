@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tests.supervised import Recorder
 
 from micboard.agent.discovery import FoundDevice
 from micboard.agent.drivers.base import (
@@ -28,10 +29,9 @@ from micboard.agent.drivers.base import (
 from micboard.agent.identities import DeviceKeyMemory
 from micboard.agent.supervisor import DeviceSupervisor
 from micboard.shared.envelope import CommandOutcome
-from micboard.shared.model import ChannelMeter, Device, Family, Vendor
+from micboard.shared.model import Device, Family, Vendor
 
 OPTIONS = DriverOptions(connect_timeout_s=0.1, command_timeout_s=0.1, silence_timeout_s=0.2)
-REPORTS = ("device", "meters", "link")
 
 
 @dataclass
@@ -86,29 +86,6 @@ class ScriptedDriver(ReceiverDriver):
 
     async def execute(self, command: DriverCommand) -> CommandReply:
         return CommandReply(CommandOutcome.OK)
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str]] = []
-
-    def device_updated(self, device: Device) -> None:
-        self.calls.append(("device", device.device_key))
-
-    def meters_updated(self, device_key: str, meters: Sequence[ChannelMeter]) -> None:
-        self.calls.append(("meters", device_key))
-
-    def link_changed(self, device_key: str, online: bool, reason: str) -> None:
-        self.calls.append(("link", device_key))
-
-    def track(self, device_key: str) -> None:
-        self.calls.append(("track", device_key))
-
-    def forget(self, device_key: str) -> None:
-        self.calls.append(("forget", device_key))
-
-    def reported(self) -> set[str]:
-        return {key for kind, key in self.calls if kind in REPORTS}
 
 
 @pytest.fixture(autouse=True)
