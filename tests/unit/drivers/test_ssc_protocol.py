@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from micboard.agent.drivers.sennheiser.driver import _overlay, _without_errors
+from micboard.agent.drivers.base import DeviceTarget
+from micboard.agent.drivers.sennheiser.driver import SscDriver, _overlay, _without_errors
 from micboard.agent.drivers.sennheiser.mapping import (
     antenna_from_divi,
     battery_bars_from_percent,
@@ -41,7 +43,7 @@ from micboard.agent.drivers.sennheiser.protocol import (
     parse_errors,
     rename_set,
 )
-from micboard.shared.model import Antenna, Family, Vendor
+from micboard.shared.model import Antenna, ChannelMeter, Device, Family, Vendor
 
 
 def wire(text: str) -> bytes:
@@ -490,3 +492,41 @@ def test_a_reply_without_its_errored_leaves_over_what_was_known() -> None:
     assert _overlay(None, kept) is kept
     clean = SscMessage({"rx1": {"name": "A"}})
     assert _without_errors({"name": "A"}, clean, ("rx1",)) == {"name": "A"}
+
+
+class _Listener:
+    """Keeps what a driver reports; the property below only needs it not to be called wrongly."""
+
+    def __init__(self) -> None:
+        self.meters: list[ChannelMeter] = []
+
+    def device_updated(self, device: Device) -> None:
+        """Not expected from datagrams alone."""
+
+    def meters_updated(self, device_key: str, meters: Sequence[ChannelMeter]) -> None:
+        self.meters.extend(meters)
+
+    def link_changed(self, device_key: str, online: bool, reason: str) -> None:
+        """Not expected from datagrams alone."""
+
+
+def _online_driver() -> tuple[SscDriver, _Listener]:
+    # What a session leaves behind once a 4-channel receiver was read: the datagram handler
+    # then takes meters as well as answers.
+    listener = _Listener()
+    driver = SscDriver(DeviceTarget("127.0.0.1", 45, Family.EWDX, "ewdx-prop"), listener)
+    driver._online = True
+    driver._channel_count = 4
+    return driver, listener
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=256) | ssc_trees.map(lambda t: json.dumps({"m": t}).encode()), max_size=8))
+def test_the_drivers_datagram_handler_takes_anything_and_counts_it(datagrams: list[bytes]) -> None:
+    """Whatever arrives on the driver's socket (junk, any tree under ``m``) is counted, never raised."""
+    driver, listener = _online_driver()
+    for data in datagrams:
+        driver._on_datagram(data)
+    # Each datagram is a message or a rejected one (a message may count a bad meter tree as well).
+    assert driver.stats.messages <= len(datagrams) <= driver.stats.messages + driver.stats.parse_errors
+    assert all(1 <= meter.index <= 4 for meter in listener.meters)
