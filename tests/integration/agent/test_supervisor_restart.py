@@ -8,6 +8,7 @@ the agent was down, or that was found by another means, under the key the fleet 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from pathlib import Path
@@ -313,3 +314,63 @@ async def test_an_slp_id_remembered_under_an_address_key_is_adopted_under_it_at_
             await supervisor.close()
     finally:
         await simulator.stop()
+
+
+async def test_two_receivers_that_swapped_addresses_keep_their_keys(tmp_path: Path) -> None:
+    """Each holds the key the other was published under: both are re-keyed, neither gets a new one."""
+    ports = [free_port(), free_port()]
+    seeds = (31, 32)
+    first = [SscSimulator("ewdx-em2", port=port, seed=seed) for port, seed in zip(ports, seeds, strict=True)]
+    for simulator in first:
+        await simulator.start()
+    try:
+        keys = [await first_run(tmp_path, ssc(port), SSC_FAST) for port in ports]
+    finally:
+        for simulator in first:
+            await simulator.stop()
+    serials = [simulator.serial for simulator in first]
+    # The next boot: the same two receivers, each at the other's address.
+    swapped = [
+        SscSimulator("ewdx-em2", port=port, seed=seed)
+        for port, seed in zip(reversed(ports), seeds, strict=True)
+    ]
+    for simulator in swapped:
+        await simulator.start()
+    recorder = Recorder()
+    supervisor = DeviceSupervisor(recorder, SSC_FAST, restart_initial_s=0.1, state_dir=tmp_path)
+    try:
+        for port in ports:
+            await supervisor.adopt(ssc(port))
+
+        def settled() -> bool:
+            devices = [supervisor.get(key) for key in supervisor.keys()]  # noqa: SIM118 - a method, not a dict
+            return len(recorder.reported()) >= 2 and all(d is not None and not d.waiting for d in devices)
+
+        await until(settled, timeout_s=20.0)
+        assert recorder.reported() == set(keys)
+        assert sorted(supervisor.keys()) == sorted(keys)
+        wanted = {f"id:sennheiser:{serial}": key for serial, key in zip(serials, keys, strict=True)}
+        assert remembered(tmp_path) == wanted
+        for key, simulator in zip(keys, swapped, strict=True):
+            # Each key now follows its receiver to the other port.
+            device = supervisor.get(key)
+            assert device is not None and device.target.port == simulator.port
+    finally:
+        await supervisor.close()
+        for simulator in swapped:
+            await simulator.stop()
+
+
+async def test_an_adoption_waiting_for_the_lock_when_the_supervisor_closes_starts_nothing(
+    tmp_path: Path,
+) -> None:
+    supervisor = DeviceSupervisor(Recorder(), SSC_FAST, state_dir=tmp_path)
+    await supervisor._lock.acquire()  # another adoption, move or merge under way
+    adopting = asyncio.create_task(supervisor.adopt(ssc(free_port())))
+    await asyncio.sleep(0)
+    await supervisor.close()
+    supervisor._lock.release()
+    assert await adopting is None
+    assert supervisor.keys() == []
+    others = [t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert not [name for name in others if name.startswith(("pending-", "driver-"))]

@@ -33,7 +33,11 @@ timeout has passed (then it is reported under its own key). Its id then decides:
 - its id is not remembered, but its key is, for another id (it got the address of a device
   not seen yet): a key of its own, with a suffix.
 
-Without a state directory nothing is remembered and none of this applies.
+Without a state directory nothing is kept across restarts: what this run learns is remembered
+for this run only.
+
+Two receivers that swapped addresses while the agent was down each hold the key the other was
+published under: their keys are swapped, and both keep their tiles.
 """
 
 from __future__ import annotations
@@ -212,12 +216,18 @@ class DeviceSupervisor:
 
     # -- adopting -----------------------------------------------------------------------
 
+    def _is_closed(self) -> bool:
+        # A call, not the attribute: it may have changed while the caller awaited the lock.
+        return self._closed
+
     async def adopt(self, found: FoundDevice) -> str | None:
         """Supervise ``found`` (or re-target it when it moved); returns its key, ``None`` if unusable."""
         if found.family is None or self._closed:
             return None
         port = found.port if found.port is not None else default_port(found.family)
         async with self._lock:
+            if self._is_closed():
+                return None  # closed while this waited for the lock
             supervised = self._match(found, port)
             if supervised is None:
                 key, pending = self._key_for_new(found)
@@ -557,9 +567,16 @@ class DeviceSupervisor:
             async with self._lock:
                 if self._closed or self._devices.get(supervised.key) is not supervised:
                     return  # closed or removed meanwhile
+                if supervised.key == key:
+                    return  # given this key meanwhile (swapped with the device that held it)
                 owner = self._owner(supervised)
                 if owner is None:
                     holder = self._devices.get(key)
+                    if holder is not None and holder.waiting and self._wants(holder, supervised.key):
+                        # Two receivers that swapped addresses while the agent was down: each
+                        # holds the key the other was published under.
+                        await self._swap(supervised, holder)
+                        return
                     if holder is None:
                         ids = [i for i in supervised.identities if i.startswith(STABLE_PREFIX)]
                         if any(self.key_memory.key_for(i) == key for i in ids):
@@ -585,6 +602,44 @@ class DeviceSupervisor:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, deadline - loop.time())):
                     await changed.wait()
+
+    def _wants(self, supervised: Supervised, key: str) -> bool:
+        """Whether one of ``supervised``'s ids is remembered under ``key``."""
+        return any(
+            i.startswith(STABLE_PREFIX) and self.key_memory.key_for(i) == key for i in supervised.identities
+        )
+
+    async def _swap(self, first: Supervised, second: Supervised) -> None:
+        """Give ``first`` and ``second`` each other's keys, restarting both drivers (nothing was reported)."""
+        keys = {id(first): second.key, id(second): first.key}
+        for supervised in (first, second):
+            self._devices.pop(supervised.key, None)
+            await self._stop_driver(supervised)
+            self._retire(supervised)
+            self.listener.forget(supervised.key)
+        for supervised in (first, second):
+            old_key, key = supervised.key, keys[id(supervised)]
+            supervised.key = key
+            supervised.target = dataclasses.replace(supervised.target, device_key=key)
+            for identity in supervised.identities:
+                if self._by_identity.get(identity) == old_key:
+                    self._by_identity[identity] = key
+            supervised.held = supervised.held_link = supervised.holding = None
+            supervised.pending = False
+            supervised.online = False
+            supervised.link_down.clear()
+            self.stats.recalled += 1
+            log.info(
+                "device re-keyed",
+                extra={"device_key": key, "was": old_key, "recognised_by": "its id, keys swapped"},
+            )
+        for supervised in (first, second):
+            self._devices[supervised.key] = supervised
+        for supervised in (first, second):
+            self._claim(supervised)
+            self._learn(supervised)
+            self._start(supervised)
+        self._notify()
 
     def _owner(self, supervised: Supervised) -> Supervised | None:
         """Another supervised device (same family) that has one of ``supervised``'s ids, if any."""
