@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from micboard.agent.drivers.base import DriverOptions
 from micboard.shared.model import ChannelMeter, Device
+
+#: Driver options for a Sennheiser simulator on loopback: quick to connect, to notice silence and
+#: to retry, so that a move or a restart settles within a test.
+SSC_FAST = DriverOptions(
+    connect_timeout_s=0.5,
+    command_timeout_s=0.5,
+    backoff_initial_s=0.1,
+    backoff_max_s=0.2,
+    poll_interval_s=0.3,
+    silence_timeout_s=1.0,
+)
 
 #: The calls by which something is published under a key (track and forget publish nothing).
 REPORTS = ("device", "meters", "link")

@@ -14,14 +14,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import nats
 import pytest
+from tests.daemon_rig import create_stream
 
 from micboard.agent.daemon import AgentDaemon
 from micboard.agent.sender import EventSender
 from micboard.agent.settings import AgentSettings
-from micboard.collector.ingest import ensure_stream
-from micboard.collector.settings import CollectorSettings
 from micboard.shared.natsd import EmbeddedNats
 
 PING_S = 0.5
@@ -46,9 +44,7 @@ async def test_a_frozen_server_is_declared_lost_within_the_ping_window_and_the_o
     frozen_later: EmbeddedNats, tmp_path: Path
 ) -> None:
     server = frozen_later
-    nc = await nats.connect(server.url)
-    await ensure_stream(nc.jetstream(), CollectorSettings(nats_url=server.url))
-    await nc.close()
+    await create_stream(server.url)
     settings = AgentSettings(
         site=f"ping-{secrets.token_hex(3)}",
         agent="ping-agent",

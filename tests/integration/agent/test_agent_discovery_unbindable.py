@@ -14,7 +14,6 @@ import secrets
 import signal
 import socket
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from tests.daemon_rig import no_leftover_tasks_or_threads, server_with_stream
 
 from micboard.agent import cli
 from micboard.agent.daemon import AgentDaemon
@@ -33,8 +33,6 @@ from micboard.agent.discovery.slp import SLP_GROUP
 from micboard.agent.metrics import render
 from micboard.agent.settings import AgentSettings, StaticDeviceSetting
 from micboard.agent.simulate import SimulatorRack
-from micboard.collector.ingest import ensure_stream
-from micboard.collector.settings import CollectorSettings
 from micboard.shared.codec import decode
 from micboard.shared.envelope import AnyEvent, DeviceEvent
 from micboard.shared.natsd import EmbeddedNats, free_port
@@ -48,37 +46,15 @@ CANNOT_RUN = "discovery cannot run on this interface, trying again later"
 @pytest.fixture(scope="module")
 def nats_stream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
     """A nats-server of this module with the collector's stream."""
-    server = EmbeddedNats(store_dir=tmp_path_factory.mktemp("nats-unbindable"))
-    server.start()
-
-    async def create() -> None:
-        nc = await nats.connect(server.url)
-        await ensure_stream(nc.jetstream(), CollectorSettings(nats_url=server.url))
-        await nc.close()
-
-    asyncio.run(create())
-    yield server
-    server.cleanup()
+    with server_with_stream(tmp_path_factory.mktemp("nats-unbindable")) as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)
 async def no_leaks() -> AsyncIterator[None]:
     """Fail a test that leaves a task or a thread behind (a source opened to probe an interface, say)."""
-    threads = set(threading.enumerate())
-    yield
-    current = asyncio.current_task()
-
-    def leaked() -> list[asyncio.Task[Any]]:
-        return [t for t in asyncio.all_tasks() if t is not current and not t.done()]
-
-    deadline = time.monotonic() + 5
-    while leaked() and time.monotonic() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.05)
-    assert leaked() == []
-    deadline = time.monotonic() + 10
-    while set(threading.enumerate()) - threads and time.monotonic() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.05)
-    assert {t.name for t in set(threading.enumerate()) - threads} == set()
+    async with no_leftover_tasks_or_threads():
+        yield
 
 
 class Events:

@@ -11,7 +11,6 @@ import os
 import secrets
 import signal
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -22,14 +21,13 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from tests.daemon_rig import no_leftover_tasks_or_threads, server_with_stream
 
 from micboard.agent.daemon import AgentDaemon
 from micboard.agent.drivers.sennheiser import SscSimulator
 from micboard.agent.drivers.shure import ShureSimulator
 from micboard.agent.settings import AgentSettings
 from micboard.agent.simulate import SimulatorRack
-from micboard.collector.ingest import ensure_stream
-from micboard.collector.settings import CollectorSettings
 from micboard.shared.codec import decode, decode_command_result, encode
 from micboard.shared.envelope import (
     AnyEvent,
@@ -53,40 +51,15 @@ SILENCE_S = 2.0
 @pytest.fixture(scope="module")
 def nats_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
     """A nats-server of this module with the collector's stream."""
-    server = EmbeddedNats(store_dir=tmp_path_factory.mktemp("nats-agent"))
-    server.start()
-
-    async def create() -> None:
-        nc = await nats.connect(server.url)
-        await ensure_stream(nc.jetstream(), CollectorSettings(nats_url=server.url))
-        await nc.close()
-
-    asyncio.run(create())
-    yield server
-    server.cleanup()
+    with server_with_stream(tmp_path_factory.mktemp("nats-agent")) as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)
 async def no_leaks() -> AsyncIterator[None]:
-    """Fail a test that leaves a task or a thread behind."""
-    threads = set(threading.enumerate())
-    yield
-    current = asyncio.current_task()
-
-    def leaked() -> list[asyncio.Task[Any]]:
-        return [t for t in asyncio.all_tasks() if t is not current and not t.done()]
-
-    # Cancelled tasks finish on a later loop iteration; on a loaded machine that is not within a
-    # fixed 50 ms. A task still running after 5 s was left behind, not merely slow.
-    deadline = time.monotonic() + 5
-    while leaked() and time.monotonic() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.05)
-    assert leaked() == []
-    # Zeroconf and the outbox executor threads take a moment to finish after close.
-    deadline = time.monotonic() + 10
-    while set(threading.enumerate()) - threads and time.monotonic() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.05)
-    assert {t.name for t in set(threading.enumerate()) - threads} == set()
+    """Fail a test that leaves a task or a thread behind (a source opened to probe an interface, say)."""
+    async with no_leftover_tasks_or_threads():
+        yield
 
 
 class StreamConsumer:

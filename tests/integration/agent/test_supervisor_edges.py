@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tests.supervised import Recorder
+from tests.supervised import SSC_FAST, Recorder
 
 from micboard.agent.discovery import FoundDevice
 from micboard.agent.drivers.base import DriverOptions
@@ -112,16 +112,6 @@ async def test_driver_counters_never_go_back_when_a_driver_is_replaced_or_remove
         await supervisor.close()
         await here.stop()
         await there.stop()
-
-
-SSC_FAST = DriverOptions(
-    connect_timeout_s=0.5,
-    command_timeout_s=0.5,
-    backoff_initial_s=0.1,
-    backoff_max_s=0.2,
-    poll_interval_s=0.3,
-    silence_timeout_s=1.0,
-)
 
 
 def found_ssc(port: int) -> FoundDevice:

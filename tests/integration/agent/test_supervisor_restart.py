@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from tests.supervised import Recorder
+from tests.supervised import SSC_FAST, Recorder
 from tests.waiting import until
 
 from micboard.agent.discovery import FoundDevice
@@ -26,14 +26,6 @@ from micboard.agent.supervisor import DeviceSupervisor, device_key_for
 from micboard.shared.model import Family, Vendor
 from micboard.shared.natsd import free_port
 
-SSC_FAST = DriverOptions(
-    connect_timeout_s=0.5,
-    command_timeout_s=0.5,
-    backoff_initial_s=0.1,
-    backoff_max_s=0.2,
-    poll_interval_s=0.3,
-    silence_timeout_s=1.0,
-)
 SHURE_FAST = DriverOptions(
     connect_timeout_s=0.5,
     command_timeout_s=0.5,
