@@ -19,9 +19,9 @@ from micboard.shared.natsd import EmbeddedNats
 
 async def create_stream(url: str) -> None:
     """Create the collector's stream on the server at ``url``, as the collector does at start."""
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, connect_timeout=2)
     try:
-        await ensure_stream(nc.jetstream(), CollectorSettings(nats_url=url))
+        await ensure_stream(nc.jetstream(timeout=5), CollectorSettings(nats_url=url))
     finally:
         await nc.close()
 

@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import nats
+from tests.daemon_rig import create_stream
 
 from micboard.agent.drivers.sennheiser import SscSimulator
 from micboard.agent.drivers.shure import ShureSimulator
 from micboard.agent.drivers.simulation import ReceiverSimulator
 from micboard.agent.outbox import OUTBOX_FILE
 from micboard.agent.simulate import SimulatorRack
-from micboard.collector.ingest import ensure_stream
-from micboard.collector.settings import CollectorSettings
 from micboard.shared.codec import decode
 from micboard.shared.envelope import AnyEvent, DeviceEvent
 from micboard.shared.model import Device, apply_changes
@@ -41,15 +40,6 @@ RACK = ("ulxd4d", "ad4q", "ewdx-em2")
 """Two Shure families (ULX-D, Axient Digital) and one Sennheiser, as issue 4 asks."""
 
 _T = TypeVar("_T")
-
-
-async def make_stream(url: str, tmp_path: Path) -> None:
-    """Create the collector's stream (and its consumer) on the server at ``url``."""
-    nc = await nats.connect(url, connect_timeout=2)
-    try:
-        await ensure_stream(nc.jetstream(timeout=5), CollectorSettings(nats_url=url, state_dir=tmp_path))
-    finally:
-        await nc.close()
 
 
 async def read_stream(url: str) -> list[tuple[str, AnyEvent]]:
@@ -231,7 +221,7 @@ class DaemonRig:
     async def start(self) -> None:
         """Start NATS with the stream, the rack and the agent."""
         await self.start_nats()
-        await make_stream(self.server.url, self.tmp_path)
+        await create_stream(self.server.url)
         await self.rack.start()
         self.start_agent()
 

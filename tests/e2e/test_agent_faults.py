@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.daemon_rig import create_stream
 from tests.e2e.agent_rig import (
     DaemonRig,
     boot_of,
     final_states,
-    make_stream,
     outbox_msg_ids,
     outbox_rows,
     poll_until,
@@ -67,7 +67,7 @@ async def test_a_30_s_outage_loses_nothing_and_keeps_order(tmp_path: Path) -> No
         server.url, Outbox.in_state_dir(tmp_path / "agent"), publish_timeout_s=1.0, connect_timeout_s=1.0
     )
     try:
-        await make_stream(server.url, tmp_path)
+        await create_stream(server.url)
         await sender.start()
         await wait_until(lambda: sender.stats.connected, 10, "connected")
         factory = EnvelopeFactory("venue-f", "pi-f")
@@ -167,7 +167,7 @@ async def test_sigkill_then_restart_drains_the_outbox_and_sigterm_is_quick(tmp_p
         before_kill = outbox_msg_ids(state / OUTBOX_FILE)
         assert len(before_kill) >= 100
         server.start()
-        await make_stream(server.url, tmp_path)
+        await create_stream(server.url)
         agent = _agent(state, server.url)
         stored: set[str] = set()
         deadline = time.monotonic() + 30

@@ -11,13 +11,12 @@ import nats
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from tests.daemon_rig import create_stream
 
 from micboard.agent.demo_source import demo_device
 from micboard.agent.outbox import Outbox
 from micboard.agent.publisher import EnvelopeFactory
 from micboard.agent.sender import EventSender
-from micboard.collector.ingest import ensure_stream
-from micboard.collector.settings import CollectorSettings
 from micboard.shared.codec import decode
 from micboard.shared.envelope import AnyEvent, DeviceBody, HelloBody, MeterBody
 from micboard.shared.model import ChannelMeter
@@ -32,14 +31,6 @@ async def eventually(check: Callable[[], bool], timeout_s: float = 10.0, what: s
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {timeout_s} s")
         await asyncio.sleep(0.02)
-
-
-async def make_stream(url: str, tmp_path: Path) -> None:
-    nc = await nats.connect(url, connect_timeout=2)
-    try:
-        await ensure_stream(nc.jetstream(timeout=5), CollectorSettings(nats_url=url, state_dir=tmp_path))
-    finally:
-        await nc.close()
 
 
 async def read_stream(url: str) -> list[tuple[str, AnyEvent]]:
@@ -113,7 +104,7 @@ def check_order(stream: list[tuple[str, AnyEvent]], agent: str = "pi-t") -> dict
 async def test_publishes_while_the_link_is_up(
     nats_private: EmbeddedNats, tmp_path: Path, sender_factory: Callable[..., Awaitable[EventSender]]
 ) -> None:
-    await make_stream(nats_private.url, tmp_path)
+    await create_stream(nats_private.url)
     factory = EnvelopeFactory("venue-t", "pi-t")
     sender = await sender_factory(nats_private.url)
     listener = await nats.connect(nats_private.url)
@@ -143,7 +134,7 @@ async def test_publishes_while_the_link_is_up(
 async def test_outage_goes_to_the_outbox_and_drains_in_order(
     nats_private: EmbeddedNats, tmp_path: Path, sender_factory: Callable[..., Awaitable[EventSender]]
 ) -> None:
-    await make_stream(nats_private.url, tmp_path)
+    await create_stream(nats_private.url)
     factory = EnvelopeFactory("venue-t", "pi-t")
     sender = await sender_factory(nats_private.url, max_in_flight=2)
     await eventually(lambda: sender.stats.connected, what="connected")
@@ -189,7 +180,7 @@ async def test_starts_with_nats_down_and_drains_a_previous_run(
     await second.send(delta(new, "rx-1", 99))
     server.start()
     try:
-        await make_stream(server.url, tmp_path)
+        await create_stream(server.url)
         await eventually(lambda: second.stats.acked == 12, timeout_s=15, what="old and new events acked")
         stream = await read_stream(server.url)
         # Order is promised per lane (device), not across lanes: the agent's hello may land
@@ -253,7 +244,7 @@ async def test_an_unacked_publish_is_retried_until_the_stream_exists(
         await sender.send(delta(factory, "rx-1", n))
     await eventually(lambda: sender.stats.failures >= 1, what="a failed publish")
     assert sender.stats.last_publish_error is not None
-    await make_stream(nats_private.url, tmp_path)
+    await create_stream(nats_private.url)
     await eventually(lambda: sender.stats.acked == 3, timeout_s=15, what="acks once the stream exists")
     assert [e.seq for _m, e in await read_stream(nats_private.url)] == [1, 2, 3]
 
@@ -281,6 +272,6 @@ async def test_the_last_publish_error_is_cleared_by_the_next_ack(
     await eventually(lambda: sender.stats.failures >= 1, what="an unacked publish")
     error = sender.stats.last_publish_error
     assert error is not None and not error.startswith(("connect: ", "nats: "))
-    await make_stream(nats_private.url, tmp_path)
+    await create_stream(nats_private.url)
     await eventually(lambda: sender.stats.acked == 1, timeout_s=15, what="the event acked")
     assert sender.stats.last_publish_error is None

@@ -17,14 +17,13 @@ from pathlib import Path
 
 import nats
 import pytest
+from tests.daemon_rig import create_stream
 
 import micboard.agent.sender as sender_module
 from micboard.agent.demo_source import demo_device
 from micboard.agent.outbox import OUTBOX_FILE, Outbox
 from micboard.agent.publisher import EnvelopeFactory
 from micboard.agent.sender import EventSender
-from micboard.collector.ingest import ensure_stream
-from micboard.collector.settings import CollectorSettings
 from micboard.shared.codec import decode
 from micboard.shared.envelope import AnyEvent, DeviceBody, DeviceEvent, HelloBody, OfflineBody
 from micboard.shared.natsd import EmbeddedNats
@@ -54,14 +53,6 @@ def tamper(path: Path, statement: str) -> None:
 def deny_min(action: int, arg1: str | None, arg2: str | None, *_: object) -> int:
     del arg1
     return sqlite3.SQLITE_DENY if action == sqlite3.SQLITE_FUNCTION and arg2 == "min" else sqlite3.SQLITE_OK
-
-
-async def make_stream(url: str, tmp_path: Path) -> None:
-    nc = await nats.connect(url, connect_timeout=2)
-    try:
-        await ensure_stream(nc.jetstream(timeout=5), CollectorSettings(nats_url=url, state_dir=tmp_path))
-    finally:
-        await nc.close()
 
 
 async def read_stream(url: str) -> list[AnyEvent]:
@@ -164,7 +155,7 @@ def loops_alive(sender: EventSender) -> bool:
 async def test_a_full_outbox_drains_a_history_the_collector_can_replay(
     nats_private: EmbeddedNats, tmp_path: Path, senders: list[EventSender]
 ) -> None:
-    await make_stream(nats_private.url, tmp_path)
+    await create_stream(nats_private.url)
     events = Device(EnvelopeFactory("venue-t", "pi-t"))
     # Room for every device's newest state (a snapshot and up to 19 deltas), not for the outage.
     outbox = Outbox.in_state_dir(tmp_path / "agent", max_bytes=80_000)
@@ -225,7 +216,7 @@ async def test_a_device_whose_newest_deltas_were_dropped_resumes_at_its_next_sna
     assert sender.stats.dropped_full == cut_at + 1
     await sender.send(events.offline("rx-1"))  # needs no base: kept
     nats_private.start()
-    await make_stream(nats_private.url, tmp_path)
+    await create_stream(nats_private.url)
     await eventually(
         lambda: (
             sender.stats.acked + sender.stats.dropped == len(events.sent) and sender.stats.outbox_depth == 0
@@ -298,7 +289,7 @@ async def test_an_outbox_error_in_expiry_does_not_stop_the_write_loop(
 async def test_a_failed_outbox_write_keeps_its_acks_and_its_events(
     nats_private: EmbeddedNats, tmp_path: Path, senders: list[EventSender]
 ) -> None:
-    await make_stream(nats_private.url, tmp_path)
+    await create_stream(nats_private.url)
     events = Device(EnvelopeFactory("venue-t", "pi-t"))
     state = tmp_path / "agent"
     sender = await start_sender(senders, nats_private.url, Outbox.in_state_dir(state))
@@ -353,7 +344,7 @@ async def test_events_waiting_for_a_broken_disk_are_capped_and_every_loss_is_cou
     assert loops_alive(sender) and sender.stats.outbox_errors >= 1
     tamper(state / OUTBOX_FILE, "DROP TRIGGER refuse")
     nats_private.start()
-    await make_stream(nats_private.url, tmp_path)
+    await create_stream(nats_private.url)
     sent = len(events.sent)
     await eventually(
         lambda: sender.stats.acked + sender.stats.dropped == sent and sender.stats.outbox_depth == 0,
