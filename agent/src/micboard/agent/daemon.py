@@ -100,6 +100,9 @@ class EventSink(Protocol):
     async def close(self, timeout_s: float = 5.0) -> None:
         """Keep what is not acked in the outbox and close, within ``timeout_s``."""
 
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """Its running loops, which the daemon watches: one that crashes stops the agent."""
+
 
 class TaskCrashedError(RuntimeError):
     """An essential task of the agent ended with an exception: the agent stops, systemd restarts it."""
@@ -229,11 +232,9 @@ class AgentDaemon:
         self.started_at = time.monotonic()
         self.notifier.status("starting")
         try:
-            before = asyncio.all_tasks()
             with starting(f"outbox in {self.settings.state_dir}"):
                 await self.sender.start()
-            # The sender's loops are the tasks its start() left running (it offers no handle on them).
-            for task in asyncio.all_tasks() - before:
+            for task in self.sender.tasks():
                 self._watch(f"sender:{task.get_name()}", task)
             self._spawn("commands", self._subscribe_commands())
             self._spawn("publish", self._publish_forever())
@@ -252,9 +253,8 @@ class AgentDaemon:
                     },
                 )
             )
-            before = asyncio.all_tasks()
             self.tracker.start()
-            for task in asyncio.all_tasks() - before:
+            for task in self.tracker.tasks():
                 self._watch(f"tracker:{task.get_name()}", task)
             self._spawn("heartbeat", self._heartbeat_forever())
             if self.settings.metrics_port is not None:

@@ -344,6 +344,10 @@ class EventSender:
         for task in self._tasks:
             task.add_done_callback(self._report_crash)
 
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The sender's running loops (connect, pump, outbox writes), for supervision."""
+        return [task for task in self._tasks if not task.done()]
+
     async def send(self, event: AnyEvent) -> None:
         """Publish ``event`` or keep it for later; never raises for link or disk problems.
 

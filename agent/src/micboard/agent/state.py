@@ -107,6 +107,10 @@ class StateTracker:
         if self._ticker is None:
             self._ticker = asyncio.create_task(self._tick_forever(), name="state-snapshots")
 
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The periodic snapshot task while it runs, for supervision."""
+        return [self._ticker] if self._ticker is not None and not self._ticker.done() else []
+
     async def close(self) -> None:
         """Stop the snapshot task and drop pending meters; safe to call twice."""
         ticker, self._ticker = self._ticker, None
