@@ -611,28 +611,11 @@ class DeviceSupervisor:
 
     async def _swap(self, first: Supervised, second: Supervised) -> None:
         """Give ``first`` and ``second`` each other's keys, restarting both drivers (nothing was reported)."""
-        keys = {id(first): second.key, id(second): first.key}
+        keys = [second.key, first.key]
         for supervised in (first, second):
-            self._devices.pop(supervised.key, None)
-            await self._stop_driver(supervised)
-            self._retire(supervised)
-            self.listener.forget(supervised.key)
-        for supervised in (first, second):
-            old_key, key = supervised.key, keys[id(supervised)]
-            supervised.key = key
-            supervised.target = dataclasses.replace(supervised.target, device_key=key)
-            for identity in supervised.identities:
-                if self._by_identity.get(identity) == old_key:
-                    self._by_identity[identity] = key
-            supervised.held = supervised.held_link = supervised.holding = None
-            supervised.pending = False
-            supervised.online = False
-            supervised.link_down.clear()
-            self.stats.recalled += 1
-            log.info(
-                "device re-keyed",
-                extra={"device_key": key, "was": old_key, "recognised_by": "its id, keys swapped"},
-            )
+            await self._unseat(supervised)
+        for supervised, key in zip((first, second), keys, strict=True):
+            self._renamed(supervised, key, "its id, keys swapped")
         for supervised in (first, second):
             self._devices[supervised.key] = supervised
         for supervised in (first, second):
@@ -670,30 +653,35 @@ class DeviceSupervisor:
 
     async def _rekey(self, supervised: Supervised, key: str, recognised_by: str) -> None:
         """Restart ``supervised``'s driver under ``key``; nothing it reported under its old key was sent."""
-        old_key = supervised.key
-        self._devices.pop(old_key, None)
+        await self._unseat(supervised)
+        self._renamed(supervised, key, recognised_by)
+        self._claim(supervised)
+        self._devices[key] = supervised
+        self._learn(supervised)
+        self._start(supervised)
+        self._notify()
+
+    async def _unseat(self, supervised: Supervised) -> None:
+        """Take ``supervised`` out of the devices and stop its driver, before it changes key."""
+        self._devices.pop(supervised.key, None)
         await self._stop_driver(supervised)
         self._retire(supervised)
-        self.listener.forget(old_key)
+        self.listener.forget(supervised.key)
+
+    def _renamed(self, supervised: Supervised, key: str, recognised_by: str) -> None:
+        """``supervised`` (unseated) under ``key`` from now on, starting afresh: nothing of it waits."""
+        old_key = supervised.key
         supervised.key = key
         supervised.target = dataclasses.replace(supervised.target, device_key=key)
         for identity in supervised.identities:
             if self._by_identity.get(identity) == old_key:
                 self._by_identity[identity] = key
-        self._claim(supervised)
         supervised.held = supervised.held_link = supervised.holding = None
         supervised.pending = False
         supervised.online = False
         supervised.link_down.clear()
-        self._devices[key] = supervised
         self.stats.recalled += 1
-        log.info(
-            "device re-keyed",
-            extra={"device_key": key, "was": old_key, "recognised_by": recognised_by},
-        )
-        self._learn(supervised)
-        self._start(supervised)
-        self._notify()
+        log.info("device re-keyed", extra={"device_key": key, "was": old_key, "recognised_by": recognised_by})
 
     async def _tell_apart(self, new: Supervised, owner: Supervised) -> None:
         """Merge ``new`` into ``owner`` once ``owner``'s link is down, or report ``new`` as its own device."""
